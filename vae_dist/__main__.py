@@ -1,0 +1,3 @@
+from vae_dist.cli import main
+
+raise SystemExit(main())

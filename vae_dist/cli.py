@@ -1,0 +1,142 @@
+"""The `vae-dist` command. Thin: parses arguments, calls the modules, reports errors.
+
+Every failure a user can cause ends in one line on stderr naming the cause, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vae_dist.errors import UserError
+
+
+def _sample_data(args) -> int:
+    from vae_dist.data.sample import make_sample_dataset
+
+    out = make_sample_dataset(args.out, args.train_per_class, args.val_per_class, args.test, args.seed,
+                              make_zip=args.zip)
+    print(f"sample dataset written to {out}" + (f" (and {out.with_suffix('.zip')})" if args.zip else ""))
+    return 0
+
+
+def _pack(args) -> int:
+    from vae_dist.data.pack import PackOptions, pack, summary
+
+    splits = tuple(s for s in args.splits.split(",") if s)
+    opts = PackOptions(shard_size=args.shard_size, workers=args.workers, seed=args.seed, splits=splits,
+                       image_size=args.image_size, quality=args.quality, keep_source=not args.reencode)
+    manifest = pack(args.src, args.out, opts)
+    print(summary(manifest))
+    print(f"shards and manifest.json in {args.out}")
+    return 0
+
+
+def _verify(args) -> int:
+    from vae_dist.data.shards import verify
+
+    problems = verify(args.dir)
+    for line in problems:
+        print(line)
+    if not problems:
+        print(f"{args.dir}: all shards match manifest.json")
+    return 1 if problems else 0
+
+
+def _train(args, rest: list[str]) -> int:
+    from vae_dist.config import build_config
+    from vae_dist.train import train
+
+    cfg = build_config(args.config, rest)
+    return train(cfg)
+
+
+def _viz(args) -> int:
+    from vae_dist.viz import viz_checkpoint
+
+    paths = viz_checkpoint(args.ckpt, args.out, shards=args.shards, num_images=args.num_images)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def _bench(args) -> int:
+    from vae_dist.bench import run_bench
+
+    return run_bench(args)
+
+
+def _demo(args) -> int:
+    from vae_dist.demo import run_demo
+
+    return run_demo(args.out, steps=args.steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vae-dist", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("sample-data", help="write the offline sample dataset (Tiny ImageNet layout)")
+    s.add_argument("out")
+    s.add_argument("--train-per-class", type=int, default=200)
+    s.add_argument("--val-per-class", type=int, default=50)
+    s.add_argument("--test", type=int, default=50, help="unlabelled test images")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--zip", action="store_true", help="also write OUT.zip, as Tiny ImageNet is released")
+    s.set_defaults(run=_sample_data)
+
+    s = sub.add_parser("pack", help="Tiny ImageNet folder or .zip -> WebDataset shards + manifest.json")
+    s.add_argument("src")
+    s.add_argument("out")
+    s.add_argument("--shard-size", type=int, default=5000, help="samples per tar")
+    s.add_argument("--workers", type=int, default=0, help="decode processes (0: all cores)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the global shuffle")
+    s.add_argument("--splits", default="train,val", help="comma list of train,val,test")
+    s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
+    s.add_argument("--reencode", action="store_true", help="re-encode every image, even RGB 64x64 JPEGs")
+    s.set_defaults(run=_pack)
+
+    s = sub.add_parser("verify", help="check every shard against manifest.json")
+    s.add_argument("dir")
+    s.set_defaults(run=_verify)
+
+    s = sub.add_parser("train", help="train (under `accelerate launch` for several processes)",
+                       description="Config overrides follow as --section.key=value (or --section.key value).")
+    s.add_argument("--config", help="YAML file of config sections")
+    s.set_defaults(run=_train, takes_overrides=True)
+
+    s = sub.add_parser("viz", help="pictures from a checkpoint or weights file")
+    s.add_argument("ckpt", help="checkpoint folder, run folder or model.safetensors")
+    s.add_argument("out")
+    s.add_argument("--shards", help="shard folder for real images (default: the run's data.shards)")
+    s.add_argument("--num-images", type=int, default=8)
+    s.set_defaults(run=_viz)
+
+    s = sub.add_parser("bench", help="throughput benchmarks (images/s)")
+    from vae_dist.bench import add_bench_args
+
+    add_bench_args(s)
+    s.set_defaults(run=_bench)
+
+    s = sub.add_parser("demo", help="sample data -> shards -> short training run -> pictures")
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--steps", type=int, default=None, help="training steps (default: sized for the device)")
+    s.set_defaults(run=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return args.run(args, rest) if getattr(args, "takes_overrides", False) else args.run(args)
+    except UserError as e:
+        print(f"vae-dist: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vae-dist: interrupted", file=sys.stderr)
+        return 130

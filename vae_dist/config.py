@@ -1,0 +1,301 @@
+"""One typed config tree: defaults < YAML file < `--section.key=value` overrides.
+
+Every key is a field of a dataclass below; an unknown key or a value of the wrong type is
+a `ConfigError` that names the key. The resolved tree is dumped to `config.yaml` in every
+run folder and checkpoint, and loaded back from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from vae_dist.errors import ConfigError
+from vae_dist.model import VAEConfig
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards"  # folder holding manifest.json and the shards
+    loader: Literal["auto", "dali", "webdataset"] = "auto"  # auto: DALI when importable
+    decode: Literal["auto", "gpu", "cpu"] = "auto"  # DALI decode device; auto: gpu when CUDA
+    num_threads: int = 4  # DALI CPU threads / PyTorch loader workers per process
+    prefetch: int = 2  # DALI prefetch queue depth
+    shuffle_buffer: int = 4096  # DALI in-reader shuffle buffer (pack already shuffled globally)
+    flip: bool = True  # random horizontal flip on train
+    cache: Literal["none", "ram", "gpu"] = "none"  # decode train+val once, keep as uint8
+
+
+@dataclass
+class ModelConfig(VAEConfig):
+    compile: bool | None = None  # None: on when training on CUDA
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune
+    channels_last: bool | None = None  # None: on when training on CUDA
+
+
+@dataclass
+class LossConfig:
+    recon: Literal["sum", "mean"] = "sum"  # sum over pixels, mean over batch (the seed's)
+    kl_schedule: Literal["constant", "linear", "sigmoid", "cyclical"] = "linear"
+    beta: float = 1.0  # final / maximum KL weight
+    kl_warmup: float = 0.25  # linear/sigmoid: fraction of all steps until beta is reached
+    kl_cycles: int = 4  # cyclical: number of cycles over training (Fu et al. 2019)
+    kl_ratio: float = 0.5  # cyclical: fraction of each cycle spent increasing beta
+    free_bits: float = 0.0  # nats per latent dim below which KL is not penalised
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # max global grad norm; 0 = no clipping (the norm is logged anyway)
+    fused: bool | None = None  # fused Adam kernel; None: on when CUDA
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/vae"
+    batch_size: int = 64  # per process (the seed's 64)
+    global_batch_size: int | None = None  # wins when set; must divide by the world size
+    epochs: int = 20
+    max_steps: int | None = None  # wins over epochs when set
+    eval_every: int = 1000  # steps; evaluation also runs at every epoch end. 0 = epoch ends only
+    eval_batches: int | None = None  # cap on val batches per evaluation; None = whole split
+    checkpoint_every: int = 1000  # steps; 0 = only at the end (and on SIGTERM)
+    keep_last: int = 3
+    resume: str = "auto"  # auto | none | path to a checkpoint folder
+    seed: int = 0
+    max_bad_steps: int = 20  # consecutive non-finite steps before giving up
+
+
+@dataclass
+class LogConfig:
+    log_every: int = 50  # steps between scalar rows (metrics.jsonl, W&B)
+    image_every: int = 1000  # steps between picture sets; they are also made at the end
+    num_images: int = 8  # images in reconstruction / interpolation grids
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None  # None: offline w/o key
+    project: str = "vae-dist"
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: tuple[str, ...] = ()
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ---------------------------------------------------------------------------------------
+# typed coercion
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks `value` against the annotation `tp` and converts what is safe to convert."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, str):  # "a,b" from the command line
+            value = [v for v in value.split(",") if v] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"config key '{key}' needs {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _parse_cli_value(text: str) -> Any:
+    """Command-line values are YAML scalars: 1e-3, true, null, [1, 2], plain strings."""
+    if text.lower() in ("none", "auto"):
+        return None if text.lower() == "none" else "auto"
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _auto_to_none(value: Any, tp: Any) -> Any:
+    # `auto` means "decide at run time" for the Optional fields that accept None.
+    if value == "auto" and typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if type(None) in args and not any(typing.get_origin(a) is Literal for a in args):
+            return None
+    return value
+
+
+def apply(cfg: Config, updates: dict[str, Any], source: str = "") -> Config:
+    """Sets dotted keys ('train.batch_size') on cfg in place, type-checked."""
+    for dotted, value in updates.items():
+        section_name, _, key = dotted.partition(".")
+        sections = _field_types(Config)
+        if section_name not in sections or not key:
+            raise ConfigError(f"unknown config key '{dotted}'{source}")
+        section = getattr(cfg, section_name)
+        fields = _field_types(type(section))
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{dotted}'{source}")
+        tp = fields[key]
+        setattr(section, key, _coerce(_auto_to_none(value, tp), tp, dotted))
+    return cfg
+
+
+def _flatten(tree: dict, source: str) -> dict[str, Any]:
+    flat = {}
+    for section, values in tree.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{section}' must be a mapping{source}")
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value
+    return flat
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}")
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return _flatten(tree, f" (in {path})")
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`--section.key=value` and `--section.key value` into {'section.key': value}."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"unexpected argument '{arg}' (config overrides are --section.key=value)")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            key, text = arg[2:], args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"config key '{arg[2:]}' has no value")
+        out[key] = _parse_cli_value(text)
+        i += 1
+    return out
+
+
+def build_config(config_file: str | None = None, overrides: list[str] | None = None) -> Config:
+    cfg = Config()
+    if config_file:
+        apply(cfg, load_yaml(config_file), source=f" (in {config_file})")
+    apply(cfg, parse_overrides(overrides or []))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    positive = {
+        "train.batch_size": cfg.train.batch_size,
+        "train.epochs": cfg.train.epochs,
+        "train.keep_last": cfg.train.keep_last,
+        "model.latent_dim": cfg.model.latent_dim,
+        "log.log_every": cfg.log.log_every,
+        "log.image_every": cfg.log.image_every,
+        "data.num_threads": cfg.data.num_threads,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
+        raise ConfigError(f"config key 'train.max_steps' must be positive, got {cfg.train.max_steps}")
+    if cfg.model.image_size % (2 ** len(cfg.model.widths)):
+        raise ConfigError(
+            f"config key 'model.image_size' ({cfg.model.image_size}) must divide by "
+            f"2**len(model.widths) = {2 ** len(cfg.model.widths)}"
+        )
+    if not 0 < cfg.loss.kl_ratio <= 1:
+        raise ConfigError(f"config key 'loss.kl_ratio' must be in (0, 1], got {cfg.loss.kl_ratio}")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    def plain(v):
+        return list(plain(x) for x in v) if isinstance(v, tuple) else v
+
+    return {
+        section.name: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, section.name)).items()}
+        for section in dataclasses.fields(cfg)
+    }
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    return apply(Config(), _flatten(tree, ""))
+
+
+def vae_config(model: ModelConfig) -> VAEConfig:
+    """The architecture part of the model section (what a weights file needs)."""
+    names = {f.name for f in dataclasses.fields(VAEConfig)}
+    return VAEConfig(**{k: v for k, v in dataclasses.asdict(model).items() if k in names})

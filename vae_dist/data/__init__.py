@@ -1,0 +1,1 @@
+"""Tiny ImageNet reading, sample data, packing/verifying shards, and the loaders."""

@@ -1,0 +1,169 @@
+"""The shard format: WebDataset tars with a DALI index beside each, and manifest.json.
+
+One sample = `<key>.jpg` (RGB JPEG, SxS) + `<key>.label` (the class id as 4 bytes of
+little-endian int32, which DALI reads with dtypes=INT32). The `.idx` file is the format
+DALI's wds2idx writes (v1.2), produced here from the offsets we write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import struct
+import tarfile
+from pathlib import Path
+
+from vae_dist.errors import DataError
+
+MANIFEST = "manifest.json"
+EXTENSIONS = ("jpg", "label")
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def encode_label(label: int) -> bytes:
+    return struct.pack("<i", label)
+
+
+def decode_label(data: bytes) -> int:
+    return struct.unpack("<i", data)[0]
+
+
+class ShardWriter:
+    """Writes one tar and its index; both appear under their final names only on close()."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".partial")
+        self._tar = tarfile.open(self.tmp, "w", format=tarfile.GNU_FORMAT)
+        self._index: list[str] = []
+        self.count = 0
+
+    def _add(self, name: str, data: bytes) -> tuple[int, int]:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o444
+        self._tar.addfile(info, io.BytesIO(data))
+        padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        return self._tar.offset - padded, len(data)  # where the member's data starts
+
+    def write(self, key: str, jpeg: bytes, label: int) -> None:
+        assert "." not in key, key
+        parts = []
+        for ext, data in (("jpg", jpeg), ("label", encode_label(label))):
+            offset, size = self._add(f"{key}.{ext}", data)
+            parts.append(f"{ext} {offset} {size} {key}.{ext}")
+        self._index.append(" ".join(parts))
+        self.count += 1
+
+    def close(self) -> dict:
+        self._tar.close()
+        idx_path = self.path.with_suffix(".idx")
+        idx_tmp = idx_path.with_name(idx_path.name + ".partial")
+        idx_tmp.write_text(f"v1.2 {len(self._index)}\n" + "\n".join(self._index) + "\n")
+        digest = sha256_file(self.tmp)
+        size = self.tmp.stat().st_size
+        os.replace(idx_tmp, idx_path)
+        os.replace(self.tmp, self.path)
+        return {"file": self.path.name, "index": idx_path.name, "count": self.count, "bytes": size, "sha256": digest}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = Path(path).with_name(Path(path).name + ".partial")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def load_manifest(shard_dir: str | Path) -> dict:
+    path = Path(shard_dir) / MANIFEST
+    if not Path(shard_dir).is_dir():
+        raise DataError(f"shard folder not found: {shard_dir}")
+    if not path.is_file():
+        raise DataError(f"no {MANIFEST} in {shard_dir} (make shards with `vae-dist pack`)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"corrupt {path}: {e}") from None
+
+
+def split_files(shard_dir: str | Path, manifest: dict, split: str) -> tuple[list[str], list[str], int]:
+    """(tar paths, idx paths, sample count) of a split, after a cheap presence/size check.
+
+    The full sha256 check is `vae-dist verify`; this one catches a missing or truncated
+    shard before DALI would fail on it deep inside a worker thread."""
+    info = manifest.get("splits", {}).get(split)
+    if info is None or not info.get("shards"):
+        raise DataError(f"split '{split}' is not in {Path(shard_dir) / MANIFEST}")
+    tars, idxs = [], []
+    for shard in info["shards"]:
+        tar = Path(shard_dir) / shard["file"]
+        idx = Path(shard_dir) / shard["index"]
+        if not tar.is_file() or not idx.is_file():
+            raise DataError(f"missing shard {tar.name if not tar.is_file() else idx.name} in {shard_dir}")
+        if tar.stat().st_size != shard["bytes"]:
+            raise DataError(f"corrupt shard {tar}: {tar.stat().st_size} bytes, manifest says {shard['bytes']}")
+        tars.append(str(tar))
+        idxs.append(str(idx))
+    return tars, idxs, int(info["count"])
+
+
+def verify(shard_dir: str | Path) -> list[str]:
+    """Every problem with the shards against their manifest, one line each ([] = all good)."""
+    shard_dir = Path(shard_dir)
+    try:
+        manifest = load_manifest(shard_dir)
+    except DataError as e:
+        return [str(e)]
+    problems = []
+    for split, info in manifest.get("splits", {}).items():
+        total = 0
+        for shard in info.get("shards", []):
+            problems += _verify_shard(shard_dir, shard)
+            total += shard.get("count", 0)
+        if total != info.get("count"):
+            problems.append(f"{split}: shard counts add up to {total}, manifest says {info.get('count')}")
+    return problems
+
+
+def _verify_shard(shard_dir: Path, shard: dict) -> list[str]:
+    tar_path = shard_dir / shard["file"]
+    if not tar_path.is_file():
+        return [f"{shard['file']}: missing"]
+    problems = []
+    if sha256_file(tar_path) != shard["sha256"]:
+        problems.append(f"{shard['file']}: sha256 mismatch (corrupt or truncated)")
+    components: dict[str, set[str]] = {}
+    try:
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                components.setdefault(key, set()).add(ext)
+                if ext == "jpg" and member.size == 0:
+                    problems.append(f"{shard['file']}: sample {key} has an empty image")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        problems.append(f"{shard['file']}: unreadable tar ({e})")
+    if len(components) != shard["count"]:
+        problems.append(f"{shard['file']}: {len(components)} samples, manifest says {shard['count']}")
+    for key, exts in components.items():
+        missing = set(EXTENSIONS) - exts
+        if missing:
+            problems.append(f"{shard['file']}: sample {key} lacks {', '.join(sorted(missing))}")
+    idx_path = shard_dir / shard["index"]
+    if not idx_path.is_file():
+        problems.append(f"{shard['index']}: missing")
+    else:
+        header = idx_path.read_text().split("\n", 1)[0].split()
+        if len(header) != 2 or header[0] != "v1.2" or int(header[1]) != shard["count"]:
+            problems.append(f"{shard['index']}: does not index {shard['count']} samples")
+    return problems
