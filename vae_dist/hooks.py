@@ -1,0 +1,176 @@
+"""Every rank-zero side effect of training, behind one interface.
+
+`make_hooks` returns `RankZeroHooks` on the main process and the no-op `Hooks` elsewhere,
+so the training loop never tests the rank. Rank zero writes config.yaml, metrics.jsonl,
+PNG pictures and the W&B run. A failing sink (W&B, a full disk for pictures) is reported
+once, switched off, and never stops training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vae_dist import viz
+
+
+class Hooks:
+    """The no-op hooks of ranks other than zero; also the interface."""
+
+    def on_train_start(self, config_yaml: str, info: dict) -> None: ...
+
+    def log_scalars(self, row: dict) -> None: ...
+
+    def log_eval(self, row: dict) -> None: ...
+
+    def maybe_images(self, step: int, model, final: bool = False) -> None: ...
+
+    def on_checkpoint(self, path: Path) -> None: ...
+
+    def close(self, weights: Path | None = None) -> None: ...
+
+
+def make_hooks(accelerator, cfg, run_dir: Path, val_loader) -> Hooks:
+    return RankZeroHooks(cfg, run_dir, val_loader) if accelerator.is_main_process else Hooks()
+
+
+def wandb_mode(configured: str | None) -> str:
+    """Offline unless asked otherwise or a key is set, so a run never blocks on the network."""
+    if configured is not None:
+        return configured
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+class RankZeroHooks(Hooks):
+    def __init__(self, cfg, run_dir: Path, val_loader):
+        self.cfg, self.run_dir, self.val_loader = cfg, Path(run_dir), val_loader
+        self.image_dir = self.run_dir / "images"
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._failed: set[str] = set()
+        self._fixed: torch.Tensor | None = None
+        self._last_image_step = -1
+        self._scatter = None
+        self.wandb = None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics = open(self.metrics_path, "a", buffering=1)
+
+    # -- failure isolation ---------------------------------------------------------------
+    def _guard(self, sink: str, fn, *args, **kwargs):
+        if sink in self._failed:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - logging must never stop training
+            self._failed.add(sink)
+            print(f"vae-dist: warning: {sink} failed and is switched off for this run "
+                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", file=sys.stderr)
+            return None
+
+    # -- hooks ---------------------------------------------------------------------------
+    def on_train_start(self, config_yaml: str, info: dict) -> None:
+        (self.run_dir / "config.yaml").write_text(config_yaml)
+        print("training: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+        self._guard("wandb", self._init_wandb, info)
+
+    def _init_wandb(self, info: dict) -> None:
+        mode = wandb_mode(self.cfg.log.wandb_mode)
+        if mode == "disabled":
+            return
+        import wandb
+
+        from vae_dist.config import to_dict
+
+        id_file = self.run_dir / "wandb_run_id"  # the same W&B run across resumes
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        log = self.cfg.log
+        self.wandb = wandb.init(
+            project=log.project, entity=log.entity, name=log.name or self.run_dir.name, group=log.group,
+            tags=list(log.tags), config={**to_dict(self.cfg), "launch": info}, dir=str(self.run_dir),
+            mode=mode, id=run_id, resume="allow", settings=wandb.Settings(console="off", silent=True),
+        )
+        id_file.write_text(run_id)
+        self.wandb.define_metric("step")
+        for prefix in ("train/*", "val/*", "images/*"):
+            self.wandb.define_metric(prefix, step_metric="step")
+
+    def _wandb_log(self, data: dict) -> None:
+        if self.wandb is not None:
+            self.wandb.log(data)
+
+    def log_scalars(self, row: dict) -> None:
+        self._guard("metrics.jsonl", self._write_row, row)
+        self._guard("wandb", self._wandb_log,
+                    {"step": row["step"], **{f"train/{k}": v for k, v in row.items() if k != "step"}})
+        print(f"step {row['step']:>7d} | loss {row['loss']:9.3f} | recon {row['recon']:9.3f} | kl {row['kl']:7.3f} "
+              f"| beta {row['beta']:.3f} | {row['img_per_s']:8.1f} img/s | data wait {row['data_wait']:.0%}",
+              flush=True)
+
+    def log_eval(self, row: dict) -> None:
+        self._guard("metrics.jsonl", self._write_row, row)
+        self._guard("wandb", self._wandb_log, {"step": row["step"], **{f"val/{k}": v for k, v in row.items()
+                                                                       if k not in ("step", "split")}})
+        print(f"eval {row['step']:>7d} | -ELBO {row['loss']:9.3f} | recon {row['recon']:9.3f} | kl {row['kl']:7.3f} "
+              f"| {row['bpd']:.3f} bits/dim | PSNR {row['psnr']:.2f} dB", flush=True)
+
+    def _write_row(self, row: dict) -> None:
+        self._metrics.write(json.dumps({**row, "time": round(time.time(), 3)}) + "\n")
+
+    def maybe_images(self, step: int, model, final: bool = False) -> None:
+        if final or step % self.cfg.log.image_every == 0:
+            self._guard("pictures", self._images, step, model, final)
+            self._last_image_step = step
+
+    def _fixed_images(self):
+        """The first val images of rank 0's part: the same every time, so pictures compare."""
+        if self._fixed is None:
+            n = self.cfg.log.num_images * 2
+            xs, ys = [], []
+            for x, y in self.val_loader.epoch(0):
+                xs.append(x.float())
+                ys.append(y)
+                if sum(t.shape[0] for t in xs) >= 1000:
+                    break
+            xs, ys = torch.cat(xs), torch.cat(ys)
+            self._fixed, self._scatter = xs[:n].clone(), (xs[:1000].clone(), ys[:1000].clone())
+        return self._fixed, self._scatter
+
+    def _images(self, step: int, model, final: bool) -> None:
+        paths = {}
+        if step != self._last_image_step:  # the final set may fall on an image_every step
+            fixed, (xs, ys) = self._fixed_images()
+            names = self._class_names()
+            paths = viz.picture_set(model, fixed, self.image_dir, suffix=f"_step{step:07d}", scatter=(xs, ys, names))
+            model.train()
+        if final:
+            curve = viz.loss_curves(self.metrics_path, self.image_dir / "loss_curves.png")
+            if curve:
+                paths["loss_curves"] = curve
+        if self.wandb is not None:
+            import wandb
+
+            self._guard("wandb", self._wandb_log,
+                        {"step": step, **{f"images/{k}": wandb.Image(str(p)) for k, p in paths.items()}})
+
+    def _class_names(self) -> list[str] | None:
+        try:
+            manifest = json.loads((Path(self.cfg.data.shards) / "manifest.json").read_text())
+            return [manifest["words"].get(w, w) for w in manifest["classes"]]
+        except (OSError, KeyError, ValueError):
+            return None
+
+    def on_checkpoint(self, path: Path) -> None:
+        print(f"checkpoint: {path}", flush=True)
+
+    def close(self, weights: Path | None = None) -> None:
+        self._metrics.close()
+        if weights is not None:
+            print(f"weights: {weights}", flush=True)
+        if self.wandb is not None:
+            self._guard("wandb", self.wandb.finish)
+            self.wandb = None

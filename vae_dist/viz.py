@@ -1,0 +1,183 @@
+"""The seed's pictures, from a live model or any checkpoint: reconstructions, prior samples,
+latent interpolations, a traversal of the most-used latent dims, the latent space in 2-D,
+and loss curves from metrics.jsonl. Images are PNG grids (torchvision), plots matplotlib.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torchvision.utils import make_grid, save_image
+
+from vae_dist.losses import kl_per_dim
+from vae_dist.model import VAE
+
+
+def _save(grid: torch.Tensor, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid, path)
+    return path
+
+
+@torch.no_grad()
+def reconstruction_grid(model: VAE, x: torch.Tensor) -> torch.Tensor:
+    """Originals in the top row, their reconstructions (z = posterior mean) below."""
+    mu, _ = model.encode(x)
+    return make_grid(torch.cat([x, model.decode(mu)]).float().cpu(), nrow=x.shape[0], padding=2)
+
+
+@torch.no_grad()
+def sample_grid(model: VAE, n: int = 64, seed: int = 0) -> torch.Tensor:
+    """n images from the prior with fixed noise, so grids compare across steps and runs."""
+    imgs = model.sample(n, generator=torch.Generator().manual_seed(seed))
+    return make_grid(imgs.float().cpu(), nrow=int(n**0.5), padding=2)
+
+
+@torch.no_grad()
+def interpolation_grid(model: VAE, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 10) -> torch.Tensor:
+    """One row per pair: x_a, `steps` decoded points from mu(x_a) to mu(x_b), x_b."""
+    mid = model.interpolate(x_a, x_b, steps)  # (B, steps, C, H, W)
+    rows = torch.cat([x_a.unsqueeze(1), mid, x_b.unsqueeze(1)], dim=1)
+    return make_grid(rows.flatten(0, 1).float().cpu(), nrow=steps + 2, padding=2)
+
+
+@torch.no_grad()
+def traversal_grid(model: VAE, x: torch.Tensor, dims: int = 8, steps: int = 9, span: float = 3.0) -> torch.Tensor:
+    """Rows: the `dims` latent dims with the highest KL over x (the ones the model uses),
+    each swept from -span to +span around the first image's mean."""
+    mu, logvar = model.encode(x)
+    top = kl_per_dim(mu, logvar).argsort(descending=True)[:dims]
+    values = torch.linspace(-span, span, steps, device=mu.device)
+    z = mu[:1].repeat(len(top) * steps, 1)
+    for r, d in enumerate(top.tolist()):
+        z[r * steps:(r + 1) * steps, d] = values
+    return make_grid(model.decode(z).float().cpu(), nrow=steps, padding=2)
+
+
+def latent_scatter(mu: torch.Tensor, labels: torch.Tensor, path: Path, class_names: list[str] | None = None,
+                   title: str = "latent means, 2-D PCA") -> Path:
+    """Posterior means projected on their first two principal components, coloured by class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mu = mu.float().cpu()
+    centered = mu - mu.mean(0, keepdim=True)
+    _, _, v = torch.linalg.svd(centered, full_matrices=False)
+    xy = (centered @ v[:2].T).numpy()
+    labels = labels.cpu().numpy()
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=120)
+    classes = sorted(set(labels.tolist()))
+    cmap = plt.get_cmap("tab20" if len(classes) > 10 else "tab10")
+    for i, c in enumerate(classes):
+        sel = labels == c
+        name = class_names[c] if class_names and 0 <= c < len(class_names) else str(c)
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.7, color=cmap(i % cmap.N), label=name if len(classes) <= 20 else None)
+    if len(classes) <= 20:
+        ax.legend(fontsize=6, markerscale=2, loc="best")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def loss_curves(metrics_path: Path, path: Path) -> Path | None:
+    """Train loss/recon/KL/beta and val loss against step, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    train = {r["step"]: r for r in rows if r.get("split") is None}  # a resumed run may repeat steps
+    val = {r["step"]: r for r in rows if r.get("split") == "val"}
+    if not train:
+        return None
+    steps = sorted(train)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=110)
+    axes[0].plot(steps, [train[s]["loss"] for s in steps], label="train loss")
+    axes[0].plot(steps, [train[s]["recon"] for s in steps], label="train recon")
+    if val:
+        vs = sorted(val)
+        axes[0].plot(vs, [val[s]["loss"] for s in vs], "o-", label="val -ELBO")
+    axes[0].set_yscale("log")
+    axes[0].set_title("loss (nats / image)")
+    axes[1].plot(steps, [train[s]["kl"] for s in steps], label="KL")
+    axes[1].set_title("KL (nats / image)")
+    axes[2].plot(steps, [train[s]["beta"] for s in steps], label="beta")
+    axes[2].set_title("KL weight beta")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def picture_set(model: VAE, images: torch.Tensor, out_dir: Path, suffix: str = "",
+                scatter: tuple[torch.Tensor, torch.Tensor, list[str] | None] | None = None) -> dict[str, Path]:
+    """Writes the standard pictures for `images` (fixed val images) into out_dir."""
+    model.eval()
+    n = images.shape[0]
+    half = max(1, n // 2)
+    x = images.to(next(model.parameters()).device)
+    paths = {
+        "reconstructions": _save(reconstruction_grid(model, x), out_dir / f"reconstructions{suffix}.png"),
+        "samples": _save(sample_grid(model), out_dir / f"samples{suffix}.png"),
+        "interpolations": _save(interpolation_grid(model, x[:half], x[half:2 * half] if n > 1 else x[:1]),
+                                out_dir / f"interpolations{suffix}.png"),
+        "traversal": _save(traversal_grid(model, x), out_dir / f"traversal{suffix}.png"),
+    }
+    if scatter is not None:
+        xs, ys, names = scatter
+        with torch.no_grad():
+            mus = torch.cat([model.encode(xs[i:i + 256].to(x.device))[0] for i in range(0, xs.shape[0], 256)])
+        paths["latent_space"] = latent_scatter(mus, ys, out_dir / f"latent_space{suffix}.png", names)
+    return paths
+
+
+def viz_checkpoint(ckpt_path: str, out: str, shards: str | None = None, num_images: int = 8) -> list[Path]:
+    """`vae-dist viz`: the pictures from a checkpoint folder, run folder or weights file."""
+    import yaml
+
+    from vae_dist.checkpoint import find_weights, load_weights
+    from vae_dist.data.loaders import decode_split
+    from vae_dist.data.shards import load_manifest
+    from vae_dist.config import DataConfig
+    from vae_dist.errors import UserError
+
+    weights = find_weights(ckpt_path)
+    model = load_weights(weights)
+    if shards is None:  # the run's own data, from the config saved beside the weights
+        for cand in (weights.parent / "config.yaml", weights.parent.parent.parent / "config.yaml"):
+            if cand.is_file():
+                shards = (yaml.safe_load(cand.read_text()) or {}).get("data", {}).get("shards")
+                break
+    if shards is None:
+        raise UserError("no shard folder known for real images: pass --shards DIR")
+    manifest = load_manifest(shards)
+    split = "val" if "val" in manifest["splits"] else "train"
+    images, labels = decode_split(DataConfig(shards=shards, loader="webdataset", num_threads=0), split,
+                                  torch.device("cpu"))
+    n = min(num_images * 2, images.shape[0])
+    x = images[:n].float() / 255
+    keep = min(2000, images.shape[0])
+    xs = images[:keep].float() / 255
+    names = [manifest.get("words", {}).get(w, w) for w in manifest.get("classes", [])]
+    paths = picture_set(model, x, Path(out), scatter=(xs, labels[:keep], names))
+    run_metrics = weights.parent / "metrics.jsonl"
+    if run_metrics.is_file():
+        curve = loss_curves(run_metrics, Path(out) / "loss_curves.png")
+        if curve:
+            paths["loss_curves"] = curve
+    return list(paths.values())
