@@ -1,7 +1,386 @@
-def add_bench_args(p):
-    p.add_argument("what", choices=["data", "step", "e2e"])
-    p.add_argument("--json")
+"""`vae-dist bench data|step|e2e`: throughput in images/second, measured side by side.
+
+Method (every benchmark): warm-up iterations excluded (compile, pipeline start, caches),
+the device synchronized before each clock read, the median of `--repeats` timed windows.
+Results go to a printed table and, with --json, to the JSON of DESIGN.md:
+{"device": ..., "env": {...}, "results": [{"name", "img_per_s", "batch_size", "steps", ...}]}.
+
+- data: each loader over the same shards / images: DALI mixed (GPU), DALI CPU, the
+  PyTorch WebDataset loader, and the seed's ImageFolder + PIL + DataLoader.
+- step: train steps on synthetic on-device batches: eager vs compiled, fp32 vs bf16,
+  channels_last, batch sizes; achieved FLOP/s against the device's peak.
+- e2e: the real Trainer.train_step fed from the shards (fraction of time waiting on data),
+  next to the seed baseline (ImageFolder loader, eager, fp32, batch 64) in the same run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vae_dist.errors import UserError
+
+# Dense peak FLOP/s by device name fragment: (bf16, tf32). H100/H200 SXM figures.
+PEAK_FLOPS = {"H200": (989e12, 494e12), "H100": (989e12, 494e12), "A100": (312e12, 156e12)}
 
 
-def run_bench(args):
-    raise NotImplementedError
+# -- shared helpers ------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(run_window, repeats: int) -> tuple[float, list[float]]:
+    """Median over repeats of images/second; run_window() returns (images, seconds)."""
+    rates = []
+    for _ in range(repeats):
+        images, seconds = run_window()
+        rates.append(images / seconds)
+    return statistics.median(rates), rates
+
+
+def environment() -> dict:
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+           "platform": platform.platform()}
+    for mod in ("nvidia.dali", "accelerate", "webdataset", "torchvision"):
+        try:
+            env[mod.split(".")[-1]] = __import__(mod, fromlist=["__version__"]).__version__
+        except ImportError:
+            env[mod.split(".")[-1]] = None
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
+def _sample_shards(tiny: bool) -> tuple[str, str]:
+    """(shard folder, extracted root) of the sample set, packed once into a temp folder."""
+    from vae_dist.data.pack import PackOptions, pack
+    from vae_dist.data.sample import make_sample_dataset
+
+    root = Path(tempfile.mkdtemp(prefix="vae-dist-bench-"))
+    per_class = (20, 5) if tiny else (200, 50)
+    src = make_sample_dataset(root / "tiny-sample", per_class[0], per_class[1], test_count=0)
+    pack(src, root / "shards", PackOptions(shard_size=100 if tiny else 500))
+    return str(root / "shards"), str(src)
+
+
+def _model_cfg(tiny: bool):
+    from vae_dist.model import VAEConfig
+
+    return VAEConfig(widths=(8, 16, 16, 32), latent_dim=16) if tiny else VAEConfig()
+
+
+# -- data ------------------------------------------------------------------------------------
+
+def bench_data(args, shards: str, images_root: str | None) -> list[dict]:
+    from vae_dist.config import DataConfig
+    from vae_dist.data import dali
+    from vae_dist.data.loaders import build_loader
+    from vae_dist.data.torch_loaders import image_folder_loader
+
+    bs = args.batch_size or (32 if args.tiny else 256)
+    threads = args.threads or os.cpu_count() or 1
+    steps = args.steps or (4 if args.tiny else 50)
+    warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
+    results = []
+    cpu = torch.device("cpu")
+    gpu = torch.device("cuda", 0) if torch.cuda.is_available() else None
+
+    def stream(make):  # an endless batch stream over epochs
+        return itertools.chain.from_iterable(make(e) for e in itertools.count())
+
+    configs = [
+        ("dali-gpu (mixed decode)", "dali", "gpu", gpu),
+        ("dali-cpu", "dali", "cpu", cpu),
+        ("webdataset+torchvision (PyTorch)", "webdataset", "cpu", cpu),
+    ]
+    for name, loader, decode, device in configs:
+        if device is None:
+            results.append({"name": name, "unavailable": "no CUDA GPU"})
+            continue
+        if loader == "dali" and not dali.HAVE_DALI:
+            results.append({"name": name, "unavailable": "NVIDIA DALI not installed"})
+            continue
+        cfg = DataConfig(shards=shards, loader=loader, decode=decode, num_threads=threads)
+        ld = build_loader(cfg, "train", bs, rank=0, world=1, device=device, train=True, seed=0)
+        it = stream(ld.epoch)
+        results.append(_measure_stream(name, it, bs, steps, warmup, args.repeats, device, threads=threads))
+    if images_root and Path(images_root, "train").is_dir():
+        dl = image_folder_loader(str(Path(images_root) / "train"), bs, threads)
+        it = stream(lambda e: iter(dl))
+        results.append(_measure_stream("seed: ImageFolder+PIL DataLoader", it, bs, steps, warmup, args.repeats, cpu,
+                                       threads=threads))
+    else:
+        results.append({"name": "seed: ImageFolder+PIL DataLoader", "unavailable": "pass --images (extracted root)"})
+    return results
+
+
+def _measure_stream(name, it, bs, steps, warmup, repeats, device, **extra) -> dict:
+    for _ in range(warmup):
+        next(it)
+
+    def window():
+        _sync(device)
+        t0 = time.perf_counter()
+        n = 0
+        for _ in range(steps):
+            x = next(it)[0]
+            n += x.shape[0]
+        _sync(device)
+        return n, time.perf_counter() - t0
+
+    median, rates = _timed(window, repeats)
+    return {"name": name, "img_per_s": median, "batch_size": bs, "steps": steps, "repeats": rates, **extra}
+
+
+# -- step ------------------------------------------------------------------------------------
+
+def _train_step_fn(model, optimizer, dtype, device):
+    from vae_dist.losses import kl_divergence, recon_loss
+
+    def step(x):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            x_hat, mu, logvar = model(x)
+        loss = recon_loss(x_hat, x) + kl_divergence(mu, logvar)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _flops_per_image(cfg, device) -> float:
+    """Forward + backward FLOPs of one image, counted by PyTorch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vae_dist.losses import kl_divergence, recon_loss
+    from vae_dist.model import VAE
+
+    model = VAE(cfg).to(device)
+    x = torch.rand(8, 3, cfg.image_size, cfg.image_size, device=device)
+    with FlopCounterMode(display=False) as counter:
+        x_hat, mu, logvar = model(x)
+        (recon_loss(x_hat, x) + kl_divergence(mu, logvar)).backward()
+    return counter.get_total_flops() / 8
+
+
+def bench_step(args) -> list[dict]:
+    from vae_dist.model import VAE
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    cfg = _model_cfg(args.tiny)
+    batch_sizes = [int(b) for b in (args.batch_sizes or ("8" if args.tiny else "64,256,1024" if on_gpu else "64")).split(",")]
+    dtypes = (args.dtypes or ("fp32,bf16" if on_gpu else "fp32")).split(",")
+    compiles = {"both": [False, True], "on": [True], "off": [False]}[args.compile]
+    layouts = {"both": [False, True], "on": [True], "off": [False]}[args.channels_last]
+    steps = args.steps or (3 if args.tiny else 30 if on_gpu else 10)
+    warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 10 if on_gpu else 3)
+    flops = _flops_per_image(cfg, device)
+    peaks = next((v for k, v in PEAK_FLOPS.items() if on_gpu and k in torch.cuda.get_device_name()), None)
+    results = []
+    for bs, dtype, compiled, cl in itertools.product(batch_sizes, dtypes, compiles, layouts):
+        torch.manual_seed(0)
+        model = VAE(cfg).to(device, memory_format=torch.channels_last if cl else torch.preserve_format)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=on_gpu or None)
+        fwd = torch.compile(model) if compiled else model
+        step = _train_step_fn(fwd, opt, dtype, device)
+        x = torch.rand(bs, 3, cfg.image_size, cfg.image_size, device=device)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        for _ in range(warmup):
+            step(x)
+
+        def window(step=step, x=x, bs=bs):
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step(x)
+            _sync(device)
+            return bs * steps, time.perf_counter() - t0
+
+        median, rates = _timed(window, args.repeats)
+        name = f"{'compiled' if compiled else 'eager'} {dtype}{' channels_last' if cl else ''} b{bs}"
+        row = {"name": name, "img_per_s": median, "batch_size": bs, "steps": steps, "repeats": rates,
+               "compile": compiled, "dtype": dtype, "channels_last": cl, "steps_per_s": median / bs,
+               "gflop_per_image": flops / 1e9, "tflop_per_s": median * flops / 1e12}
+        if peaks:
+            row["mfu"] = median * flops / (peaks[0] if dtype == "bf16" else peaks[1])
+        results.append(row)
+        del model, opt, fwd
+    return results
+
+
+# -- e2e -------------------------------------------------------------------------------------
+
+def bench_e2e(args, shards: str, images_root: str | None) -> list[dict]:
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    on_gpu = device.type == "cuda"
+    bs = args.batch_size or (16 if args.tiny else 64)
+    steps = args.steps or (4 if args.tiny else 60 if on_gpu else 20)
+    warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 20 if on_gpu else 5)
+    variants = (args.variants or ("seed,fast,cache" if on_gpu else "seed,fast")).split(",")
+    results = []
+    for variant in variants:
+        if variant == "seed":
+            if not (images_root and Path(images_root, "train").is_dir()):
+                results.append({"name": "seed", "unavailable": "pass --images (extracted root)"})
+                continue
+            results.append(_e2e_seed(args, images_root, bs, steps, warmup, device))
+        elif variant in ("fast", "cache"):
+            if variant == "cache" and not on_gpu:
+                results.append({"name": "fast+gpu-cache", "unavailable": "no CUDA GPU"})
+                continue
+            results.append(_e2e_trainer(args, shards, variant, bs, steps, warmup, device))
+        else:
+            raise UserError(f"unknown e2e variant '{variant}' (choose from seed, fast, cache)")
+    return results
+
+
+def _e2e_seed(args, images_root, bs, steps, warmup, device) -> dict:
+    """The seed coursework's loop: ImageFolder loader, eager fp32 model, Adam."""
+    from vae_dist.data.torch_loaders import image_folder_loader
+    from vae_dist.model import VAE
+
+    threads = args.threads or os.cpu_count() or 1
+    dl = image_folder_loader(str(Path(images_root) / "train"), bs, threads)
+    torch.manual_seed(0)
+    model = VAE(_model_cfg(args.tiny)).to(device)
+    step = _train_step_fn(model, torch.optim.Adam(model.parameters(), lr=1e-3), "fp32", device)
+    it = itertools.chain.from_iterable(iter(dl) for _ in itertools.count())
+    return _measure_training("seed: ImageFolder, eager fp32", it, lambda x: step(x.to(device)), bs, steps, warmup,
+                             args.repeats, device)
+
+
+def _e2e_trainer(args, shards, variant, bs, steps, warmup, device) -> dict:
+    """The real Trainer (Accelerate, DALI, compile, channels_last, bf16 on GPU)."""
+    from accelerate.state import AcceleratorState
+
+    from vae_dist.config import build_config
+    from vae_dist.train import Trainer
+
+    on_gpu = device.type == "cuda"
+    os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if on_gpu else "no"
+    AcceleratorState._reset_state(reset_partial_state=True)  # one Accelerator per variant
+    out = tempfile.mkdtemp(prefix="vae-dist-bench-run-")
+    threads = args.threads or os.cpu_count() or 1
+    arch = [] if not args.tiny else ["--model.widths=[8,16,16,32]", "--model.latent_dim=16"]
+    cfg = build_config(overrides=[
+        f"--data.shards={shards}", f"--train.out_dir={out}", f"--train.batch_size={bs}",
+        f"--data.num_threads={threads}", "--log.wandb_mode=disabled", "--model.compile=true",
+        "--model.channels_last=true", f"--data.cache={'gpu' if variant == 'cache' else 'none'}", *arch,
+    ])
+    trainer = Trainer(cfg)
+    loader = trainer.train_loader
+    it = itertools.chain.from_iterable(loader.epoch(e) for e in itertools.count())
+    name = "fast: DALI, compiled, channels_last" + (", bf16" if on_gpu else ", fp32")
+    if variant == "cache":
+        name = "fast+gpu-cache: compiled, channels_last, bf16"
+    return _measure_training(name, it, trainer.train_step, bs, steps, warmup, args.repeats, device,
+                             decode="gpu" if on_gpu else "cpu")
+
+
+def _measure_training(name, it, train_step, bs, steps, warmup, repeats, device, **extra) -> dict:
+    for _ in range(warmup):
+        train_step(next(it)[0])
+    waits = []
+
+    def window():
+        _sync(device)
+        t0 = time.perf_counter()
+        wait = 0.0
+        for _ in range(steps):
+            tw = time.perf_counter()
+            x = next(it)[0]
+            wait += time.perf_counter() - tw
+            train_step(x)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        waits.append(wait / seconds)
+        return bs * steps, seconds
+
+    median, rates = _timed(window, repeats)
+    return {"name": name, "img_per_s": median, "batch_size": bs, "steps": steps, "repeats": rates,
+            "data_wait": statistics.median(waits), **extra}
+
+
+# -- entry point -----------------------------------------------------------------------------
+
+def print_table(what: str, results: list[dict]) -> None:
+    print(f"\nvae-dist bench {what} on {device_name()}")
+    print(f"{'configuration':<48} {'img/s':>12} {'batch':>6} {'steps':>6}  notes")
+    for r in results:
+        if "unavailable" in r:
+            print(f"{r['name']:<48} {'-':>12} {'':>6} {'':>6}  unavailable: {r['unavailable']}")
+            continue
+        notes = []
+        if "data_wait" in r:
+            notes.append(f"data wait {r['data_wait']:.0%}")
+        if "tflop_per_s" in r:
+            notes.append(f"{r['tflop_per_s']:.2f} TFLOP/s")
+        if "mfu" in r:
+            notes.append(f"{r['mfu']:.1%} of peak")
+        print(f"{r['name']:<48} {r['img_per_s']:>12,.1f} {r['batch_size']:>6} {r['steps']:>6}  {', '.join(notes)}")
+
+
+def plot(results: list[dict], title: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results if "img_per_s" in r]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2), dpi=110)
+    ax.barh([r["name"] for r in rows][::-1], [r["img_per_s"] for r in rows][::-1], color="#4c72b0")
+    for i, r in enumerate(rows[::-1]):
+        ax.text(r["img_per_s"], i, f" {r['img_per_s']:,.0f}", va="center", fontsize=8)
+    ax.set_xlabel("images / second (median)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_bench(args) -> int:
+    shards, images_root = args.shards, args.images
+    if args.what in ("data", "e2e") and shards is None:
+        shards, made_root = _sample_shards(args.tiny)
+        images_root = images_root or made_root
+    if args.what == "data":
+        results = bench_data(args, shards, images_root)
+    elif args.what == "step":
+        results = bench_step(args)
+    else:
+        results = bench_e2e(args, shards, images_root)
+    report = {"device": device_name(), "env": environment(), "benchmark": args.what, "shards": shards,
+              "results": results}
+    print_table(args.what, results)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"results: {args.json}")
+    if args.plot:
+        plot(results, f"vae-dist bench {args.what} — {device_name()}", args.plot)
+        print(f"plot: {args.plot}")
+    return 0

@@ -72,6 +72,25 @@ def _demo(args) -> int:
     return run_demo(args.out, steps=args.steps)
 
 
+def add_bench_args(p) -> None:
+    p.add_argument("what", choices=["data", "step", "e2e"])
+    p.add_argument("--json", help="write the results JSON here")
+    p.add_argument("--plot", help="write a bar chart (PNG) of img/s per configuration here")
+    p.add_argument("--shards", help="shard folder (default: the sample set, made in a temp folder)")
+    p.add_argument("--images", help="extracted Tiny ImageNet root for the ImageFolder baseline")
+    p.add_argument("--batch-size", type=int, default=None, help="data/e2e batch size (data: 256, e2e: 64)")
+    p.add_argument("--batch-sizes", default=None, help="step: comma list (CPU: 64; GPU: 64,256,1024)")
+    p.add_argument("--threads", type=int, default=None, help="decode threads = loader workers (default: cores)")
+    p.add_argument("--steps", type=int, default=None, help="timed batches/steps per repeat")
+    p.add_argument("--warmup", type=int, default=None, help="untimed batches/steps before timing")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtypes", default=None, help="step: comma list of fp32,bf16 (CPU: fp32)")
+    p.add_argument("--compile", choices=["both", "on", "off"], default="both")
+    p.add_argument("--channels-last", choices=["both", "on", "off"], default="both")
+    p.add_argument("--variants", default=None, help="e2e: comma list of seed,fast,cache")
+    p.add_argument("--tiny", action="store_true", help="a tiny model and data set (for tests)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vae-dist", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -114,8 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(run=_viz)
 
     s = sub.add_parser("bench", help="throughput benchmarks (images/s)")
-    from vae_dist.bench import add_bench_args
-
     add_bench_args(s)
     s.set_defaults(run=_bench)
 

@@ -54,6 +54,7 @@ class LossConfig:
 class OptimConfig:
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 0.0  # max global grad norm; 0 = no clipping (the norm is logged anyway)
     fused: bool | None = None  # fused Adam kernel; None: on when CUDA
@@ -168,21 +169,20 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 def _parse_cli_value(text: str) -> Any:
     """Command-line values are YAML scalars: 1e-3, true, null, [1, 2], plain strings."""
-    if text.lower() in ("none", "auto"):
-        return None if text.lower() == "none" else "auto"
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
 
 
-def _auto_to_none(value: Any, tp: Any) -> Any:
-    # `auto` means "decide at run time" for the Optional fields that accept None.
-    if value == "auto" and typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if type(None) in args and not any(typing.get_origin(a) is Literal for a in args):
-            return None
-    return value
+def _words_to_none(value: Any, tp: Any) -> Any:
+    # `auto` / `none` mean "decide at run time" for the Optional fields, unless the word is
+    # itself one of the field's choices (data.cache=none).
+    if value not in ("auto", "none") or typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return value
+    args = typing.get_args(tp)
+    choices = [c for a in args if typing.get_origin(a) is Literal for c in typing.get_args(a)]
+    return None if type(None) in args and value not in choices else value
 
 
 def apply(cfg: Config, updates: dict[str, Any], source: str = "") -> Config:
@@ -197,7 +197,7 @@ def apply(cfg: Config, updates: dict[str, Any], source: str = "") -> Config:
         if key not in fields:
             raise ConfigError(f"unknown config key '{dotted}'{source}")
         tp = fields[key]
-        setattr(section, key, _coerce(_auto_to_none(value, tp), tp, dotted))
+        setattr(section, key, _coerce(_words_to_none(value, tp), tp, dotted))
     return cfg
 
 
@@ -218,7 +218,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}")
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
     return _flatten(tree, f" (in {path})")

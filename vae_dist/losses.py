@@ -8,7 +8,7 @@ KL(q(z|x) || N(0, I)) summed over latent dims and averaged over the batch.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -103,7 +103,7 @@ class Trainer:
         model = model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         torch.manual_seed(cfg.train.seed * 1000 + self.rank)
         fused = cfg.optim.fused if cfg.optim.fused is not None else self.device.type == "cuda"
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                      weight_decay=cfg.optim.weight_decay, fused=fused or None)
 
         self.train_loader, self.val_loader = build_train_and_val(
@@ -333,6 +333,10 @@ class Trainer:
                                     self.config_yaml, self.cfg.train.keep_last)
         self.hooks.on_checkpoint(path)
 
+    def _loader_name(self) -> str:
+        data = self.cfg.data
+        return f"cache-{data.cache}" if data.cache != "none" else resolve_loader_kind(data.loader)
+
     def describe(self) -> dict:
         acc = self.accelerator
         return {
@@ -340,8 +344,7 @@ class Trainer:
             "compile": self.cfg.model.compile_mode if self.compiled else "no",
             "channels_last": self.channels_last, "batch_per_process": self.batch_size,
             "global_batch": self.batch_size * self.world, "steps_per_epoch": self.steps_per_epoch,
-            "total_steps": self.total_steps,
-            "loader": "cache-" + self.cfg.data.cache if self.cfg.data.cache != "none" else resolve_loader_kind(self.cfg.data.loader),
+            "total_steps": self.total_steps, "loader": self._loader_name(),
             "start_step": self.state.step,
         }
 

@@ -151,9 +151,9 @@ def viz_checkpoint(ckpt_path: str, out: str, shards: str | None = None, num_imag
     import yaml
 
     from vae_dist.checkpoint import find_weights, load_weights
+    from vae_dist.config import DataConfig
     from vae_dist.data.loaders import decode_split
     from vae_dist.data.shards import load_manifest
-    from vae_dist.config import DataConfig
     from vae_dist.errors import UserError
 
     weights = find_weights(ckpt_path)

@@ -10,7 +10,7 @@ the epoch it stopped in and skips the batches it already trained on.
 from __future__ import annotations
 
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -96,7 +96,7 @@ class DaliLoader:
             )
         self.steps_per_epoch = smallest // batch_size if train else -(-self.rank_count // batch_size)
 
-    def _build(self, epoch: int) -> "DALIGenericIterator":
+    def _build(self, epoch: int) -> DALIGenericIterator:
         order = list(range(len(self.paths)))
         if self.train:  # a new tar order each epoch, identical on all ranks
             random.Random(self.seed * 100003 + epoch).shuffle(order)

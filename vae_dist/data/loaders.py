@@ -7,7 +7,7 @@ batches on every rank for train, each sample once across ranks for val.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# The demo: sample data -> shards -> a short training run of the seed VAE -> pictures.
+#   bash launch/demo.sh [--out runs/demo] [--steps N]
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+exec vae-dist demo "$@"

@@ -1,0 +1,56 @@
+"""Each benchmark runs at a tiny size and writes the JSON of DESIGN.md with positive numbers."""
+
+import json
+
+import pytest
+
+from .conftest import run_cli
+
+
+def _check(report, names):
+    assert report["device"] and report["env"]["torch"]
+    rows = report["results"]
+    measured = [r for r in rows if "unavailable" not in r]
+    assert measured, rows
+    for r in measured:
+        assert {"name", "img_per_s", "batch_size", "steps"} <= set(r)
+        assert r["img_per_s"] > 0 and r["batch_size"] > 0 and r["steps"] > 0
+        assert all(v > 0 for v in r["repeats"])
+    got = {r["name"] for r in rows}
+    for name in names:
+        assert any(name in g for g in got), (name, got)
+    return {r["name"]: r for r in rows}
+
+
+@pytest.mark.parametrize("what", ["data", "step", "e2e"])
+def test_bench_tiny(what, tmp_path, shards, sample_root):
+    out = tmp_path / f"{what}.json"
+    extra = {
+        "data": ["--shards", str(shards), "--images", str(sample_root), "--threads", "1"],
+        "step": ["--compile", "off"],
+        "e2e": ["--shards", str(shards), "--images", str(sample_root), "--threads", "1", "--variants", "seed,fast"],
+    }[what]
+    r = run_cli("bench", what, "--tiny", "--repeats", "2", "--json", str(out), "--plot", str(tmp_path / "p.png"),
+                *extra)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == what
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    assert "img/s" in r.stdout  # the printed table
+    if what == "data":
+        rows = _check(report, ["dali-cpu", "webdataset", "ImageFolder", "dali-gpu"])
+        assert "unavailable" in next(v for k, v in rows.items() if "dali-gpu" in k)  # no GPU here
+    elif what == "step":
+        rows = _check(report, ["eager fp32"])
+        assert all(r["tflop_per_s"] > 0 and r["gflop_per_image"] > 0 for r in rows.values())
+    else:
+        rows = _check(report, ["seed", "fast"])
+        assert all(0 <= r["data_wait"] <= 1 for r in rows.values() if "data_wait" in r)
+
+
+def test_seed_flops_match_the_design_count():
+    from vae_dist.bench import _flops_per_image
+    from vae_dist.model import VAEConfig
+
+    # DESIGN.md: about 0.42 GFLOP forward, about 1.3 GFLOP per training image
+    assert _flops_per_image(VAEConfig(), __import__("torch").device("cpu")) / 1e9 == pytest.approx(1.3, rel=0.1)

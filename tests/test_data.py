@@ -1,0 +1,235 @@
+"""Tiny ImageNet -> shards -> DALI / webdataset loaders, with real files and real DALI."""
+
+import io
+import json
+import shutil
+import struct
+import subprocess
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vae_dist.config import DataConfig
+from vae_dist.data.loaders import build_loader
+from vae_dist.data.pack import PackOptions, pack
+from vae_dist.data.shards import decode_label, load_manifest, verify
+from vae_dist.data.tinyimagenet import Source
+from vae_dist.errors import DataError
+
+from .conftest import run_cli
+
+CPU = torch.device("cpu")
+
+
+def _huge_png_header() -> bytes:
+    """A PNG whose header claims 30000x30000 pixels, with a few bytes of pixel data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def messy_root(sample_root, tmp_path_factory) -> Path:
+    """The sample tree plus planted problems and conversions, as the real data has."""
+    root = tmp_path_factory.mktemp("messy") / "tiny"
+    shutil.copytree(sample_root, root)
+    wnid = (root / "wnids.txt").read_text().split()[0]
+    images = root / "train" / wnid / "images"
+    good = (images / f"{wnid}_0.JPEG").read_bytes()
+    (images / "bad_truncated.JPEG").write_bytes(good[: len(good) // 2])
+    (images / "bad_empty.JPEG").write_bytes(b"")
+    (images / "bad_random.JPEG").write_bytes(np.random.default_rng(0).bytes(3000))
+    (images / "bad_huge.JPEG").write_bytes(_huge_png_header())
+    rgb = Image.open(io.BytesIO(good)).convert("RGB")
+    rgb.convert("L").save(images / "conv_gray.JPEG", format="JPEG")
+    rgb.convert("CMYK").save(images / "conv_cmyk.JPEG", format="JPEG")
+    rgb.resize((80, 50)).save(images / "conv_size.JPEG", format="JPEG")
+    rgb.save(images / "conv_png.JPEG", format="PNG")  # a PNG behind a .JPEG name
+    return root
+
+
+@pytest.fixture(scope="module")
+def messy_pack(messy_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("messy-shards")
+    return out, pack(messy_root, out, PackOptions(shard_size=50, workers=2, seed=3))
+
+
+def test_pack_counts_conversions_and_rejections(sample_root, messy_pack):
+    out, manifest = messy_pack
+    n_train = sum(1 for _ in (sample_root / "train").rglob("*.JPEG"))
+    n_val = sum(1 for _ in (sample_root / "val" / "images").glob("*.JPEG"))
+    assert manifest["splits"]["train"]["count"] == n_train + 4  # + gray, cmyk, resized, png
+    assert manifest["splits"]["val"]["count"] == n_val
+    conv = manifest["splits"]["train"]["converted"]
+    assert conv["cmyk"] == 1 and conv["resized"] == 1 and conv["not_jpeg"] == 1
+    # the sample set's own grayscale photos (2 of 10 classes) + the planted one
+    assert conv["grayscale"] == 1 + 2 * 20
+    rejected = {Path(r["path"]).name: r["reason"] for r in manifest["rejected"]}
+    assert set(rejected) == {"bad_truncated.JPEG", "bad_empty.JPEG", "bad_random.JPEG", "bad_huge.JPEG"}
+    assert rejected["bad_empty.JPEG"] == "empty file"
+    assert rejected["bad_random.JPEG"] == "not an image"
+    assert "truncated" in rejected["bad_truncated.JPEG"]
+    assert "too large" in rejected["bad_huge.JPEG"]
+    assert all(r["path"].startswith("train/") for r in manifest["rejected"])  # relative to the root
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk["splits"]["train"]["shards"][0]["sha256"] == manifest["splits"]["train"]["shards"][0]["sha256"]
+    assert verify(out) == []
+
+
+def test_index_matches_dalis_wds2idx(messy_pack, tmp_path):
+    wds2idx = shutil.which("wds2idx") or str(Path(__import__("sys").executable).parent / "wds2idx")
+    out, manifest = messy_pack
+    shard = manifest["splits"]["train"]["shards"][0]
+    subprocess.run([wds2idx, str(out / shard["file"]), str(tmp_path / "ref.idx")], check=True, capture_output=True)
+    assert (tmp_path / "ref.idx").read_text() == (out / shard["index"]).read_text()
+
+
+def _collect(cfg, split, batch, world, train, epoch=0):
+    keys = []
+    for rank in range(world):
+        loader = build_loader(cfg, split, batch, rank=rank, world=world, device=CPU, train=train, seed=5)
+        imgs, labels = [], []
+        for x, y in loader.epoch(epoch):
+            imgs.append(x.clone())
+            labels.append(y.clone())
+        keys.append((torch.cat(imgs), torch.cat(labels), loader.steps_per_epoch, len(imgs)))
+    return keys
+
+
+def _packed_images(shard_dir, split):
+    """Every packed sample decoded by PIL, in shard order, with labels."""
+    import tarfile
+
+    manifest = load_manifest(shard_dir)
+    images, labels = [], []
+    for shard in manifest["splits"][split]["shards"]:
+        with tarfile.open(Path(shard_dir) / shard["file"]) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar}
+        for name in sorted(members, key=list(members).index):
+            if name.endswith(".jpg"):
+                img = np.array(Image.open(io.BytesIO(members[name])).convert("RGB"))
+                images.append(torch.from_numpy(img).permute(2, 0, 1).float() / 255)
+                labels.append(decode_label(members[name[:-4] + ".label"]))
+    return torch.stack(images), torch.tensor(labels)
+
+
+@pytest.mark.parametrize("loader", ["dali", "webdataset"])
+def test_val_epoch_reads_every_sample_once_with_pil_pixels(shards, loader):
+    cfg = DataConfig(shards=str(shards), loader=loader, num_threads=2)
+    ref_x, ref_y = _packed_images(shards, "val")
+    (x, y, _, _), = _collect(cfg, "val", 16, 1, train=False)
+    assert x.shape == ref_x.shape and x.dtype == torch.float32
+    assert torch.equal(y, ref_y)  # unshuffled val: shard order
+    assert (x - ref_x).abs().mean() < 2 / 255
+
+
+@pytest.mark.parametrize("loader", ["dali", "webdataset"])
+def test_two_ranks_partition_the_split(shards, loader):
+    cfg = DataConfig(shards=str(shards), loader=loader, num_threads=1)
+    ref_x, ref_y = _packed_images(shards, "val")
+    parts = _collect(cfg, "val", 16, 2, train=False)
+    assert all(p[0].shape[0] > 0 for p in parts)
+    # unshuffled val: rank 0 reads the first half, rank 1 the rest, so the union in rank
+    # order is the whole split in shard order: every sample once, none twice
+    union_x, union_y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    assert torch.equal(union_y, ref_y)
+    assert (union_x - ref_x).abs().mean() < 2 / 255
+
+
+@pytest.mark.parametrize("loader", ["dali", "webdataset"])
+def test_train_equal_steps_per_rank_and_reshuffled_each_epoch(shards, loader):
+    cfg = DataConfig(shards=str(shards), loader=loader, num_threads=2, shuffle_buffer=64)
+    manifest = load_manifest(shards)
+    n = manifest["splits"]["train"]["count"]
+    for world in (2, 3):
+        parts = _collect(cfg, "train", 16, world, train=True)
+        expected = (n // world) // 16
+        assert [p[2] for p in parts] == [expected] * world  # declared
+        assert [p[3] for p in parts] == [expected] * world  # delivered
+    e0 = _collect(cfg, "train", 16, 1, train=True, epoch=0)[0]
+    e1 = _collect(cfg, "train", 16, 1, train=True, epoch=1)[0]
+    assert not torch.equal(e0[1], e1[1])  # another order
+    assert sorted(e0[1].tolist()) != e0[1].tolist()  # and a shuffled one
+
+
+def test_resume_position_skips_batches(shards):
+    cfg = DataConfig(shards=str(shards), loader="dali", num_threads=1, flip=False)
+    loader = build_loader(cfg, "train", 16, rank=0, world=1, device=CPU, train=True, seed=2)
+    full = [y.clone() for _, y in loader.epoch(4)]
+    tail = [y.clone() for _, y in loader.epoch(4, skip=3)]
+    assert len(tail) == len(full) - 3
+    assert all(torch.equal(a, b) for a, b in zip(full[3:], tail))  # the same epoch, deterministically
+
+
+def test_zip_source_packs_like_the_folder(sample_root, shards, tmp_path):
+    zpath = tmp_path / "tiny.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for p in sorted(sample_root.rglob("*")):
+            if p.is_file():
+                zf.write(p, f"tiny-imagenet-200/{p.relative_to(sample_root).as_posix()}")
+        zf.writestr("../evil.txt", "x")  # never extracted, and reported
+    m = pack(zpath, tmp_path / "out", PackOptions(shard_size=64, workers=2))
+    ref = load_manifest(shards)
+    assert m["splits"]["train"]["count"] == ref["splits"]["train"]["count"]
+    assert [s["sha256"] for s in m["splits"]["val"]["shards"]] == [s["sha256"] for s in ref["splits"]["val"]["shards"]]
+    assert any(r["path"] == "../evil.txt" and "unsafe" in r["reason"] for r in m["rejected"])
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_repack_replaces_previous_result(sample_root, tmp_path):
+    out = tmp_path / "out"
+    pack(sample_root, out, PackOptions(shard_size=20, workers=1))
+    assert len(list(out.glob("train-*.tar"))) == 10
+    m = pack(sample_root, out, PackOptions(shard_size=100, workers=1, splits=("train",)))
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
+    assert not list(out.glob(".pack-staging-*")) and not list(out.glob("*.partial"))
+    assert set(m["splits"]) == {"train"} and verify(out) == []
+
+
+def test_verify_catches_truncated_and_missing_shards(shards, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    first = bad / "train-000000.tar"
+    first.write_bytes(first.read_bytes()[:5000])
+    (bad / "train-000001.tar").unlink()
+    problems = verify(bad)
+    assert any("train-000000.tar" in p and "sha256" in p for p in problems)
+    assert any(p == "train-000001.tar: missing" for p in problems)
+    r = run_cli("verify", str(bad))
+    assert r.returncode == 1 and "train-000001.tar: missing" in r.stdout
+    assert run_cli("verify", str(shards)).returncode == 0
+    # and training refuses the corrupt folder up front, in one line
+    with pytest.raises(DataError, match="train-000000.tar"):
+        build_loader(DataConfig(shards=str(bad)), "train", 8, rank=0, world=1, device=CPU, train=True, seed=0)
+
+
+def test_bad_sources_give_one_line_errors(tmp_path):
+    (tmp_path / "corrupt.zip").write_bytes(b"PK\x03\x04 definitely not a zip")
+    (tmp_path / "notti").mkdir()
+    (tmp_path / "notti" / "hello.txt").write_text("hi")
+    for src, words in ((tmp_path / "corrupt.zip", "corrupt"), (tmp_path / "notti", "not a Tiny ImageNet"),
+                       (tmp_path / "missing", "not found")):
+        r = run_cli("pack", str(src), str(tmp_path / "o"))
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0], r.stderr
+    with pytest.raises(DataError):
+        Source(tmp_path / "notti")
+
+
+def test_sample_data_cli_and_zip_are_deterministic(tmp_path):
+    for name in ("a", "b"):
+        r = run_cli("sample-data", str(tmp_path / name), "--train-per-class", "2", "--val-per-class", "1",
+                    "--test", "1", "--zip")
+        assert r.returncode == 0, r.stderr
+    fa, fb = sorted((tmp_path / "a").rglob("*.JPEG")), sorted((tmp_path / "b").rglob("*.JPEG"))
+    assert [f.read_bytes() for f in fa] == [f.read_bytes() for f in fb] and len(fa) == 10 * 2 + 10 + 1
+    assert zipfile.ZipFile(tmp_path / "a.zip").testzip() is None

@@ -1,0 +1,72 @@
+"""Rank-zero hooks: W&B offline runs read back from disk, pictures, broken loggers, viz."""
+
+import json
+
+from vae_dist.hooks import wandb_mode
+
+from .conftest import TINY_MODEL, accelerate_launch, run_cli
+from .wandb_reader import history_keys
+
+ARGS = [*TINY_MODEL, "--train.batch_size=16", "--data.num_threads=1", "--log.log_every=2",
+        "--train.eval_every=6", "--log.image_every=6", "--train.checkpoint_every=0", "--train.max_steps=12"]
+
+
+def test_wandb_offline_run_has_scalars_and_pictures_and_one_run_for_two_ranks(shards, tmp_path):
+    run = tmp_path / "run"
+    r = accelerate_launch(2, "train", f"--data.shards={shards}", f"--train.out_dir={run}", *ARGS,
+                          "--log.wandb_mode=offline", env={"WANDB_API_KEY": ""})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs  # rank 1 made none
+    wandb_files = list(runs[0].glob("run-*.wandb"))
+    assert len(wandb_files) == 1
+    keys = history_keys(wandb_files[0])
+    for key in ("train/loss", "train/recon", "train/kl", "train/beta", "train/elbo", "train/lr", "train/grad_norm",
+                "train/img_per_s", "train/img_per_s_per_process", "train/data_wait", "val/loss", "val/psnr",
+                "val/bpd"):
+        assert key in keys, key
+    for picture in ("reconstructions", "samples", "interpolations", "latent_space"):
+        assert f"images/{picture}/path" in keys, picture
+        assert list(runs[0].glob(f"files/media/images/images/{picture}_*.png")), picture
+    # the same pictures as PNG files in the run folder, and the loss curves
+    for picture in ("reconstructions", "samples", "interpolations", "latent_space", "traversal"):
+        assert (run / "images" / f"{picture}_step0000006.png").is_file()
+        assert (run / "images" / f"{picture}_step0000012.png").is_file()
+    assert (run / "images" / "loss_curves.png").stat().st_size > 1000
+
+
+def test_broken_wandb_is_reported_once_and_training_finishes(shards, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "wandb").write_text("a file where W&B wants its folder")
+    r = run_cli("train", f"--data.shards={shards}", f"--train.out_dir={run}", *ARGS, "--log.wandb_mode=offline")
+    assert r.returncode == 0, r.stderr[-3000:]
+    warnings = [line for line in r.stderr.splitlines() if "wandb failed" in line]
+    assert len(warnings) == 1, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(row["step"] for row in rows) == 12
+    assert (run / "model.safetensors").is_file()
+
+
+def test_viz_from_checkpoint_and_weights(shards, tmp_path):
+    run = tmp_path / "run"
+    r = run_cli("train", f"--data.shards={shards}", f"--train.out_dir={run}", *ARGS, "--log.wandb_mode=disabled",
+                "--train.checkpoint_every=6")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("viz", str(run / "checkpoints" / "step_0000006"), str(tmp_path / "pics"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("reconstructions", "samples", "interpolations", "traversal", "latent_space"):
+        assert (tmp_path / "pics" / f"{name}.png").stat().st_size > 500
+    r = run_cli("viz", str(run / "model.safetensors"), str(tmp_path / "pics2"), "--shards", str(shards))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "pics2" / "loss_curves.png").is_file()
+    r = run_cli("viz", str(tmp_path / "nothing"), str(tmp_path / "pics3"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_wandb_mode_defaults_offline_without_a_key(monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert wandb_mode(None) == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode(None) == "online"
+    assert wandb_mode("disabled") == "disabled"

@@ -1,0 +1,130 @@
+"""Real training: one process and `accelerate launch` with 2 processes (gloo on CPU)."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vae_dist.checkpoint import latest_checkpoint, load_weights
+from vae_dist.model import VAE, VAEConfig
+
+from .conftest import TINY_MODEL, accelerate_launch, run_cli
+
+COMMON = [*TINY_MODEL, "--train.batch_size=16", "--data.num_threads=1", "--log.wandb_mode=disabled",
+          "--log.log_every=2", "--log.image_every=1000"]
+
+
+def _rows(run: Path, split=None):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("split") == split]
+
+
+def test_two_process_ddp_checkpoints_and_resumes(shards, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", f"--data.shards={shards}", f"--train.out_dir={run}", *COMMON, "--optim.lr=3e-3",
+            "--train.checkpoint_every=12", "--train.eval_every=12"]
+    r = accelerate_launch(2, *args, "--train.max_steps=24")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "processes=2" in r.stdout
+    rows = _rows(run)
+    assert [row["step"] for row in rows] == list(range(2, 25, 2))  # rank 0 alone writes: no duplicate rows
+    assert sum(x["loss"] for x in rows[-3:]) < sum(x["loss"] for x in rows[:3])  # loss goes down
+    assert all(x["img_per_s"] > 0 and 0 <= x["data_wait"] <= 1 for x in rows)
+    ckpt = latest_checkpoint(run)
+    assert ckpt.name == "step_0000024"
+    assert (ckpt / "rng_rank0.pt").is_file() and (ckpt / "rng_rank1.pt").is_file()  # both ranks took part
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == 24
+    assert len(_rows(run, "val")) >= 2 and all(v["images"] == 60 for v in _rows(run, "val"))  # each val sample once
+
+    r = accelerate_launch(2, *args, "--train.max_steps=36", "--train.resume=auto")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "at step 24" in r.stdout
+    new = [row["step"] for row in _rows(run)][len(rows):]
+    assert new == list(range(26, 37, 2))  # continued from 24, not from 0, and stopped at max_steps
+    assert latest_checkpoint(run).name == "step_0000036"
+    model = load_weights(run / "model.safetensors")  # usable without the trainer
+    assert model.cfg.latent_dim == 8
+
+
+def test_one_process_2b_equals_two_processes_b(shards, tmp_path):
+    """DDP averages gradients: 2 x batch 8 on two ranks is one step of batch 16 on one rank.
+    The cached loader hands rank r the images perm[r::2], so both runs see the same 16 images."""
+    base = ["train", f"--data.shards={shards}", *TINY_MODEL, "--data.cache=ram", "--data.flip=false",
+            "--log.wandb_mode=disabled", "--train.max_steps=1", "--log.log_every=1", "--train.eval_every=0",
+            "--loss.kl_schedule=constant", "--log.image_every=1000",
+            # a large eps makes Adam's first step proportional to the gradient (not its sign),
+            # so the step compares the gradients themselves
+            "--optim.eps=1e4", "--optim.lr=1.0"]
+    one = run_cli(*base, f"--train.out_dir={tmp_path / 'one'}", "--train.batch_size=16")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = accelerate_launch(2, *base, f"--train.out_dir={tmp_path / 'two'}", "--train.global_batch_size=16")
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    (a,), (b,) = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    # same starting weights and images; only the reparameterization noise differs per rank
+    assert b["loss"] == pytest.approx(a["loss"], rel=5e-3)
+    wa = load_file(str(tmp_path / "one" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "two" / "model.safetensors"))
+    torch.manual_seed(0)  # the trainer's init for train.seed=0
+    w0 = VAE(VAEConfig(widths=(8, 16, 16, 32), latent_dim=8)).state_dict()
+    assert set(wa) == set(wb) == set(w0)
+    da = torch.cat([(wa[k] - w0[k]).flatten() for k in w0])
+    db = torch.cat([(wb[k] - w0[k]).flatten() for k in w0])
+    assert da.norm() > 1e-4  # the step did move the weights
+    # the two updates agree up to the difference in reparameterization noise
+    print("relative update difference", float((da - db).norm() / da.norm()))
+    assert (da - db).norm() / da.norm() < 0.03
+
+
+def test_sigterm_checkpoints_and_resumes(shards, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", f"--data.shards={shards}", f"--train.out_dir={run}", *COMMON,
+            "--train.checkpoint_every=0", "--train.eval_every=0"]
+    proc = subprocess.Popen([sys.executable, "-m", "vae_dist", *args, "--train.max_steps=100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        metrics = run / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by signal 15" in out
+    ckpt = latest_checkpoint(run)
+    assert ckpt is not None, "no checkpoint after SIGTERM"
+    step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    assert step >= 6
+    r = run_cli(*args, f"--train.max_steps={step + 4}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"at step {step}" in r.stdout
+    assert latest_checkpoint(run).name == f"step_{step + 4:07d}"
+
+
+def test_nonfinite_loss_stops_with_a_clear_message(shards, tmp_path):
+    r = run_cli("train", f"--data.shards={shards}", f"--train.out_dir={tmp_path}", *COMMON,
+                "--optim.lr=1e30", "--train.max_bad_steps=3", "--train.max_steps=200")
+    assert r.returncode == 2
+    assert "non-finite steps in a row" in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--data.shards=/nonexistent"], "shard folder not found"),
+    (["--train.resume=/nonexistent/ckpt"], "checkpoint not found"),
+    (["--data.cache=gpu"], "CUDA"),
+    (["--data.decode=gpu"], "CUDA"),
+    (["--train.batch_size=1000"], "fewer than one batch"),
+])
+def test_user_errors_are_one_line(shards, tmp_path, args, words):
+    r = run_cli("train", f"--data.shards={shards}", f"--train.out_dir={tmp_path}", *COMMON, "--train.max_steps=1",
+                *args)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], r.stderr[-2000:]

@@ -1,0 +1,49 @@
+"""Reads the records of a `.wandb` file (LevelDB-log framing of wandb's protobuf Records)."""
+
+import struct
+from pathlib import Path
+
+from wandb.proto import wandb_internal_pb2 as pb
+
+HEADER = 7  # ':W&B' + magic (2 bytes) + version
+BLOCK = 32768
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def read_records(path: Path) -> list:
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", "not a .wandb file"
+    pos, chunks, out = HEADER, b"", []
+    while pos + 7 <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == FULL:
+            out.append(chunk)
+        elif kind == FIRST:
+            chunks = chunk
+        elif kind == MIDDLE:
+            chunks += chunk
+        elif kind == LAST:
+            out.append(chunks + chunk)
+    records = []
+    for raw in out:
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        records.append(rec)
+    return records
+
+
+def history_keys(path: Path) -> set[str]:
+    keys = set()
+    for rec in read_records(path):
+        if rec.WhichOneof("record_type") == "history":
+            keys |= {item.key or "/".join(item.nested_key) for item in rec.history.item}
+    return keys
