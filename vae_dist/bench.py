@@ -74,9 +74,9 @@ def _sample_shards(tiny: bool) -> tuple[str, str]:
     from vae_dist.data.sample import make_sample_dataset
 
     root = Path(tempfile.mkdtemp(prefix="vae-dist-bench-"))
-    per_class = (20, 5) if tiny else (200, 50)
+    per_class = (20, 5) if tiny else (1000, 50)  # 10k images: ~40 batches of 256 per epoch
     src = make_sample_dataset(root / "tiny-sample", per_class[0], per_class[1], test_count=0)
-    pack(src, root / "shards", PackOptions(shard_size=100 if tiny else 500))
+    pack(src, root / "shards", PackOptions(shard_size=100 if tiny else 1000))
     return str(root / "shards"), str(src)
 
 
