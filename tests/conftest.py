@@ -38,13 +38,18 @@ def run_cli(*args: str, cwd=None, env=None, timeout=600) -> subprocess.Completed
                           cwd=cwd, env=full_env, timeout=timeout)
 
 
+def launch_command(nproc: int) -> list[str]:
+    """`accelerate launch --multi_gpu ... -m vae_dist` (gloo on a CPU machine)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()), "-m", "vae_dist"]
+
+
 def accelerate_launch(nproc: int, *args: str, env=None, timeout=600) -> subprocess.CompletedProcess:
-    """A real `accelerate launch --multi_gpu` (gloo on a CPU machine)."""
+    """A real `accelerate launch` with nproc processes, run to the end."""
     full_env = {**os.environ, "WANDB_SILENT": "true", **(env or {})}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "vae_dist", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
+    return subprocess.run(launch_command(nproc) + list(args), capture_output=True, text=True, env=full_env,
+                          timeout=timeout)
 
 
 def _free_port() -> int:

@@ -233,3 +233,14 @@ def test_sample_data_cli_and_zip_are_deterministic(tmp_path):
     fa, fb = sorted((tmp_path / "a").rglob("*.JPEG")), sorted((tmp_path / "b").rglob("*.JPEG"))
     assert [f.read_bytes() for f in fa] == [f.read_bytes() for f in fb] and len(fa) == 10 * 2 + 10 + 1
     assert zipfile.ZipFile(tmp_path / "a.zip").testzip() is None
+
+
+def test_partition_rules():
+    from vae_dist.data.partition import rank_sample_range, steps_per_epoch
+
+    parts = [rank_sample_range(130, r, 3) for r in range(3)]
+    assert parts == [(0, 43), (43, 86), (86, 130)]  # contiguous, covering, sizes differ by <= 1
+    assert [steps_per_epoch(130, 10, r, 3, train=True) for r in range(3)] == [4, 4, 4]  # the smallest part decides
+    assert [steps_per_epoch(130, 10, r, 3, train=False) for r in range(3)] == [5, 5, 5]
+    with pytest.raises(DataError, match="fewer than one batch of 64"):
+        steps_per_epoch(127, 64, 0, 2, train=True)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from vae_dist.checkpoint import latest_checkpoint, load_weights
 from vae_dist.model import VAE, VAEConfig
 
-from .conftest import TINY_MODEL, accelerate_launch, run_cli
+from .conftest import TINY_MODEL, accelerate_launch, launch_command, run_cli
 
 COMMON = [*TINY_MODEL, "--train.batch_size=16", "--data.num_threads=1", "--log.wandb_mode=disabled",
           "--log.log_every=2", "--log.image_every=1000"]
@@ -82,27 +82,35 @@ def test_one_process_2b_equals_two_processes_b(shards, tmp_path):
     assert (da - db).norm() / da.norm() < 0.03
 
 
-def test_sigterm_checkpoints_and_resumes(shards, tmp_path):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_checkpoints_and_resumes(shards, tmp_path, nproc):
+    """SIGTERM (preemption) to `python -m vae_dist` or to `accelerate launch`, which
+    forwards it to both ranks: they agree on a step, checkpoint, and exit 143."""
     run = tmp_path / "run"
     args = ["train", f"--data.shards={shards}", f"--train.out_dir={run}", *COMMON,
             "--train.checkpoint_every=0", "--train.eval_every=0"]
-    proc = subprocess.Popen([sys.executable, "-m", "vae_dist", *args, "--train.max_steps=100000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-m", "vae_dist", *args, "--train.max_steps=100000"]
+    if nproc == 2:
+        cmd = launch_command(2) + cmd[3:]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
         metrics = run / "metrics.jsonl"
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    assert "stopped by signal 15" in out
+    assert "stopped by signal 15" in out, err[-3000:]
+    if nproc == 1:
+        assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     ckpt = latest_checkpoint(run)
     assert ckpt is not None, "no checkpoint after SIGTERM"
+    assert sorted(p.name for p in ckpt.glob("rng_rank*.pt")) == [f"rng_rank{r}.pt" for r in range(nproc)]
     step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
     assert step >= 6
-    r = run_cli(*args, f"--train.max_steps={step + 4}")
+    resume = [*args, f"--train.max_steps={step + 4}"]
+    r = run_cli(*resume) if nproc == 1 else accelerate_launch(2, *resume)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"at step {step}" in r.stdout
     assert latest_checkpoint(run).name == f"step_{step + 4:07d}"

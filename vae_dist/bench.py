@@ -203,7 +203,7 @@ def bench_step(args) -> list[dict]:
         torch.manual_seed(0)
         model = VAE(cfg).to(device, memory_format=torch.channels_last if cl else torch.preserve_format)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=on_gpu or None)
-        fwd = torch.compile(model) if compiled else model
+        fwd = torch.compile(model, mode=args.compile_mode) if compiled else model
         step = _train_step_fn(fwd, opt, dtype, device)
         x = torch.rand(bs, 3, cfg.image_size, cfg.image_size, device=device)
         if cl:
@@ -220,7 +220,8 @@ def bench_step(args) -> list[dict]:
             return bs * steps, time.perf_counter() - t0
 
         median, rates = _timed(window, args.repeats)
-        name = f"{'compiled' if compiled else 'eager'} {dtype}{' channels_last' if cl else ''} b{bs}"
+        mode = f"compiled[{args.compile_mode}]" if compiled and args.compile_mode != "default" else "compiled"
+        name = f"{mode if compiled else 'eager'} {dtype}{' channels_last' if cl else ''} b{bs}"
         row = {"name": name, "img_per_s": median, "batch_size": bs, "steps": steps, "repeats": rates,
                "compile": compiled, "dtype": dtype, "channels_last": cl, "steps_per_s": median / bs,
                "gflop_per_image": flops / 1e9, "tflop_per_s": median * flops / 1e12}
@@ -288,7 +289,8 @@ def _e2e_trainer(args, shards, variant, bs, steps, warmup, device) -> dict:
     cfg = build_config(overrides=[
         f"--data.shards={shards}", f"--train.out_dir={out}", f"--train.batch_size={bs}",
         f"--data.num_threads={threads}", "--log.wandb_mode=disabled", "--model.compile=true",
-        "--model.channels_last=true", f"--data.cache={'gpu' if variant == 'cache' else 'none'}", *arch,
+        f"--model.compile_mode={args.compile_mode}", "--model.channels_last=true",
+        f"--data.cache={'gpu' if variant == 'cache' else 'none'}", *arch,
     ])
     trainer = Trainer(cfg)
     loader = trainer.train_loader

@@ -10,11 +10,12 @@ the epoch it stopped in and skips the batches it already trained on.
 from __future__ import annotations
 
 import random
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from vae_dist.data.partition import rank_sample_range, steps_per_epoch
 from vae_dist.errors import DataError
 
 try:
@@ -63,11 +64,6 @@ def shard_pipeline(paths, index_paths, shard_id, num_shards, decode, image_size,
     return images, labels
 
 
-def rank_sample_range(count: int, rank: int, world: int) -> tuple[int, int]:
-    """The samples DALI gives shard `rank` of `world` (its split rule)."""
-    return count * rank // world, count * (rank + 1) // world
-
-
 class DaliLoader:
     """Batches (images float NCHW in [0,1] or uint8, labels int64) of one split for one rank.
 
@@ -89,19 +85,13 @@ class DaliLoader:
         self.buffer, self.as_uint8 = buffer, as_uint8
         lo, hi = rank_sample_range(count, rank, world)
         self.rank_count = hi - lo
-        smallest = count // world
-        if train and smallest < batch_size:
-            raise DataError(
-                f"{count} samples over {world} processes give {smallest} per process, fewer than "
-                f"one batch of {batch_size}: lower train.batch_size"
-            )
-        self.steps_per_epoch = smallest // batch_size if train else -(-self.rank_count // batch_size)
+        self.steps_per_epoch = steps_per_epoch(count, batch_size, rank, world, train)
         # Building a pipeline costs ~0.1 s (threads, operators, first prefetch): the next
         # epoch's is built in the background while this one runs.
         self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dali-build")
         self._next: tuple[int, Future] | None = None
 
-    def _iterator(self, epoch: int) -> "DALIGenericIterator":
+    def _iterator(self, epoch: int) -> DALIGenericIterator:
         ahead, self._next = self._next, None
         if ahead is not None and ahead[0] == epoch:
             return ahead[1].result()

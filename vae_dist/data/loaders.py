@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import torch
 
 from vae_dist.data import dali
+from vae_dist.data.partition import rank_sample_range, steps_per_epoch
 from vae_dist.data.shards import load_manifest, split_files
 from vae_dist.data.torch_loaders import WebDatasetLoader
 from vae_dist.errors import DataError
@@ -76,11 +77,8 @@ class CachedLoader:
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.train, self.seed, self.flip = train, seed, flip and train
         n = images.shape[0]
-        if train and n // world < batch_size:
-            raise DataError(f"{n} cached samples over {world} processes are fewer than one batch of {batch_size}")
-        lo, hi = dali.rank_sample_range(n, rank, world)
-        self._val_range = (lo, hi)
-        self.steps_per_epoch = (n // world) // batch_size if train else -(-(hi - lo) // batch_size)
+        self._val_range = rank_sample_range(n, rank, world)
+        self.steps_per_epoch = steps_per_epoch(n, batch_size, rank, world, train)
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         device = self.images.device

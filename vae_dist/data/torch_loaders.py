@@ -17,7 +17,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from vae_dist.data.dali import rank_sample_range
+from vae_dist.data.partition import rank_sample_range, steps_per_epoch
 from vae_dist.data.shards import decode_label
 from vae_dist.errors import DataError
 
@@ -81,14 +81,7 @@ class WebDatasetLoader:
         self.rank, self.world, self.train = rank, world, train
         self.num_workers, self.seed, self.flip = num_workers, seed, flip and train
         self.buffer, self.as_uint8, self.device = buffer, as_uint8, torch.device(device)
-        lo, hi = rank_sample_range(count, rank, world)
-        smallest = count // world
-        if train and smallest < batch_size:
-            raise DataError(
-                f"{count} samples over {world} processes give {smallest} per process, fewer than "
-                f"one batch of {batch_size}: lower train.batch_size"
-            )
-        self.steps_per_epoch = smallest // batch_size if train else -(-(hi - lo) // batch_size)
+        self.steps_per_epoch = steps_per_epoch(count, batch_size, rank, world, train)
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         ds = _ShardBatches(self.paths, self.count, self.batch_size, self.steps_per_epoch, self.rank, self.world,
