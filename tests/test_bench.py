@@ -54,3 +54,8 @@ def test_seed_flops_match_the_design_count():
 
     # DESIGN.md: about 0.42 GFLOP forward, about 1.3 GFLOP per training image
     assert _flops_per_image(VAEConfig(), __import__("torch").device("cpu")) / 1e9 == pytest.approx(1.3, rel=0.1)
+
+
+def test_unknown_e2e_variant_is_a_one_line_error(shards):
+    r = run_cli("bench", "e2e", "--tiny", "--shards", str(shards), "--variants", "warp")
+    assert r.returncode == 2 and r.stderr.strip() == "vae-dist: error: unknown e2e variant 'warp' (choose from seed, fast, cache)"

@@ -206,6 +206,8 @@ def test_verify_catches_truncated_and_missing_shards(shards, tmp_path):
     r = run_cli("verify", str(bad))
     assert r.returncode == 1 and "train-000001.tar: missing" in r.stdout
     assert run_cli("verify", str(shards)).returncode == 0
+    r = run_cli("verify", str(tmp_path))  # a folder without a manifest
+    assert r.returncode == 1 and r.stdout.strip() == f"no manifest.json in {tmp_path} (make shards with `vae-dist pack`)"
     # and training refuses the corrupt folder up front, in one line
     with pytest.raises(DataError, match="train-000000.tar"):
         build_loader(DataConfig(shards=str(bad)), "train", 8, rank=0, world=1, device=CPU, train=True, seed=0)

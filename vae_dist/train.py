@@ -135,6 +135,7 @@ class Trainer:
         self._meter_steps = 0
         self._window_start = self.state.step if hasattr(self, "state") else 0
         self._data_wait = 0.0
+        self._side_time = 0.0  # eval, checkpoints, pictures: not part of training throughput
         self._t0 = time.perf_counter()
 
     def maybe_resume(self) -> None:
@@ -174,9 +175,11 @@ class Trainer:
                         break
                     self.train_step(batch[0])
                     self.maybe_log()
+                    t_side = time.perf_counter()
                     self.maybe_eval()
                     self.maybe_checkpoint()
                     self.hooks.maybe_images(self.state.step, self.raw_model)
+                    self._side_time += time.perf_counter() - t_side
                     if self._stop_requested(stop):
                         break
                 batches.close()
@@ -246,7 +249,7 @@ class Trainer:
         if self._meter_steps == 0 and self.state.bad_steps == 0:
             return
         sums = self.accelerator.reduce(self._sums, reduction="mean")  # collective: all ranks
-        elapsed = time.perf_counter() - self._t0
+        elapsed = time.perf_counter() - self._t0 - self._side_time
         n = max(1, self._meter_steps)
         loss, recon, kl, grad_norm = (sums / n).tolist()  # SYNC: only where logged
         steps = self.state.step - self._window_start
@@ -277,7 +280,9 @@ class Trainer:
     def end_epoch(self) -> None:
         self.state.epoch += 1
         self.state.batch_in_epoch = 0
+        t_side = time.perf_counter()
         self.evaluate()
+        self._side_time += time.perf_counter() - t_side
 
     def finish(self) -> None:
         self.evaluate()
