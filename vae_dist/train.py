@@ -133,7 +133,7 @@ class Trainer:
     def _reset_meters(self):
         self._sums = torch.zeros(4, device=self.device)  # loss, recon, kl, grad_norm
         self._meter_steps = 0
-        self._window_start = self.state.step if hasattr(self, "state") else 0
+        self._window_start = self.state.step
         self._data_wait = 0.0
         self._side_time = 0.0  # eval, checkpoints, pictures: not part of training throughput
         self._t0 = time.perf_counter()

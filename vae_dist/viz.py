@@ -158,11 +158,9 @@ def viz_checkpoint(ckpt_path: str, out: str, shards: str | None = None, num_imag
 
     weights = find_weights(ckpt_path)
     model = load_weights(weights)
-    if shards is None:  # the run's own data, from the config saved beside the weights
-        for cand in (weights.parent / "config.yaml", weights.parent.parent.parent / "config.yaml"):
-            if cand.is_file():
-                shards = (yaml.safe_load(cand.read_text()) or {}).get("data", {}).get("shards")
-                break
+    saved_config = weights.parent / "config.yaml"  # in every checkpoint and run folder
+    if shards is None and saved_config.is_file():  # the run's own data
+        shards = (yaml.safe_load(saved_config.read_text()) or {}).get("data", {}).get("shards")
     if shards is None:
         raise UserError("no shard folder known for real images: pass --shards DIR")
     manifest = load_manifest(shards)
