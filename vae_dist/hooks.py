@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from vae_dist import viz
+from vae_dist.data.shards import class_names, load_manifest
 
 
 class Hooks:
@@ -55,6 +56,8 @@ class RankZeroHooks(Hooks):
         self._failed: set[str] = set()
         self._fixed: torch.Tensor | None = None
         self._last_image_step = -1
+        # the trainer's loaders have read this manifest already, so it is there and valid
+        self.class_names = class_names(load_manifest(cfg.data.shards))
         self._scatter = None
         self.wandb = None
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -144,8 +147,7 @@ class RankZeroHooks(Hooks):
         paths = {}
         if step != self._last_image_step:  # the final set may fall on an image_every step
             fixed, (xs, ys) = self._fixed_images()
-            names = self._class_names()
-            paths = viz.picture_set(model, fixed, self.image_dir, suffix=f"_step{step:07d}", scatter=(xs, ys, names))
+            paths = viz.picture_set(model, fixed, self.image_dir, suffix=f"_step{step:07d}", scatter=(xs, ys, self.class_names))
             model.train()
         if final:
             curve = viz.loss_curves(self.metrics_path, self.image_dir / "loss_curves.png")
@@ -156,13 +158,6 @@ class RankZeroHooks(Hooks):
 
             self._guard("wandb", self._wandb_log,
                         {"step": step, **{f"images/{k}": wandb.Image(str(p)) for k, p in paths.items()}})
-
-    def _class_names(self) -> list[str] | None:
-        try:
-            manifest = json.loads((Path(self.cfg.data.shards) / "manifest.json").read_text())
-            return [manifest["words"].get(w, w) for w in manifest["classes"]]
-        except (OSError, KeyError, ValueError):
-            return None
 
     def on_checkpoint(self, path: Path) -> None:
         print(f"checkpoint: {path}", flush=True)

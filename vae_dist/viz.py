@@ -153,7 +153,7 @@ def viz_checkpoint(ckpt_path: str, out: str, shards: str | None = None, num_imag
     from vae_dist.checkpoint import find_weights, load_weights
     from vae_dist.config import DataConfig
     from vae_dist.data.loaders import decode_split
-    from vae_dist.data.shards import load_manifest
+    from vae_dist.data.shards import class_names, load_manifest
     from vae_dist.errors import UserError
 
     weights = find_weights(ckpt_path)
@@ -171,8 +171,7 @@ def viz_checkpoint(ckpt_path: str, out: str, shards: str | None = None, num_imag
     x = images[:n].float() / 255
     keep = min(2000, images.shape[0])
     xs = images[:keep].float() / 255
-    names = [manifest.get("words", {}).get(w, w) for w in manifest.get("classes", [])]
-    paths = picture_set(model, x, Path(out), scatter=(xs, labels[:keep], names))
+    paths = picture_set(model, x, Path(out), scatter=(xs, labels[:keep], class_names(manifest)))
     run_metrics = weights.parent / "metrics.jsonl"
     if run_metrics.is_file():
         curve = loss_curves(run_metrics, Path(out) / "loss_curves.png")

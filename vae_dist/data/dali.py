@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from vae_dist.data.partition import rank_sample_range, steps_per_epoch
+from vae_dist.data.partition import epoch_seed, rank_sample_range, rank_seed, steps_per_epoch
 from vae_dist.errors import DataError
 
 try:
@@ -100,7 +100,7 @@ class DaliLoader:
     def _build(self, epoch: int) -> DALIGenericIterator:
         order = list(range(len(self.paths)))
         if self.train:  # a new tar order each epoch, identical on all ranks
-            random.Random(self.seed * 100003 + epoch).shuffle(order)
+            random.Random(epoch_seed(self.seed, epoch)).shuffle(order)
         pipe = shard_pipeline(
             paths=[self.paths[i] for i in order],
             index_paths=[self.index_paths[i] for i in order],
@@ -116,7 +116,7 @@ class DaliLoader:
             num_threads=self.num_threads,
             device_id=self.gpu_id,  # None: a CPU-only pipeline
             prefetch_queue_depth=self.prefetch,
-            seed=(self.seed * 1000003 + epoch * 1009 + self.rank) % (2**31),
+            seed=rank_seed(self.seed, epoch, self.rank),
         )
         pipe.build()
         policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 
 from vae_dist.data import dali
-from vae_dist.data.partition import rank_sample_range, steps_per_epoch
+from vae_dist.data.partition import epoch_seed, rank_sample_range, rank_seed, steps_per_epoch
 from vae_dist.data.shards import load_manifest, split_files
 from vae_dist.data.torch_loaders import WebDatasetLoader
 from vae_dist.errors import DataError
@@ -84,11 +84,11 @@ class CachedLoader:
         device = self.images.device
         n = self.images.shape[0]
         if self.train:
-            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)  # same on every rank
+            g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
             perm = torch.randperm(n, generator=g)[self.rank::self.world].to(device)
         else:
             perm = torch.arange(*self._val_range, device=device)
-        fg = torch.Generator(device=device).manual_seed(self.seed * 1000003 + epoch * 1009 + self.rank)
+        fg = torch.Generator(device=device).manual_seed(rank_seed(self.seed, epoch, self.rank))
         for step in range(self.steps_per_epoch):
             idx = perm[step * self.batch_size:(step + 1) * self.batch_size]
             if step < skip:

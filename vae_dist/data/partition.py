@@ -23,3 +23,13 @@ def steps_per_epoch(count: int, batch_size: int, rank: int, world: int, train: b
         return smallest // batch_size
     lo, hi = rank_sample_range(count, rank, world)
     return -(-(hi - lo) // batch_size)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of an epoch's data order: the same on every rank, so the ranks' parts partition it."""
+    return seed * 100003 + epoch
+
+
+def rank_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of a rank's own randomness in an epoch (buffer shuffle, flips), below 2**31 for DALI."""
+    return (seed * 1000003 + epoch * 1009 + rank) % (2**31)

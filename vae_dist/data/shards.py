@@ -167,3 +167,9 @@ def _verify_shard(shard_dir: Path, shard: dict) -> list[str]:
         if len(header) != 2 or header[0] != "v1.2" or int(header[1]) != shard["count"]:
             problems.append(f"{shard['index']}: does not index {shard['count']} samples")
     return problems
+
+
+def class_names(manifest: dict) -> list[str]:
+    """Readable class names in label order (words.txt text, else the wnid)."""
+    words = manifest.get("words", {})
+    return [words.get(w, w) for w in manifest.get("classes", [])]

@@ -17,7 +17,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from vae_dist.data.partition import rank_sample_range, steps_per_epoch
+from vae_dist.data.partition import epoch_seed, rank_sample_range, steps_per_epoch
 from vae_dist.data.shards import decode_label
 from vae_dist.errors import DataError
 
@@ -40,7 +40,7 @@ class _ShardBatches(IterableDataset):
         bs = self.batch_size
         order = list(self.paths)
         if self.train:
-            random.Random(self.seed * 100003 + self.epoch).shuffle(order)
+            random.Random(epoch_seed(self.seed, self.epoch)).shuffle(order)
         lo, hi = rank_sample_range(self.count, self.rank, self.world)
         limit = self.steps * bs if self.train else hi - lo
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{wid}")
