@@ -47,3 +47,11 @@ def history_keys(path: Path) -> set[str]:
         if rec.WhichOneof("record_type") == "history":
             keys |= {item.key or "/".join(item.nested_key) for item in rec.history.item}
     return keys
+
+
+def exit_code(path: Path) -> int | None:
+    """The exit code the run was finished with, None if it was never finished."""
+    for rec in read_records(path):
+        if rec.WhichOneof("record_type") == "exit":
+            return rec.exit.exit_code
+    return None

@@ -117,15 +117,19 @@ def bench_data(args, shards: str, images_root: str | None) -> list[dict]:
         if loader == "dali" and not dali.HAVE_DALI:
             results.append({"name": name, "unavailable": "NVIDIA DALI not installed"})
             continue
-        cfg = DataConfig(shards=shards, loader=loader, decode=decode, num_threads=threads)
-        ld = build_loader(cfg, "train", bs, rank=0, world=1, device=device, train=True, seed=0)
-        it = stream(ld.epoch)
-        results.append(_measure_stream(name, it, bs, steps, warmup, args.repeats, device, threads=threads))
+        def measure(name=name, loader=loader, decode=decode, device=device):
+            cfg = DataConfig(shards=shards, loader=loader, decode=decode, num_threads=threads)
+            ld = build_loader(cfg, "train", bs, rank=0, world=1, device=device, train=True, seed=0)
+            return _measure_stream(name, stream(ld.epoch), bs, steps, warmup, args.repeats, device, threads=threads)
+
+        results.append(_row_or_reason(name, measure))
     if images_root and Path(images_root, "train").is_dir():
-        dl = image_folder_loader(str(Path(images_root) / "train"), bs, threads)
-        it = stream(lambda e: iter(dl))
-        results.append(_measure_stream("seed: ImageFolder+PIL DataLoader", it, bs, steps, warmup, args.repeats, cpu,
-                                       threads=threads))
+        def measure_seed(name="seed: ImageFolder+PIL DataLoader"):
+            dl = image_folder_loader(str(Path(images_root) / "train"), bs, threads)
+            return _measure_stream(name, stream(lambda e: iter(dl)), bs, steps, warmup, args.repeats, cpu,
+                                   threads=threads)
+
+        results.append(_row_or_reason("seed: ImageFolder+PIL DataLoader", measure_seed))
     else:
         results.append({"name": "seed: ImageFolder+PIL DataLoader", "unavailable": "pass --images (extracted root)"})
     return results
@@ -151,18 +155,30 @@ def _measure_stream(name, it, bs, steps, warmup, repeats, device, **extra) -> di
 
 # -- step ------------------------------------------------------------------------------------
 
-def _train_step_fn(model, optimizer, dtype, device):
+def _seed_step_fn(model, optimizer, device):
+    """The seed coursework's step: eager, fp32, loss.backward(), optimizer.step()."""
     from vae_dist.losses import kl_divergence, recon_loss
 
     def step(x):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            x_hat, mu, logvar = model(x)
-        loss = recon_loss(x_hat, x) + kl_divergence(mu, logvar)
+        x_hat, mu, logvar = model(x.to(device))
+        loss = recon_loss(x_hat, x.to(device)) + kl_divergence(mu, logvar)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def _accelerator(dtype: str):
+    """A fresh single-process Accelerator with this autocast precision."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=PRECISIONS[dtype])
 
 
 def _flops_per_image(cfg, device) -> float:
@@ -181,17 +197,21 @@ def _flops_per_image(cfg, device) -> float:
 
 
 def bench_step(args) -> list[dict]:
+    """The real training step (step.py: sync-free skip, lr/beta tensors, fused Adam) on a
+    synthetic on-device batch: its ceiling, without data loading."""
+    from vae_dist.config import LossConfig
     from vae_dist.model import VAE
+    from vae_dist.step import TrainStep
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     on_gpu = device.type == "cuda"
-    if on_gpu:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
     cfg = _model_cfg(args.tiny)
-    batch_sizes = [int(b) for b in (args.batch_sizes or ("8" if args.tiny else "64,256,1024" if on_gpu else "64")).split(",")]
+    default_batches = "8" if args.tiny else "64,256,1024,4096" if on_gpu else "64"
+    batch_sizes = [int(b) for b in (args.batch_sizes or default_batches).split(",")]
     dtypes = (args.dtypes or ("fp32,bf16" if on_gpu else "fp32")).split(",")
+    unknown = [d for d in dtypes if d not in PRECISIONS]
+    if unknown:
+        raise UserError(f"unknown --dtypes {','.join(unknown)} (choose from {', '.join(PRECISIONS)})")
     compiles = {"both": [False, True], "on": [True], "off": [False]}[args.compile]
     layouts = {"both": [False, True], "on": [True], "off": [False]}[args.channels_last]
     steps = args.steps or (3 if args.tiny else 30 if on_gpu else 10)
@@ -200,36 +220,52 @@ def bench_step(args) -> list[dict]:
     peaks = next((v for k, v in PEAK_FLOPS.items() if on_gpu and k in torch.cuda.get_device_name()), None)
     results = []
     for bs, dtype, compiled, cl in itertools.product(batch_sizes, dtypes, compiles, layouts):
-        torch.manual_seed(0)
-        model = VAE(cfg).to(device, memory_format=torch.channels_last if cl else torch.preserve_format)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=on_gpu or None)
-        fwd = torch.compile(model, mode=args.compile_mode) if compiled else model
-        step = _train_step_fn(fwd, opt, dtype, device)
-        x = torch.rand(bs, 3, cfg.image_size, cfg.image_size, device=device)
-        if cl:
-            x = x.contiguous(memory_format=torch.channels_last)
-        for _ in range(warmup):
-            step(x)
-
-        def window(step=step, x=x, bs=bs):
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                step(x)
-            _sync(device)
-            return bs * steps, time.perf_counter() - t0
-
-        median, rates = _timed(window, args.repeats)
         mode = f"compiled[{args.compile_mode}]" if compiled and args.compile_mode != "default" else "compiled"
         name = f"{mode if compiled else 'eager'} {dtype}{' channels_last' if cl else ''} b{bs}"
-        row = {"name": name, "img_per_s": median, "batch_size": bs, "steps": steps, "repeats": rates,
-               "compile": compiled, "dtype": dtype, "channels_last": cl, "steps_per_s": median / bs,
-               "gflop_per_image": flops / 1e9, "tflop_per_s": median * flops / 1e12}
-        if peaks:
-            row["mfu"] = median * flops / (peaks[0] if dtype == "bf16" else peaks[1])
-        results.append(row)
-        del model, opt, fwd
+
+        def measure(bs=bs, dtype=dtype, compiled=compiled, cl=cl, name=name):
+            acc = _accelerator(dtype)
+            torch.manual_seed(0)
+            model = VAE(cfg).to(device, memory_format=torch.channels_last if cl else torch.preserve_format)
+            model, opt = acc.prepare(model, torch.optim.Adam(model.parameters(), lr=1e-3, fused=True))
+            step = TrainStep(acc, model, opt, LossConfig(), grad_clip=0.0,
+                             compile_mode=args.compile_mode if compiled else None, channels_last=cl)
+            x = torch.rand(bs, 3, cfg.image_size, cfg.image_size, device=device)
+            for _ in range(warmup):
+                step(x, 1e-3, 1.0)
+
+            def window():
+                _sync(device)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    step(x, 1e-3, 1.0)
+                _sync(device)
+                return bs * steps, time.perf_counter() - t0
+
+            median, rates = _timed(window, args.repeats)
+            row = {"name": name, "img_per_s": median, "batch_size": bs, "steps": steps, "repeats": rates,
+                   "compile": compiled, "dtype": dtype, "autocast": str(step.autocast_dtype or "off"),
+                   "channels_last": cl, "steps_per_s": median / bs,
+                   "gflop_per_image": flops / 1e9, "tflop_per_s": median * flops / 1e12}
+            if peaks:
+                row["mfu"] = median * flops / (peaks[0] if dtype != "fp32" else peaks[1])
+            return row
+
+        results.append(_row_or_reason(name, measure))
     return results
+
+
+def _row_or_reason(name: str, measure) -> dict:
+    """One benchmark row; a configuration that cannot be measured says why in its row, and
+    the other rows are still measured."""
+    try:
+        return measure()
+    except UserError as e:
+        return {"name": name, "unavailable": str(e)}
+    except Exception as e:  # noqa: BLE001 - a failing configuration is a result, not a crash
+        # DataLoader workers wrap the cause in a traceback: its last line names it
+        lines = [line for line in str(e).strip().splitlines() if line.strip()]
+        return {"name": name, "unavailable": f"failed: {lines[-1] if lines else type(e).__name__}"}
 
 
 # -- e2e -------------------------------------------------------------------------------------
@@ -247,12 +283,13 @@ def bench_e2e(args, shards: str, images_root: str | None) -> list[dict]:
             if not (images_root and Path(images_root, "train").is_dir()):
                 results.append({"name": "seed", "unavailable": "pass --images (extracted root)"})
                 continue
-            results.append(_e2e_seed(args, images_root, bs, steps, warmup, device))
+            results.append(_row_or_reason("seed", lambda: _e2e_seed(args, images_root, bs, steps, warmup, device)))
         elif variant in ("fast", "cache"):
             if variant == "cache" and not on_gpu:
                 results.append({"name": "fast+gpu-cache", "unavailable": "no CUDA GPU"})
                 continue
-            results.append(_e2e_trainer(args, shards, variant, bs, steps, warmup, device))
+            results.append(_row_or_reason(variant, lambda v=variant: _e2e_trainer(args, shards, v, bs, steps, warmup,
+                                                                                  device)))
         else:
             raise UserError(f"unknown e2e variant '{variant}' (choose from seed, fast, cache)")
     return results
@@ -267,10 +304,9 @@ def _e2e_seed(args, images_root, bs, steps, warmup, device) -> dict:
     dl = image_folder_loader(str(Path(images_root) / "train"), bs, threads)
     torch.manual_seed(0)
     model = VAE(_model_cfg(args.tiny)).to(device)
-    step = _train_step_fn(model, torch.optim.Adam(model.parameters(), lr=1e-3), "fp32", device)
+    step = _seed_step_fn(model, torch.optim.Adam(model.parameters(), lr=1e-3), device)
     it = itertools.chain.from_iterable(iter(dl) for _ in itertools.count())
-    return _measure_training("seed: ImageFolder, eager fp32", it, lambda x: step(x.to(device)), bs, steps, warmup,
-                             args.repeats, device)
+    return _measure_training("seed: ImageFolder, eager fp32", it, step, bs, steps, warmup, args.repeats, device)
 
 
 def _e2e_trainer(args, shards, variant, bs, steps, warmup, device) -> dict:
@@ -281,7 +317,6 @@ def _e2e_trainer(args, shards, variant, bs, steps, warmup, device) -> dict:
     from vae_dist.train import Trainer
 
     on_gpu = device.type == "cuda"
-    os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if on_gpu else "no"
     AcceleratorState._reset_state(reset_partial_state=True)  # one Accelerator per variant
     out = tempfile.mkdtemp(prefix="vae-dist-bench-run-")
     threads = args.threads or os.cpu_count() or 1
@@ -333,7 +368,8 @@ def print_table(what: str, results: list[dict]) -> None:
     print(f"{'configuration':<48} {'img/s':>12} {'batch':>6} {'steps':>6}  notes")
     for r in results:
         if "unavailable" in r:
-            print(f"{r['name']:<48} {'-':>12} {'':>6} {'':>6}  unavailable: {r['unavailable']}")
+            why = r["unavailable"] if r["unavailable"].startswith("failed") else f"unavailable: {r['unavailable']}"
+            print(f"{r['name']:<48} {'-':>12} {'':>6} {'':>6}  {why}")
             continue
         notes = []
         if "data_wait" in r:

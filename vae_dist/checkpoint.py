@@ -1,4 +1,4 @@
-"""Checkpoints and weights files, written atomically and read without unpickling objects.
+"""Checkpoints and weights files: written durably, proven on read, loaded without unpickling.
 
 checkpoints/step_NNNNNNN/
     model.safetensors      weights (+ the architecture in the metadata)
@@ -6,47 +6,73 @@ checkpoints/step_NNNNNNN/
     rng_rank{R}.pt         each rank's torch RNG states (tensors)
     trainer_state.json     step, epoch, data position, bad-step counters, loss-scaler state
     config.yaml            the resolved config of the run
-A checkpoint is built in a hidden `.tmp-step_*` folder and renamed into place when
-complete, so a crash mid-write never touches the newest good one.
+    checksums.json         size and sha256 of every file above, written last
+A checkpoint is built in a hidden `.tmp-step_*` folder, every file fsynced, then renamed into
+place and the folder fsynced, so neither a crash nor a power loss leaves a "complete" folder
+with missing or zero-length files. `verify_checkpoint` checks the checksums before a resume
+trusts a folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load, save
 
 from vae_dist.errors import UserError
+from vae_dist.files import fsync_dir, replace_durable, sha256_file, write_bytes_durable
 from vae_dist.model import VAE, VAEConfig
 
 WEIGHTS = "model.safetensors"
 STATE = "trainer_state.json"
+CHECKSUMS = "checksums.json"
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
 
-def save_weights(model: VAE, path: Path) -> None:
+def _weights_bytes(model: VAE) -> bytes:
     meta = {"vae_config": json.dumps(dataclasses.asdict(model.cfg))}
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    return save({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, metadata=meta)
+
+
+def save_weights(model: VAE, path: Path) -> None:
+    """The weights alone (final model.safetensors), written durably under a temporary name."""
     tmp = Path(path).with_name(Path(path).name + ".partial")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    write_bytes_durable(tmp, _weights_bytes(model))
+    replace_durable(tmp, path)
 
 
 def read_vae_config(path: Path) -> VAEConfig:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
     if "vae_config" not in meta:
         raise UserError(f"{path} holds no vae_config metadata: not a vae-dist weights file")
-    raw = json.loads(meta["vae_config"])
-    raw["widths"] = tuple(raw["widths"])
-    return VAEConfig(**raw)
+    try:
+        raw = json.loads(meta["vae_config"])
+        raw["widths"] = tuple(raw["widths"])
+        return VAEConfig(**raw)
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"{path} has an unreadable vae_config ({_first_line(e)})") from None
+
+
+def _load_state_dict(model: VAE, path: Path) -> None:
+    try:
+        tensors = load(Path(path).read_bytes())
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:  # missing/unexpected keys, wrong shapes
+        raise UserError(f"{path} does not fit its own architecture ({_first_line(e)})") from None
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> VAE:
@@ -55,38 +81,72 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> VAE:
     if not path.is_file():
         raise UserError(f"weights file not found: {path}")
     model = VAE(read_vae_config(path))
-    model.load_state_dict(load_file(str(path), device="cpu"))
+    _load_state_dict(model, path)
     return model.to(device).eval()
 
 
 def find_weights(path: str | Path) -> Path:
-    """model.safetensors given a file, a checkpoint folder, or a run folder (newest wins)."""
+    """model.safetensors given a file, a checkpoint folder, or a run folder (the final weights,
+    else the newest checkpoint that verifies)."""
     path = Path(path)
     if path.is_file():
         return path
+    if not path.exists():
+        raise UserError(f"not found: {path}")
     if (path / WEIGHTS).is_file():
         return path / WEIGHTS
-    newest = latest_checkpoint(path)
-    if newest is not None:
-        return newest / WEIGHTS
-    raise UserError(f"no model.safetensors in {path} or its checkpoints")
+    if (path / STATE).is_file():
+        raise UserError(f"checkpoint {path} has no {WEIGHTS}")
+    for candidate in reversed(list_checkpoints(path)):
+        if verify_checkpoint(candidate) is None:
+            return candidate / WEIGHTS
+    raise UserError(f"no {WEIGHTS} in {path} and no checkpoint there that verifies")
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(_STEP_DIR.match(Path(path).name).group(1))
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Every step_* folder of the run, oldest first, whether or not it verifies."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / STATE).is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    return sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()), key=checkpoint_step)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when every file the checkpoint recorded is there with its size and sha256;
+    otherwise why not, in a few words."""
+    path = Path(path)
+    try:
+        record = json.loads((path / CHECKSUMS).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {CHECKSUMS} (written last: the checkpoint is incomplete)"
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        return f"unreadable {CHECKSUMS} ({_first_line(e)})"
+    for name in (WEIGHTS, STATE, "optimizer.pt"):
+        if name not in record:
+            return f"{CHECKSUMS} does not list {name}"
+    for name, want in sorted(record.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != want["bytes"]:
+            return f"{name} has {size} bytes, {want['bytes']} were written"
+        if sha256_file(file) != want["sha256"]:
+            return f"{name} does not match its sha256 (damaged)"
+    return None
 
 
 def save_checkpoint(accelerator, run_dir: Path, model: VAE, optimizer, trainer_state: dict,
@@ -102,20 +162,26 @@ def save_checkpoint(accelerator, run_dir: Path, model: VAE, optimizer, trainer_s
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, tmp / f"rng_rank{accelerator.process_index}.pt")
+    write_bytes_durable(tmp / f"rng_rank{accelerator.process_index}.pt", _torch_bytes(rng))
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_weights(model, tmp / WEIGHTS)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         scaler = accelerator.scaler
         state = dict(trainer_state, world_size=accelerator.num_processes,
                      scaler=scaler.state_dict() if scaler is not None else None)
-        (tmp / "config.yaml").write_text(config_yaml)
-        (tmp / STATE).write_text(json.dumps(state, indent=1))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
+        files = {
+            WEIGHTS: write_bytes_durable(tmp / WEIGHTS, _weights_bytes(model)),
+            "optimizer.pt": write_bytes_durable(tmp / "optimizer.pt", _torch_bytes(optimizer.state_dict())),
+            "config.yaml": write_bytes_durable(tmp / "config.yaml", config_yaml.encode()),
+            STATE: write_bytes_durable(tmp / STATE, json.dumps(state, indent=1).encode()),
+        }
+        for rank in range(accelerator.num_processes):
+            name = f"rng_rank{rank}.pt"
+            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+        write_bytes_durable(tmp / CHECKSUMS, json.dumps({"files": files}, indent=1).encode())
+        fsync_dir(tmp)
+        if final.exists():  # the same step again (a resume that lost later checkpoints)
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_durable(tmp, final)
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -123,16 +189,21 @@ def save_checkpoint(accelerator, run_dir: Path, model: VAE, optimizer, trainer_s
 
 
 def load_checkpoint(accelerator, path: Path, model: VAE, optimizer) -> dict:
-    """Restores model, optimizer, scaler and this rank's RNG; returns the trainer state."""
+    """Restores model, optimizer, scaler and this rank's RNG; returns the trainer state.
+    The caller has verified the folder (`verify_checkpoint`)."""
     path = Path(path)
-    if not (path / STATE).is_file():
-        raise UserError(f"not a checkpoint folder (no {STATE}): {path}")
-    state = json.loads((path / STATE).read_text())
+    try:
+        state = json.loads((path / STATE).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"checkpoint {path}: unreadable {STATE} ({_first_line(e)})") from None
     ckpt_cfg = read_vae_config(path / WEIGHTS)
     if ckpt_cfg != model.cfg:
         raise UserError(f"checkpoint {path} holds a different architecture ({ckpt_cfg}) than model.* ({model.cfg})")
-    model.load_state_dict(load_file(str(path / WEIGHTS), device="cpu"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    _load_state_dict(model, path / WEIGHTS)
+    try:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"checkpoint {path}: optimizer.pt does not load ({_first_line(e)})") from None
     if accelerator.scaler is not None and state.get("scaler"):
         accelerator.scaler.load_state_dict(state["scaler"])
     rng_file = path / f"rng_rank{accelerator.process_index}.pt"
@@ -142,3 +213,14 @@ def load_checkpoint(accelerator, path: Path, model: VAE, optimizer) -> dict:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     return state
+
+
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

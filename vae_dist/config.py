@@ -57,7 +57,6 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 0.0  # max global grad norm; 0 = no clipping (the norm is logged anyway)
-    fused: bool | None = None  # fused Adam kernel; None: on when CUDA
     lr_schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
@@ -74,9 +73,11 @@ class TrainConfig:
     eval_batches: int | None = None  # cap on val batches per evaluation; None = whole split
     checkpoint_every: int = 1000  # steps; 0 = only at the end (and on SIGTERM)
     keep_last: int = 3
-    resume: str = "auto"  # auto | none | path to a checkpoint folder
+    resume: str = "auto"  # auto: newest checkpoint that verifies | none | path to a checkpoint folder
+    overwrite: bool = False  # start over in a folder that holds another run: it is moved to OUT_DIR.old-TIME
+    precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # autocast; auto: bf16 on CUDA. accelerate launch wins
     seed: int = 0
-    max_bad_steps: int = 20  # consecutive non-finite steps before giving up
+    max_bad_steps: int = 20  # consecutive non-finite steps before giving up (checked every log.log_every)
 
 
 @dataclass
@@ -129,8 +130,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin is tuple:
         args = typing.get_args(tp)
-        if isinstance(value, str):  # "a,b" from the command line
-            value = [v for v in value.split(",") if v] if value else []
+        if isinstance(value, str):  # "a,b" from the command line: each item a YAML scalar
+            value = [_parse_cli_value(v.strip()) for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
@@ -254,27 +255,48 @@ def build_config(config_file: str | None = None, overrides: list[str] | None = N
 
 
 def validate(cfg: Config) -> None:
-    positive = {
-        "train.batch_size": cfg.train.batch_size,
-        "train.epochs": cfg.train.epochs,
-        "train.keep_last": cfg.train.keep_last,
-        "model.latent_dim": cfg.model.latent_dim,
-        "log.log_every": cfg.log.log_every,
-        "log.image_every": cfg.log.image_every,
-        "data.num_threads": cfg.data.num_threads,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"config key '{key}' must be positive, got {value}")
-    if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
-        raise ConfigError(f"config key 'train.max_steps' must be positive, got {cfg.train.max_steps}")
+    """Values a run cannot use, refused before anything starts (the key is named)."""
+    t, d, log, loss, optim = cfg.train, cfg.data, cfg.log, cfg.loss, cfg.optim
+    rules = [
+        # (key, value, ok, what it must be); None passes for the optional keys
+        ("train.batch_size", t.batch_size, t.batch_size > 0, "positive"),
+        ("train.global_batch_size", t.global_batch_size, t.global_batch_size is None or t.global_batch_size > 0,
+         "positive"),
+        ("train.epochs", t.epochs, t.epochs > 0, "positive"),
+        ("train.max_steps", t.max_steps, t.max_steps is None or t.max_steps > 0, "positive"),
+        ("train.eval_every", t.eval_every, t.eval_every >= 0, "0 or more"),
+        ("train.eval_batches", t.eval_batches, t.eval_batches is None or t.eval_batches > 0, "positive"),
+        ("train.checkpoint_every", t.checkpoint_every, t.checkpoint_every >= 0, "0 or more"),
+        ("train.keep_last", t.keep_last, t.keep_last > 0, "positive"),
+        ("train.max_bad_steps", t.max_bad_steps, t.max_bad_steps > 0, "positive"),
+        ("model.latent_dim", cfg.model.latent_dim, cfg.model.latent_dim > 0, "positive"),
+        ("model.widths", list(cfg.model.widths), len(cfg.model.widths) > 0 and min(cfg.model.widths) > 0,
+         "a non-empty list of positive channel counts"),
+        ("log.log_every", log.log_every, log.log_every > 0, "positive"),
+        ("log.image_every", log.image_every, log.image_every > 0, "positive"),
+        ("log.num_images", log.num_images, log.num_images > 0, "positive"),
+        ("data.num_threads", d.num_threads, d.num_threads > 0, "positive"),
+        ("data.prefetch", d.prefetch, d.prefetch > 0, "positive"),
+        ("data.shuffle_buffer", d.shuffle_buffer, d.shuffle_buffer > 0, "positive"),
+        ("optim.lr", optim.lr, optim.lr > 0, "positive"),
+        ("optim.eps", optim.eps, optim.eps > 0, "positive"),
+        ("optim.weight_decay", optim.weight_decay, optim.weight_decay >= 0, "0 or more"),
+        ("optim.grad_clip", optim.grad_clip, optim.grad_clip >= 0, "0 or more"),
+        ("optim.warmup_steps", optim.warmup_steps, optim.warmup_steps >= 0, "0 or more"),
+        ("loss.beta", loss.beta, loss.beta >= 0, "0 or more"),
+        ("loss.free_bits", loss.free_bits, loss.free_bits >= 0, "0 or more"),
+        ("loss.kl_warmup", loss.kl_warmup, 0 <= loss.kl_warmup <= 1, "in [0, 1]"),
+        ("loss.kl_cycles", loss.kl_cycles, loss.kl_cycles > 0, "positive"),
+        ("loss.kl_ratio", loss.kl_ratio, 0 < loss.kl_ratio <= 1, "in (0, 1]"),
+    ]
+    for key, value, ok, must in rules:
+        if not ok:
+            raise ConfigError(f"config key '{key}' must be {must}, got {value}")
     if cfg.model.image_size % (2 ** len(cfg.model.widths)):
         raise ConfigError(
             f"config key 'model.image_size' ({cfg.model.image_size}) must divide by "
             f"2**len(model.widths) = {2 ** len(cfg.model.widths)}"
         )
-    if not 0 < cfg.loss.kl_ratio <= 1:
-        raise ConfigError(f"config key 'loss.kl_ratio' must be in (0, 1], got {cfg.loss.kl_ratio}")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

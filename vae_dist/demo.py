@@ -14,7 +14,7 @@ from vae_dist.config import build_config
 from vae_dist.data.pack import PackOptions, pack, summary
 from vae_dist.data.sample import make_sample_dataset
 from vae_dist.data.shards import verify
-from vae_dist.errors import DataError
+from vae_dist.errors import DataError, UserError
 from vae_dist.train import train
 from vae_dist.viz import viz_checkpoint
 
@@ -22,7 +22,9 @@ from vae_dist.viz import viz_checkpoint
 def run_demo(out: str | Path = "runs/demo", steps: int | None = None) -> int:
     out = Path(out)
     on_gpu = torch.cuda.is_available()
-    steps = steps or (3000 if on_gpu else 600)
+    steps = steps if steps is not None else (3000 if on_gpu else 600)
+    if steps <= 0:
+        raise UserError(f"demo --steps must be positive, got {steps}")
     print(f"== 1/5 sample data (scikit-image photographs, Tiny ImageNet layout) -> {out / 'tiny-sample'}")
     src = make_sample_dataset(out / "tiny-sample", train_per_class=200, val_per_class=50, test_count=50)
     print(f"== 2/5 pack -> {out / 'shards'}")
@@ -37,8 +39,8 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None) -> int:
     print(f"== 4/5 train the seed VAE for {steps} steps -> {run_dir}")
     cfg = build_config(overrides=[
         f"--data.shards={out / 'shards'}", f"--train.out_dir={run_dir}", f"--train.max_steps={steps}",
-        f"--train.eval_every={steps // 3}", f"--train.checkpoint_every={steps // 2}",
-        f"--log.image_every={steps // 3}", "--log.log_every=25", "--data.num_threads=2",
+        f"--train.eval_every={max(1, steps // 3)}", f"--train.checkpoint_every={max(1, steps // 2)}",
+        f"--log.image_every={max(1, steps // 3)}", f"--log.log_every={min(25, steps)}", "--data.num_threads=2",
         "--loss.kl_warmup=0.3",
     ])
     code = train(cfg)

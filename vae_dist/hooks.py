@@ -34,7 +34,7 @@ class Hooks:
 
     def on_checkpoint(self, path: Path) -> None: ...
 
-    def close(self, weights: Path | None = None) -> None: ...
+    def close(self, weights: Path | None = None, failed: bool = False) -> None: ...
 
 
 def make_hooks(accelerator, cfg, run_dir: Path, val_loader) -> Hooks:
@@ -162,10 +162,11 @@ class RankZeroHooks(Hooks):
     def on_checkpoint(self, path: Path) -> None:
         print(f"checkpoint: {path}", flush=True)
 
-    def close(self, weights: Path | None = None) -> None:
+    def close(self, weights: Path | None = None, failed: bool = False) -> None:
+        """Flushes metrics.jsonl and finishes the W&B run (marked failed after an error); once."""
         self._metrics.close()
         if weights is not None:
             print(f"weights: {weights}", flush=True)
         if self.wandb is not None:
-            self._guard("wandb", self.wandb.finish)
+            self._guard("wandb", self.wandb.finish, exit_code=1 if failed else 0)
             self.wandb = None

@@ -3,15 +3,18 @@
     vae-dist train --train.max_steps=1000                       # one process
     accelerate launch --config_file accelerate_config.yaml -m vae_dist train ...
 
-The loop reads like a paragraph: train_step, then components that decide their own timing
-(log, eval, checkpoint, pictures). All ranks run the same steps and enter the same
-collectives; only rank 0 writes (see hooks.py). Host-device syncs are marked SYNC.
+The loop reads like a paragraph: a step (step.py), then components that decide their own
+timing (sync point, eval, checkpoint, pictures). All ranks run the same steps and enter the
+same collectives; only rank 0 writes (see hooks.py). The host reads the device only at sync
+points (every `log.log_every` steps, marked SYNC): the meters, the non-finite-step counters
+and the stop agreement travel in the same two small all-reduces.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import sys
 import time
@@ -20,15 +23,18 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, TorchDynamoPlugin, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
 
 from vae_dist import checkpoint as ckpt
+from vae_dist import step as meters
 from vae_dist.config import Config, dump_yaml, vae_config
 from vae_dist.data.loaders import build_train_and_val, resolve_loader_kind
 from vae_dist.errors import ConfigError, UserError
 from vae_dist.hooks import make_hooks
 from vae_dist.losses import bits_per_dim, kl_divergence, make_kl_schedule, psnr, recon_loss
 from vae_dist.model import VAE
+from vae_dist.run_folder import RunFolderLock, choose_start
+from vae_dist.step import TrainStep
 
 
 @dataclass
@@ -38,8 +44,8 @@ class TrainState:
     step: int = 0  # optimizer steps taken (skipped non-finite steps count too)
     epoch: int = 0
     batch_in_epoch: int = 0  # batches of `epoch` already consumed: the data position
-    bad_steps: int = 0  # consecutive non-finite steps
-    skipped_steps: int = 0  # non-finite steps in the whole run
+    bad_steps: int = 0  # consecutive non-finite steps (as of the last sync point)
+    skipped_steps: int = 0  # non-finite steps in the whole run (as of the last sync point)
 
 
 class DivergedError(UserError):
@@ -47,16 +53,18 @@ class DivergedError(UserError):
 
 
 class StopSignal:
-    """Remembers SIGTERM/SIGINT (preemption, Ctrl-C) so the loop can checkpoint and leave."""
+    """Remembers SIGTERM/SIGINT (preemption, Ctrl-C). `received` is this process's own;
+    the loop acts only on `agreed`, which every rank sets at the same step."""
 
     def __init__(self):
-        self.signum = 0
+        self.received = 0
+        self.agreed = 0
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.signum = signum
+        self.received = signum
 
     def restore(self):
         for sig, handler in self._previous.items():
@@ -73,26 +81,36 @@ def lr_at(step: int, total_steps: int, optim) -> float:
     return floor + (optim.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def make_accelerator(cfg: Config) -> Accelerator:
+    on_cuda = torch.cuda.is_available()
+    if on_cuda:  # what a user of a GPU trainer expects; the seed VAE gains ~2x from TF32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    # `accelerate launch` exports its precision (config file or --mixed_precision); it wins.
+    launched = "ACCELERATE_MIXED_PRECISION" in os.environ
+    precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if on_cuda else "no")
+    return Accelerator(
+        # Without CUDA, accelerate only forms a (gloo) process group when told cpu=True;
+        # otherwise `accelerate launch --multi_gpu` on a CPU machine runs N separate jobs.
+        cpu=not on_cuda,
+        mixed_precision=None if launched else precision,
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
+
+
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, accelerator: Accelerator | None = None):
         self.cfg = cfg
-        on_cuda = torch.cuda.is_available()
-        compile_model = cfg.model.compile if cfg.model.compile is not None else on_cuda
-        plugin = TorchDynamoPlugin(backend="inductor", mode=cfg.model.compile_mode) if compile_model else None
-        self.accelerator = acc = Accelerator(
-            # Without CUDA, accelerate only forms a (gloo) process group when told cpu=True;
-            # otherwise `accelerate launch --multi_gpu` on a CPU machine runs N separate jobs.
-            cpu=not on_cuda,
-            dynamo_plugin=plugin,
-            step_scheduler_with_optimizer=False,
-            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
-        )
-        self.compiled = compile_model
+        self.accelerator = acc = accelerator or make_accelerator(cfg)
         self.device = acc.device
+        on_cuda = self.device.type == "cuda"
         self.world, self.rank = acc.num_processes, acc.process_index
         self.run_dir = Path(cfg.train.out_dir)
         self.batch_size = self._per_process_batch()
-        if acc.mixed_precision == "bf16" and self.device.type == "cpu":
+        self.compile_mode = self._compile_mode()
+        if acc.mixed_precision == "bf16" and not on_cuda:
             acc.print("vae-dist: warning: bf16 autocast on this CPU is many times slower than fp32")
 
         # Same weights on every rank (DDP also broadcasts them), then a per-rank stream for
@@ -102,9 +120,10 @@ class Trainer:
         self.channels_last = cfg.model.channels_last if cfg.model.channels_last is not None else on_cuda
         model = model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         torch.manual_seed(cfg.train.seed * 1000 + self.rank)
-        fused = cfg.optim.fused if cfg.optim.fused is not None else self.device.type == "cuda"
+        # fused: one kernel for the update, and its found_inf input skips a non-finite step
+        # on the device (step.py)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                     weight_decay=cfg.optim.weight_decay, fused=fused or None)
+                                     weight_decay=cfg.optim.weight_decay, fused=True)
 
         self.train_loader, self.val_loader = build_train_and_val(
             cfg.data, self.batch_size, rank=self.rank, world=self.world, device=self.device, seed=cfg.train.seed)
@@ -112,13 +131,14 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.beta_at = make_kl_schedule(cfg.loss, self.total_steps)
 
-        self.model, self.optimizer = acc.prepare(model, optimizer)  # DDP wrap (+ compile)
-        self.raw_model: VAE = acc.unwrap_model(self.model, keep_torch_compile=False)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.model, self.optimizer = acc.prepare(model, optimizer)  # DDP wrap
+        self.raw_model: VAE = acc.unwrap_model(self.model)
+        self.step = TrainStep(acc, self.model, self.optimizer, cfg.loss, cfg.optim.grad_clip, self.compile_mode,
+                              self.channels_last)
         self.state = TrainState()
         self.config_yaml = dump_yaml(cfg)
         self.hooks = make_hooks(acc, cfg, self.run_dir, self.val_loader)
-        self._reset_meters()
+        self._reset_window()
         self._last_eval_step = self._last_ckpt_step = -1
 
     # -- setup helpers -------------------------------------------------------------------
@@ -130,142 +150,130 @@ class Trainer:
             raise ConfigError(f"train.global_batch_size={t.global_batch_size} does not divide by {self.world} processes")
         return t.global_batch_size // self.world
 
-    def _reset_meters(self):
-        self._sums = torch.zeros(4, device=self.device)  # loss, recon, kl, grad_norm
-        self._meter_steps = 0
+    def _compile_mode(self) -> str | None:
+        """The torch.compile mode, None for eager; refuses the modes known to break under DDP."""
+        m = self.cfg.model
+        if not (m.compile if m.compile is not None else self.device.type == "cuda"):
+            return None
+        if self.world > 1 and m.compile_mode in ("reduce-overhead", "max-autotune"):
+            raise ConfigError(
+                f"model.compile_mode={m.compile_mode} with {self.world} processes: its CUDA graphs split at DDP's "
+                f"buckets and are overwritten by the next replay; use default or max-autotune-no-cudagraphs")
+        return m.compile_mode
+
+    def _reset_window(self):
         self._window_start = self.state.step
         self._data_wait = 0.0
         self._side_time = 0.0  # eval, checkpoints, pictures: not part of training throughput
         self._t0 = time.perf_counter()
 
-    def maybe_resume(self) -> None:
-        choice = self.cfg.train.resume
-        if choice == "none":
-            return
-        path = ckpt.latest_checkpoint(self.run_dir) if choice == "auto" else Path(choice)
+    def maybe_resume(self, path: Path | None) -> None:
+        """Loads a checkpoint that `choose_start` verified (None: a fresh start)."""
         if path is None:
             return
-        if not path.exists():
-            raise UserError(f"train.resume: checkpoint not found: {path}")
         saved = ckpt.load_checkpoint(self.accelerator, path, self.raw_model, self.optimizer)
+        self.step.bind_lr()  # the loaded param groups brought their own lr values
         self.state = TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState)})
+        self.step.meters[meters.CONSECUTIVE] = self.state.bad_steps
         if saved.get("world_size") != self.world or saved.get("batch_size") != self.batch_size:
             # a different split of the data: continue from the next epoch boundary instead
             self.state.epoch += self.state.batch_in_epoch > 0
             self.state.batch_in_epoch = 0
         self._last_ckpt_step = self.state.step
-        self._reset_meters()
+        self._reset_window()
         self.accelerator.print(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch})")
 
     # -- the loop ------------------------------------------------------------------------
-    def fit(self) -> int:
-        self.maybe_resume()
+    def fit(self, checkpoint: Path | None = None) -> int:
+        self.maybe_resume(checkpoint)
         self.hooks.on_train_start(self.config_yaml, self.describe())
         stop = StopSignal()
         try:
-            while self.state.step < self.total_steps and not stop.signum:
-                batches = self.train_loader.epoch(self.state.epoch, skip=self.state.batch_in_epoch)
-                exhausted = False
-                while self.state.step < self.total_steps:
-                    t_wait = time.perf_counter()
-                    batch = next(batches, None)
-                    self._data_wait += time.perf_counter() - t_wait
-                    if batch is None:
-                        exhausted = True
-                        break
-                    self.train_step(batch[0])
-                    self.maybe_log()
-                    t_side = time.perf_counter()
-                    self.maybe_eval()
-                    self.maybe_checkpoint()
-                    self.hooks.maybe_images(self.state.step, self.raw_model)
-                    self._side_time += time.perf_counter() - t_side
-                    if self._stop_requested(stop):
-                        break
-                batches.close()
-                if exhausted or self.state.batch_in_epoch >= self.steps_per_epoch:
-                    self.end_epoch()
-            if stop.signum:
+            while self.state.step < self.total_steps and not stop.agreed:
+                self.run_epoch(stop)
+            if stop.agreed:
                 self.checkpoint()
-                self.accelerator.print(f"stopped by signal {stop.signum} at step {self.state.step}; "
+                self.accelerator.print(f"stopped by signal {stop.agreed} at step {self.state.step}; "
                                        f"checkpoint saved; continue with train.resume=auto")
                 self.hooks.close()
-                return 128 + stop.signum
+                return 128 + stop.agreed
             self.finish()
             return 0
+        except BaseException:
+            self.hooks.close(failed=True)  # the W&B run is finished (as failed), files flushed
+            raise
         finally:
             stop.restore()
 
+    def run_epoch(self, stop: StopSignal) -> None:
+        batches = self.train_loader.epoch(self.state.epoch, skip=self.state.batch_in_epoch)
+        try:
+            while self.state.step < self.total_steps and not stop.agreed:
+                t_wait = time.perf_counter()
+                batch = next(batches, None)
+                self._data_wait += time.perf_counter() - t_wait
+                if batch is None:
+                    break
+                self.train_step(batch[0])
+                self.maybe_sync(stop)
+                t_side = time.perf_counter()
+                self.maybe_eval()
+                self.maybe_checkpoint()
+                self.hooks.maybe_images(self.state.step, self.raw_model)
+                self._side_time += time.perf_counter() - t_side
+        finally:
+            batches.close()
+        if self.state.batch_in_epoch >= self.steps_per_epoch:
+            self.end_epoch()
+
     def train_step(self, images: torch.Tensor) -> None:
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        """One optimizer step; never waits for the device (the entry the benchmarks time)."""
         step = self.state.step
-        lr = lr_at(step, self.total_steps, self.cfg.optim)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        beta = self.beta_at(step)
-        self.model.train()
-        with self.accelerator.autocast():
-            x_hat, mu, logvar = self.model(images)
-        recon = recon_loss(x_hat, images, self.cfg.loss.recon)
-        kl = kl_divergence(mu, logvar, self.cfg.loss.free_bits)
-        loss = recon + beta * kl
-        self.accelerator.backward(loss)
-        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = self.accelerator.clip_grad_norm_(self.params, max_norm)
-        # Gradients are already averaged over ranks, so every rank sees the same norm and
-        # takes the same decision without another collective.
-        finite = bool(torch.isfinite(grad_norm))  # SYNC: one per step, to skip bad updates
-        if finite or self.accelerator.mixed_precision == "fp16":
-            self.optimizer.step()  # fp16: the grad scaler skips inf steps itself and backs off
-        self.optimizer.zero_grad(set_to_none=True)
+        self.step(images, lr_at(step, self.total_steps, self.cfg.optim), self.beta_at(step))
         self.state.step += 1
         self.state.batch_in_epoch += 1
-        if finite:
-            self.state.bad_steps = 0
-            self._sums += torch.stack([loss.detach(), recon.detach(), kl.detach(), grad_norm.detach().float()])
-            self._meter_steps += 1
-        else:
-            self.state.bad_steps += 1
-            self.state.skipped_steps += 1
-            if self.state.bad_steps >= self.cfg.train.max_bad_steps:
-                raise DivergedError(
-                    f"{self.state.bad_steps} non-finite steps in a row at step {step}: training diverged "
-                    f"(lower optim.lr, set optim.grad_clip, or use fp32/bf16 instead of fp16)")
 
-    def _stop_requested(self, stop: StopSignal) -> bool:
-        # Ranks may get the signal at different steps: agree through a MAX all-reduce so all
-        # of them enter the checkpoint collective at the same step.
+    def maybe_sync(self, stop: StopSignal) -> None:
+        """Every log.log_every steps (and at the last): the host reads the device once.
+        The window's meters are averaged over ranks and logged; the non-finite counters and
+        the stop signal are agreed (max over ranks), so every rank stops at this same step;
+        train.max_bad_steps is enforced here, i.e. up to log_every steps late."""
         if self.world == 1:
-            return bool(stop.signum)
-        flag = torch.tensor([stop.signum], device=self.device, dtype=torch.int64)
-        flag = self.accelerator.reduce(flag, reduction="max")
-        stop.signum = int(flag.item())  # SYNC
-        return bool(stop.signum)
-
-    def maybe_log(self) -> None:
+            stop.agreed = stop.received  # nothing to agree on: stop at once
         if self.state.step % self.cfg.log.log_every and self.state.step != self.total_steps:
             return
-        if self._meter_steps == 0 and self.state.bad_steps == 0:
-            return
-        sums = self.accelerator.reduce(self._sums, reduction="mean")  # collective: all ranks
+        window = self.step.take_meters()
+        sums = self.accelerator.reduce(window[:meters.GOOD + 1], reduction="mean")  # collective: all ranks
+        flags = torch.cat([window[meters.SKIPPED:], window.new_tensor([stop.received])])
+        flags = self.accelerator.reduce(flags, reduction="max")  # collective: all ranks
+        loss, recon, kl, grad_norm, good, skipped, consecutive, max_consecutive, signum = \
+            torch.cat([sums, flags]).tolist()  # SYNC: the only host read between sync points
+        stop.agreed = int(signum)
+        self.state.bad_steps = int(consecutive)
+        self.state.skipped_steps += int(skipped)
+        if good or skipped:
+            self.log_window(loss / max(good, 1), recon / max(good, 1), kl / max(good, 1), grad_norm / max(good, 1))
+        if max_consecutive >= self.cfg.train.max_bad_steps:
+            raise DivergedError(
+                f"{int(max_consecutive)} non-finite steps in a row by step {self.state.step}: training diverged "
+                f"(lower optim.lr, set optim.grad_clip, or use fp32/bf16 instead of fp16)")
+
+    def log_window(self, loss: float, recon: float, kl: float, grad_norm: float) -> None:
         elapsed = time.perf_counter() - self._t0 - self._side_time
-        n = max(1, self._meter_steps)
-        loss, recon, kl, grad_norm = (sums / n).tolist()  # SYNC: only where logged
         steps = self.state.step - self._window_start
         img_per_s = steps * self.batch_size * self.world / elapsed if elapsed > 0 else 0.0
+        last = self.state.step - 1
         row = {
             "step": self.state.step, "epoch": self.state.epoch, "loss": loss, "recon": recon, "kl": kl,
-            "elbo": -(recon + kl), "beta": self.beta_at(self.state.step - 1),
-            "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-            "img_per_s": img_per_s, "img_per_s_per_process": img_per_s / self.world,
+            "elbo": -(recon + kl), "beta": self.beta_at(last), "lr": lr_at(last, self.total_steps, self.cfg.optim),
+            "grad_norm": grad_norm, "img_per_s": img_per_s, "img_per_s_per_process": img_per_s / self.world,
             "data_wait": self._data_wait / elapsed if elapsed > 0 else 0.0,
             "skipped_steps": self.state.skipped_steps,
         }
         if self.device.type == "cuda":
             row["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.hooks.log_scalars(row)
-        self._reset_meters()
+        self._reset_window()
 
     def maybe_eval(self) -> None:
         every = self.cfg.train.eval_every
@@ -333,7 +341,10 @@ class Trainer:
         if self._last_ckpt_step == self.state.step:
             return
         self._last_ckpt_step = self.state.step
-        state = dict(dataclasses.asdict(self.state), batch_size=self.batch_size)
+        m = self.step.meters  # the counters up to this very step, not the last sync point
+        skipped, consecutive = m[meters.SKIPPED:meters.CONSECUTIVE + 1].tolist()  # SYNC: checkpoints only
+        state = dict(dataclasses.asdict(self.state), batch_size=self.batch_size, bad_steps=int(consecutive),
+                     skipped_steps=self.state.skipped_steps + int(skipped))
         path = ckpt.save_checkpoint(self.accelerator, self.run_dir, self.raw_model, self.optimizer, state,
                                     self.config_yaml, self.cfg.train.keep_last)
         self.hooks.on_checkpoint(path)
@@ -346,16 +357,43 @@ class Trainer:
         acc = self.accelerator
         return {
             "processes": self.world, "device": str(self.device), "mixed_precision": acc.mixed_precision,
-            "compile": self.cfg.model.compile_mode if self.compiled else "no",
-            "channels_last": self.channels_last, "batch_per_process": self.batch_size,
-            "global_batch": self.batch_size * self.world, "steps_per_epoch": self.steps_per_epoch,
-            "total_steps": self.total_steps, "loader": self._loader_name(),
-            "start_step": self.state.step,
+            "compile": self.compile_mode or "no", "channels_last": self.channels_last,
+            "batch_per_process": self.batch_size, "global_batch": self.batch_size * self.world,
+            "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+            "loader": self._loader_name(), "start_step": self.state.step,
         }
 
 
+def _rank_zero_decides(accelerator: Accelerator, decide):
+    """Runs `decide` on rank 0 and hands its result (or its UserError) to every rank."""
+    result = error = None
+    if accelerator.is_main_process:
+        try:
+            result = decide()
+        except UserError as e:
+            error = str(e)
+    if accelerator.num_processes > 1:
+        result, error = broadcast_object_list([result, error])
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
 def train(cfg: Config) -> int:
-    trainer = Trainer(cfg)
-    code = trainer.fit()
+    accelerator = make_accelerator(cfg)
+    run_dir = Path(cfg.train.out_dir)
+    lock = RunFolderLock(run_dir)  # rank 0 holds it for the whole run
+
+    def claim_folder():
+        lock.acquire()
+        return choose_start(run_dir, cfg.train.resume, cfg.train.overwrite)
+
+    try:
+        start = _rank_zero_decides(accelerator, claim_folder)
+        if start.moved_to is not None:
+            accelerator.print(f"moved the previous run in {run_dir} to {start.moved_to}")
+        code = Trainer(cfg, accelerator).fit(start.checkpoint)
+    finally:
+        lock.release()
     sys.stdout.flush()
     return code

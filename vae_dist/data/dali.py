@@ -28,8 +28,7 @@ except ImportError:  # DALI ships for Linux only; the webdataset loader takes ov
     HAVE_DALI = False
 
 
-@pipeline_def(enable_conditionals=False)
-def shard_pipeline(paths, index_paths, shard_id, num_shards, decode, image_size, shuffle, flip, as_uint8, buffer):
+def _shard_pipeline(paths, index_paths, shard_id, num_shards, decode, image_size, shuffle, flip, as_uint8, buffer):
     jpegs, labels = fn.readers.webdataset(
         paths=paths,
         index_paths=index_paths,
@@ -62,6 +61,11 @@ def shard_pipeline(paths, index_paths, shard_id, num_shards, decode, image_size,
     if decode == "mixed":
         labels = labels.gpu()
     return images, labels
+
+
+# Decorated only where DALI imported: without it this module still imports, and
+# data.loader=auto falls back to the webdataset loader.
+shard_pipeline = pipeline_def(enable_conditionals=False)(_shard_pipeline) if HAVE_DALI else None
 
 
 class DaliLoader:

@@ -7,7 +7,6 @@ DALI's wds2idx writes (v1.2), produced here from the offsets we write.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -16,6 +15,7 @@ import tarfile
 from pathlib import Path
 
 from vae_dist.errors import DataError
+from vae_dist.files import sha256_file
 
 MANIFEST = "manifest.json"
 EXTENSIONS = ("jpg", "label")
@@ -69,14 +69,6 @@ class ShardWriter:
         os.replace(idx_tmp, idx_path)
         os.replace(self.tmp, self.path)
         return {"file": self.path.name, "index": idx_path.name, "count": self.count, "bytes": size, "sha256": digest}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_json_atomic(path: Path, obj) -> None:

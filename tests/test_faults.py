@@ -1,0 +1,299 @@
+"""Faults and bad input as a user meets them: one clear line, nothing already written lost."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from vae_dist.checkpoint import CHECKSUMS, latest_checkpoint, list_checkpoints
+
+from .conftest import TINY_MODEL, launch_command, run_cli
+from .wandb_reader import exit_code
+
+COMMON = [*TINY_MODEL, "--train.batch_size=16", "--data.num_threads=1", "--log.wandb_mode=disabled",
+          "--log.log_every=2", "--log.image_every=1000", "--train.eval_every=0"]
+
+
+def _train(shards, run, *args):
+    return run_cli("train", f"--data.shards={shards}", f"--train.out_dir={run}", *COMMON, *args)
+
+
+def _one_line(r, *words):
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def _wait_for_rows(run: Path, proc, rows=2, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        metrics = run / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= rows:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the run did not start logging")
+
+
+def test_damaged_newest_checkpoint_is_skipped_with_one_line_and_an_explicit_one_is_refused(shards, tmp_path):
+    run = tmp_path / "run"
+    r = _train(shards, run, "--train.checkpoint_every=4", "--train.max_steps=8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    newest = latest_checkpoint(run)
+    assert newest.name == "step_0000008"
+    record = json.loads((newest / CHECKSUMS).read_text())["files"]
+    assert {"model.safetensors", "optimizer.pt", "trainer_state.json", "config.yaml", "rng_rank0.pt"} <= set(record)
+    weights = newest / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:  # truncated, as a crash or a full disk leaves it
+        f.truncate(size // 2)
+
+    r = _train(shards, run, "--train.checkpoint_every=4", "--train.max_steps=12")
+    assert r.returncode == 0, r.stderr[-2000:]
+    skipped = [line for line in r.stderr.splitlines() if "skipping checkpoint" in line]
+    assert len(skipped) == 1 and "step_0000008" in skipped[0] and f"{size // 2} bytes, {size} were written" \
+        in skipped[0], r.stderr[-2000:]
+    assert "resumed from" in r.stdout and "at step 4" in r.stdout
+    assert latest_checkpoint(run).name == "step_0000012"
+
+    # the same damage in a checkpoint named explicitly: refused in one line
+    ckpt = latest_checkpoint(run)
+    (ckpt / "optimizer.pt").write_bytes(b"\0" * (ckpt / "optimizer.pt").stat().st_size)  # same size, zeros
+    r = _train(shards, run, f"--train.resume={ckpt}", "--train.max_steps=16")
+    _one_line(r, "does not verify", "optimizer.pt does not match its sha256")
+
+
+def test_checkpoint_without_its_checksums_is_incomplete(shards, tmp_path):
+    """What a power loss before the last write leaves: never trusted."""
+    run = tmp_path / "run"
+    assert _train(shards, run, "--train.checkpoint_every=4", "--train.max_steps=8").returncode == 0
+    (latest_checkpoint(run) / CHECKSUMS).unlink()
+    r = _train(shards, run, "--train.max_steps=10")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "skipping checkpoint" in r.stderr and "no checksums.json" in r.stderr and "at step 4" in r.stdout
+
+
+def test_checkpoint_files_and_folders_are_fsynced(tmp_path, monkeypatch):
+    """Every file is flushed before the rename, the folder after it."""
+    import torch
+    from accelerate import Accelerator
+
+    from vae_dist import checkpoint
+    from vae_dist.model import VAE, VAEConfig
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    acc = Accelerator(cpu=True)
+    model = VAE(VAEConfig(widths=(8, 16), latent_dim=4, image_size=16))
+    opt = torch.optim.Adam(model.parameters())
+    path = checkpoint.save_checkpoint(acc, tmp_path, model, opt, {"step": 5}, "x: 1\n", keep_last=2)
+    tmp = str(path.parent / ".tmp-step_0000005")
+    for name in ("model.safetensors", "optimizer.pt", "trainer_state.json", "config.yaml", "rng_rank0.pt", CHECKSUMS):
+        assert f"{tmp}/{name}" in synced, (name, synced)
+    assert tmp in synced  # the folder's entries before the rename
+    assert str(path.parent) in synced  # the rename itself
+    assert checkpoint.verify_checkpoint(path) is None
+
+
+def test_second_run_into_a_busy_folder_exits_at_once_naming_the_holder(shards, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "vae_dist", "train", f"--data.shards={shards}", f"--train.out_dir={run}", *COMMON,
+           "--train.max_steps=100000", "--train.checkpoint_every=0"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_rows(run, first)
+        rows_before = (run / "metrics.jsonl").read_text().count("\n")
+        t0 = time.time()
+        r = _train(shards, run, "--train.max_steps=4")
+        line = _one_line(r, "is in use by pid", str(first.pid), socket.gethostname(), "since")
+        assert time.time() - t0 < 60, line
+        assert (run / "metrics.jsonl").read_text().count("\n") >= rows_before  # the first run's rows are intact
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert first.returncode == 128 + signal.SIGTERM
+    assert not (run / ".lock").exists()  # released on the way out
+
+
+def test_lock_of_a_dead_process_is_taken_over_with_a_warning(shards, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (run / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "since": "yesterday"}))
+    r = _train(shards, run, "--train.max_steps=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"taking over the lock of pid {dead.pid} (since yesterday)" in r.stderr
+    assert not (run / ".lock").exists()
+
+
+def test_fresh_run_into_an_old_run_folder_is_refused_or_moved_aside(shards, tmp_path):
+    run = tmp_path / "run"
+    assert _train(shards, run, "--train.checkpoint_every=4", "--train.max_steps=8").returncode == 0
+    old_rows = (run / "metrics.jsonl").read_text()
+    r = _train(shards, run, "--train.resume=none", "--train.max_steps=4")
+    _one_line(r, f"run folder {run} holds another run", "metrics.jsonl", "checkpoints", "train.resume=auto",
+              "train.overwrite=true")
+    assert (run / "metrics.jsonl").read_text() == old_rows  # untouched
+    assert [p.name for p in list_checkpoints(run)] == ["step_0000004", "step_0000008"]
+
+    r = _train(shards, run, "--train.resume=none", "--train.overwrite=true", "--train.max_steps=4",
+               "--train.checkpoint_every=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (aside,) = tmp_path.glob("run.old-*")
+    assert f"moved the previous run in {run} to {aside}" in r.stdout
+    assert (aside / "metrics.jsonl").read_text() == old_rows  # nothing lost
+    assert [p.name for p in list_checkpoints(aside)] == ["step_0000004", "step_0000008"]
+    assert [p.name for p in list_checkpoints(run)] == ["step_0000002", "step_0000004"]  # not pruned for step 8
+    assert max(json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_all_checkpoints_damaged_is_refused_not_restarted_over_them(shards, tmp_path):
+    run = tmp_path / "run"
+    assert _train(shards, run, "--train.checkpoint_every=0", "--train.max_steps=4").returncode == 0
+    (latest_checkpoint(run) / "model.safetensors").write_bytes(b"")
+    r = _train(shards, run, "--train.max_steps=8")
+    assert "skipping checkpoint" in r.stderr
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("vae-dist: error: run folder")
+    assert "no checkpoint that verifies" in r.stderr and "train.overwrite=true" in r.stderr
+
+
+def test_training_without_dali_falls_back_to_webdataset(shards, tmp_path):
+    """As on a machine where the DALI wheel is missing: importing it fails."""
+    code = ("import sys; sys.modules['nvidia.dali'] = None; from vae_dist.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, "train", f"--data.shards={shards}",
+                        f"--train.out_dir={tmp_path / 'run'}", *COMMON, "--train.max_steps=2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "loader=webdataset" in r.stdout
+    r = subprocess.run([sys.executable, "-c", code, "train", f"--data.shards={shards}",
+                        f"--train.out_dir={tmp_path / 'run2'}", *COMMON, "--train.max_steps=2", "--data.loader=dali"],
+                       capture_output=True, text=True, timeout=300)
+    _one_line(r, "data.loader=dali but NVIDIA DALI is not installed")
+
+
+@pytest.mark.parametrize("value", ["0", "-64"])
+def test_nonpositive_global_batch_is_one_line(shards, tmp_path, value):
+    _one_line(_train(shards, tmp_path, f"--train.global_batch_size={value}"),
+              f"config key 'train.global_batch_size' must be positive, got {value}")
+
+
+def test_bench_row_that_cannot_be_measured_says_why_and_the_others_are_measured(shards, sample_root, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(sample_root, images)
+    victim = next((images / "train").rglob("*.JPEG"))
+    Image.new("RGB", (80, 80), "red").save(victim, "JPEG")  # the seed loader has no Resize
+    out = tmp_path / "d.json"
+    r = run_cli("bench", "data", "--tiny", "--repeats", "1", "--shards", str(shards), "--images", str(images),
+                "--threads", "1", "--steps", "8", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {row["name"]: row for row in json.loads(out.read_text())["results"]}
+    seed = rows["seed: ImageFolder+PIL DataLoader"]
+    assert seed["unavailable"].startswith("failed: ") and "stack expects each tensor to be equal size" in \
+        seed["unavailable"], seed
+    assert rows["dali-cpu"]["img_per_s"] > 0 and rows["webdataset+torchvision (PyTorch)"]["img_per_s"] > 0
+    assert "stack expects" in r.stdout  # the printed table says it too
+
+
+def test_weights_and_checkpoints_that_are_not_ours_are_one_line(shards, tmp_path):
+    text = tmp_path / "some.txt"
+    text.write_text("hello")
+    _one_line(run_cli("viz", str(text), str(tmp_path / "o1")), "is not a readable safetensors file")
+    import torch
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    _one_line(run_cli("viz", str(foreign), str(tmp_path / "o2")), "holds no vae_config metadata")
+
+    run = tmp_path / "run"
+    assert _train(shards, run, "--train.max_steps=2").returncode == 0
+    ckpt = latest_checkpoint(run)
+    (ckpt / "model.safetensors").unlink()
+    _one_line(run_cli("viz", str(ckpt), str(tmp_path / "o3")), "has no model.safetensors")
+    _one_line(_train(shards, run, f"--train.resume={ckpt}", "--train.max_steps=4"),
+              "does not verify", "model.safetensors is missing")
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [int(e.split(b"=", 1)[1]) for e in env if e.startswith(b"RANK=")]
+    return ranks[0] if ranks else None
+
+
+def test_a_signal_to_one_rank_stops_both_at_one_step(shards, tmp_path):
+    """SIGTERM to rank 1 alone, at any moment (epochs of 6 steps end in an evaluation): the
+    ranks agree at the next sync point, both checkpoint the same step, nothing hangs."""
+    run = tmp_path / "run"
+    cmd = launch_command(2) + ["train", f"--data.shards={shards}", f"--train.out_dir={run}", *COMMON,
+                               "--train.max_steps=100000", "--train.checkpoint_every=0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_rows(run, proc, rows=4)
+    workers = {_rank_of(p): p for p in _children(proc.pid)}
+    assert set(workers) >= {0, 1}, workers
+    os.kill(workers[1], signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    assert "stopped by signal 15" in out, err[-3000:]
+    ckpt = latest_checkpoint(run)
+    assert sorted(p.name for p in ckpt.glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]
+    step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    assert step % 2 == 0  # a sync point (log.log_every=2)
+
+
+def test_divergence_finishes_the_wandb_run(shards, tmp_path):
+    run = tmp_path / "run"
+    r = run_cli("train", f"--data.shards={shards}", f"--train.out_dir={run}",
+                *[a for a in COMMON if not a.startswith("--log.wandb_mode")], "--log.wandb_mode=offline",
+                "--optim.lr=1e30", "--train.max_bad_steps=3", "--train.max_steps=200", env={"WANDB_API_KEY": ""})
+    _one_line(r, "non-finite steps in a row")
+    (wandb_file,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    assert exit_code(wandb_file) == 1  # finished, marked failed
+    assert (run / "metrics.jsonl").read_text().strip()  # the rows before the failure are kept
+
+
+def test_small_cli_cases(tmp_path):
+    from vae_dist.config import build_config
+
+    assert build_config(None, ["--model.widths=8,16"]).model.widths == (8, 16)
+    r = run_cli("bench", "step", "--tiny", "--repeats", "1", "--compile", "off", "--channels-last", "off",
+                "--dtypes", "fp16", "--json", str(tmp_path / "s.json"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "s.json").read_text())["results"]
+    assert row["dtype"] == "fp16" and "fp16" in row["name"] and row["img_per_s"] > 0, row
+    assert row["autocast"] == "torch.float16"  # what ran, not only the label
+    _one_line(run_cli("bench", "step", "--tiny", "--dtypes", "fp8"), "unknown --dtypes fp8")
+    _one_line(run_cli("demo", "--steps", "0", "--out", str(tmp_path / "d")), "demo --steps must be positive")
+
+
+def test_demo_with_two_steps(tmp_path):
+    r = run_cli("demo", "--steps", "2", "--out", str(tmp_path / "demo"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (tmp_path / "demo" / "run" / "model.safetensors").is_file()
+    assert (tmp_path / "demo" / "pictures" / "samples.png").is_file()

@@ -1,0 +1,95 @@
+"""The training step: forward, loss, KL, backward, clip, update. No host-device sync.
+
+On a GPU the seed VAE is bound by launches and syncs, not arithmetic, so the host must
+never wait for the device inside a step:
+- lr and beta are device tensors, filled in place each step: changing them neither
+  recompiles the compiled forward nor reads the device.
+- A non-finite gradient is skipped on the device: fused Adam's `found_inf` input leaves the
+  weights, moments and step count untouched (the same path the fp16 GradScaler uses).
+- The meters (loss sums, good/skipped steps, consecutive non-finite steps) are device
+  tensors; the Trainer reads them only at its sync points (`read_meters`).
+The forward and the loss terms are one `torch.compile`d function (under DDP it breaks at
+DDP's forward, whose inner module is compiled with DDP's bucket-aware optimizer).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+from vae_dist.losses import kl_divergence, recon_loss
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# meter slots: sums over good steps of loss, recon, kl, grad_norm; then good steps, skipped
+# steps in the window, consecutive non-finite steps now, their maximum in the window
+LOSS, RECON, KL, GRAD_NORM, GOOD, SKIPPED, CONSECUTIVE, MAX_CONSECUTIVE = range(8)
+
+
+class TrainStep:
+    def __init__(self, accelerator, model, optimizer, loss_cfg, grad_clip: float, compile_mode: str | None,
+                 channels_last: bool):
+        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
+        self.raw_optimizer = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.recon_kind, self.free_bits = loss_cfg.recon, loss_cfg.free_bits
+        self.grad_clip, self.channels_last = grad_clip, channels_last
+        self.device = accelerator.device
+        self.autocast_dtype = AUTOCAST.get(accelerator.mixed_precision)
+        self.scaled = accelerator.scaler is not None  # fp16: the GradScaler owns found_inf
+        self.lr = torch.zeros((), device=self.device)
+        self.beta = torch.zeros((), device=self.device)
+        self.bind_lr()
+        self.meters = torch.zeros(8, device=self.device)
+        self.forward_loss = torch.compile(self._forward_loss, mode=compile_mode) if compile_mode else self._forward_loss
+
+    def bind_lr(self) -> None:
+        """Points every param group at the lr tensor (again after a checkpoint load)."""
+        for group in self.raw_optimizer.param_groups:
+            group["lr"] = self.lr
+
+    def _forward_loss(self, images: torch.Tensor, beta: torch.Tensor):
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            x_hat, mu, logvar = self.model(images)
+        recon = recon_loss(x_hat, images, self.recon_kind)
+        kl = kl_divergence(mu, logvar, self.free_bits)
+        return recon + beta * kl, recon, kl
+
+    def __call__(self, images: torch.Tensor, lr: float, beta: float) -> None:
+        self.lr.fill_(lr)  # host -> device writes: launches, not syncs
+        self.beta.fill_(beta)
+        self.model.train()
+        loss, recon, kl = self.forward_loss(images, self.beta)
+        self.accelerator.backward(loss)
+        if self.scaled:
+            self.accelerator.unscale_gradients()
+        grad_norm = get_total_norm([p.grad for p in self.params if p.grad is not None])
+        finite = torch.isfinite(grad_norm)
+        if self.grad_clip > 0:
+            clip_grads_with_norm_(self.params, self.grad_clip, grad_norm)
+        if not self.scaled:
+            # Gradients are already averaged over ranks, so every rank sees the same norm and
+            # skips the same steps without another collective.
+            self.raw_optimizer.found_inf = (~finite).float()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._record(finite, loss.detach(), recon.detach(), kl.detach(), grad_norm.detach())
+
+    def _record(self, finite, loss, recon, kl, grad_norm) -> None:
+        m = self.meters
+        good = torch.stack([loss, recon, kl, grad_norm.float(), torch.ones_like(loss)])
+        m[:GOOD + 1] += torch.where(finite, good, torch.zeros_like(good))
+        bad = (~finite).float()
+        m[SKIPPED] += bad
+        m[CONSECUTIVE] = (m[CONSECUTIVE] + 1) * bad
+        m[MAX_CONSECUTIVE] = torch.maximum(m[MAX_CONSECUTIVE], m[CONSECUTIVE])
+
+    def take_meters(self) -> torch.Tensor:
+        """The window's meters (a device tensor), and a fresh window that keeps the current
+        run of non-finite steps."""
+        out = self.meters.clone()
+        self.meters[:SKIPPED + 1] = 0
+        self.meters[MAX_CONSECUTIVE] = self.meters[CONSECUTIVE]
+        return out
