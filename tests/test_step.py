@@ -1,0 +1,124 @@
+"""The training step never waits for the device: counted host syncs, device-side skips, no recompiles."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vae_dist.config import build_config
+from vae_dist.train import StopSignal, Trainer
+
+from .conftest import TINY_MODEL
+
+VAE_DIST = str(Path(__file__).resolve().parents[1] / "vae_dist")
+# the Tensor methods that read a device value on the host (each drains the CUDA queue)
+SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu")
+
+
+def _trainer(shards, tmp_path, *extra) -> Trainer:
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # one Accelerator per test
+    cfg = build_config(None, [f"--data.shards={shards}", f"--train.out_dir={tmp_path / 'run'}", *TINY_MODEL,
+                              "--train.batch_size=16", "--data.num_threads=1", "--log.wandb_mode=disabled",
+                              "--train.eval_every=0", "--train.checkpoint_every=0", "--log.image_every=1000",
+                              "--model.compile=false", *extra])
+    return Trainer(cfg)
+
+
+def test_no_host_sync_between_log_points(shards, tmp_path, monkeypatch):
+    trainer = _trainer(shards, tmp_path, "--log.log_every=5", "--train.max_steps=10", "--optim.grad_clip=1.0",
+                       "--optim.lr_schedule=cosine", "--optim.warmup_steps=3")
+    syncs = []
+
+    def counting(name, original):
+        def method(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(VAE_DIST):
+                syncs.append((trainer.state.step, name, f"{Path(caller).name}:{sys._getframe(1).f_lineno}"))
+            return original(self, *args, **kwargs)
+        return method
+
+    for name in SYNC_METHODS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    assert trainer.fit() == 0
+    monkeypatch.undo()
+    assert syncs, "the counter saw nothing: it is not counting"  # the log points and the end do read
+    between = [s for s in syncs if s[0] % 5]
+    assert between == [], between
+    assert {s[0] for s in syncs} <= {5, 10}
+
+
+def _snapshot(trainer):
+    params = {k: v.detach().clone() for k, v in trainer.raw_model.state_dict().items()}
+    opt = trainer.step.raw_optimizer.state_dict()["state"]
+    state = {i: {k: v.clone() for k, v in s.items()} for i, s in opt.items()}
+    return params, state
+
+
+def _same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nonfinite_batch_is_skipped_on_the_device_and_counted_at_the_next_log(shards, tmp_path):
+    trainer = _trainer(shards, tmp_path, "--log.log_every=3", "--train.max_steps=100")
+    good = next(trainer.train_loader.epoch(0))[0]
+    trainer.train_step(good)
+    params, opt = _snapshot(trainer)
+    bad = good.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    trainer.train_step(bad)
+    params_after, opt_after = _snapshot(trainer)
+    assert _same(params, params_after), "a non-finite step changed the weights"
+    assert all(_same(opt[i], opt_after[i]) for i in opt), "a non-finite step changed Adam's state (moments, step)"
+    trainer.train_step(good)
+    assert not _same(params, _snapshot(trainer)[0]), "the next good batch did not train"
+
+    stop = StopSignal()
+    try:
+        trainer.maybe_sync(stop)  # step 3: a log point
+    finally:
+        stop.restore()
+    (row,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert row["step"] == 3 and row["skipped_steps"] == 1
+    assert row["loss"] == row["loss"]  # the mean over the two good steps is not NaN
+    assert trainer.state.bad_steps == 0 and trainer.state.skipped_steps == 1
+
+
+def test_max_bad_steps_stops_at_the_next_sync_point(shards, tmp_path):
+    from vae_dist.train import DivergedError
+
+    trainer = _trainer(shards, tmp_path, "--log.log_every=4", "--train.max_bad_steps=3", "--train.max_steps=100")
+    bad = torch.full_like(next(trainer.train_loader.epoch(0))[0], float("nan"))
+    stop = StopSignal()
+    try:
+        for _ in range(3):
+            trainer.train_step(bad)
+            trainer.maybe_sync(stop)  # steps 1-3: not a sync point, nothing raised yet
+        trainer.train_step(next(trainer.train_loader.epoch(0))[0])  # a good step ends the run of bad ones
+        with pytest.raises(DivergedError, match="3 non-finite steps in a row by step 4"):
+            trainer.maybe_sync(stop)
+    finally:
+        stop.restore()
+
+
+def test_changing_lr_and_beta_does_not_recompile(shards, tmp_path):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    trainer = _trainer(shards, tmp_path, "--model.compile=true", "--log.log_every=1000", "--train.max_steps=100",
+                       "--optim.lr_schedule=cosine", "--optim.warmup_steps=10", "--loss.kl_warmup=0.5")
+    batches = trainer.train_loader.epoch(0)
+    for _ in range(2):  # the first compiles
+        trainer.train_step(next(batches)[0])
+    graphs, frames = counters["stats"]["unique_graphs"], counters["frames"]["total"]
+    assert graphs > 0, "nothing was compiled"
+    lrs, betas = set(), set()
+    for _ in range(5):
+        trainer.train_step(next(batches)[0])
+        lrs.add(trainer.step.lr.item())
+        betas.add(trainer.step.beta.item())
+    assert len(lrs) == 5 and len(betas) == 5  # both really changed every step
+    assert counters["stats"]["unique_graphs"] == graphs and counters["frames"]["total"] == frames
