@@ -25,11 +25,13 @@ class DataConfig:
     shards: str = "shards"  # folder holding manifest.json and the shards
     loader: Literal["auto", "dali", "webdataset"] = "auto"  # auto: DALI when importable
     decode: Literal["auto", "gpu", "cpu"] = "auto"  # DALI decode device; auto: gpu when CUDA
-    num_threads: int = 4  # DALI CPU threads / PyTorch loader workers per process
+    num_threads: int | None = None  # DALI CPU threads / PyTorch loader workers per process; None: cores / local processes
     prefetch: int = 2  # DALI prefetch queue depth
-    shuffle_buffer: int = 4096  # DALI in-reader shuffle buffer (pack already shuffled globally)
+    shuffle_buffer: int = 4096  # webdataset loader's shuffle buffer (DALI and the cache permute the whole split)
+    hw_decoder_load: float = 0.65  # DALI mixed decode: share of images sent to the GPU's hardware JPEG decoder
     flip: bool = True  # random horizontal flip on train
-    cache: Literal["none", "ram", "gpu"] = "none"  # decode train+val once, keep as uint8
+    cache: Literal["auto", "none", "ram", "gpu"] = "auto"  # decode train+val once into memory, keep as uint8
+    cache_budget: float = 0.5  # auto: cache when the decoded splits fit in this fraction of free memory
 
 
 @dataclass
@@ -275,7 +277,9 @@ def validate(cfg: Config) -> None:
         ("log.log_every", log.log_every, log.log_every > 0, "positive"),
         ("log.image_every", log.image_every, log.image_every > 0, "positive"),
         ("log.num_images", log.num_images, log.num_images > 0, "positive"),
-        ("data.num_threads", d.num_threads, d.num_threads > 0, "positive"),
+        ("data.num_threads", d.num_threads, d.num_threads is None or d.num_threads > 0, "positive"),
+        ("data.cache_budget", d.cache_budget, 0 <= d.cache_budget <= 1, "in [0, 1]"),
+        ("data.hw_decoder_load", d.hw_decoder_load, 0 <= d.hw_decoder_load <= 1, "in [0, 1]"),
         ("data.prefetch", d.prefetch, d.prefetch > 0, "positive"),
         ("data.shuffle_buffer", d.shuffle_buffer, d.shuffle_buffer > 0, "positive"),
         ("optim.lr", optim.lr, optim.lr > 0, "positive"),

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from vae_dist import viz
+from vae_dist.data import unit_float
 from vae_dist.data.shards import class_names, load_manifest
 
 
@@ -135,7 +136,7 @@ class RankZeroHooks(Hooks):
             n = self.cfg.log.num_images * 2
             xs, ys = [], []
             for x, y in self.val_loader.epoch(0):
-                xs.append(x.float())
+                xs.append(unit_float(x))
                 ys.append(y)
                 if sum(t.shape[0] for t in xs) >= 1000:
                     break

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
+from vae_dist.data import unit_float
 from vae_dist.losses import kl_divergence, recon_loss
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -48,6 +49,7 @@ class TrainStep:
             group["lr"] = self.lr
 
     def _forward_loss(self, images: torch.Tensor, beta: torch.Tensor):
+        images = unit_float(images)  # uint8 from the loaders: converted here, fused by the compiler
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,

@@ -28,7 +28,8 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_lis
 from vae_dist import checkpoint as ckpt
 from vae_dist import step as meters
 from vae_dist.config import Config, dump_yaml, vae_config
-from vae_dist.data.loaders import build_train_and_val, resolve_loader_kind
+from vae_dist.data import unit_float
+from vae_dist.data.loaders import build_train_and_val, choose_cache, resolve_loader_kind
 from vae_dist.errors import ConfigError, UserError
 from vae_dist.hooks import make_hooks
 from vae_dist.losses import bits_per_dim, kl_divergence, make_kl_schedule, psnr, recon_loss
@@ -125,8 +126,10 @@ class Trainer:
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                      weight_decay=cfg.optim.weight_decay, fused=True)
 
+        self.cache, self.data_choice = choose_cache(cfg.data, self.device)
         self.train_loader, self.val_loader = build_train_and_val(
-            cfg.data, self.batch_size, rank=self.rank, world=self.world, device=self.device, seed=cfg.train.seed)
+            cfg.data, self.batch_size, rank=self.rank, world=self.world, device=self.device, seed=cfg.train.seed,
+            cache=self.cache)
         self.steps_per_epoch = self.train_loader.steps_per_epoch
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.beta_at = make_kl_schedule(cfg.loss, self.total_steps)
@@ -314,6 +317,7 @@ class Trainer:
         for i, (x, _) in enumerate(self.val_loader.epoch(0)):
             if limit is not None and i >= limit:
                 break
+            x = unit_float(x)
             with self.accelerator.autocast():
                 x_hat, mu, logvar = model(x)
                 x_mean = model.decode(mu)
@@ -350,8 +354,7 @@ class Trainer:
         self.hooks.on_checkpoint(path)
 
     def _loader_name(self) -> str:
-        data = self.cfg.data
-        return f"cache-{data.cache}" if data.cache != "none" else resolve_loader_kind(data.loader)
+        return f"{self.cache}-cache" if self.cache != "none" else resolve_loader_kind(self.cfg.data.loader)
 
     def describe(self) -> dict:
         acc = self.accelerator
@@ -360,7 +363,7 @@ class Trainer:
             "compile": self.compile_mode or "no", "channels_last": self.channels_last,
             "batch_per_process": self.batch_size, "global_batch": self.batch_size * self.world,
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-            "loader": self._loader_name(), "start_step": self.state.step,
+            "loader": self._loader_name(), "start_step": self.state.step, "data": self.data_choice,
         }
 
 

@@ -1,1 +1,12 @@
-"""Tiny ImageNet reading, sample data, packing/verifying shards, and the loaders."""
+"""Tiny ImageNet reading, sample data, packing/verifying shards, and the loaders.
+
+Every loader yields uint8 NCHW batches: a quarter of the bytes of float to decode into,
+copy and move to the GPU; the step turns them into floats inside its compiled region.
+"""
+
+import torch
+
+
+def unit_float(images: torch.Tensor) -> torch.Tensor:
+    """A uint8 batch as float in [0, 1] (a float batch passes through)."""
+    return images.float() / 255 if images.dtype == torch.uint8 else images

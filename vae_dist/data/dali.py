@@ -1,26 +1,34 @@
-"""NVIDIA DALI over the shards: read, decode (GPU 'mixed' or CPU), flip, to float NCHW.
+"""NVIDIA DALI over the shards: decode (GPU 'mixed' or CPU), flip, to uint8 NCHW.
 
-Each rank reads its own contiguous part of the samples (`shard_id=rank`,
-`num_shards=world`). The pipeline is rebuilt every epoch with that epoch's seed: the tar
-files are visited in a new order (the same order on every rank, so the ranks' parts still
-partition the data), samples are shuffled in a buffer, and a resumed run rebuilds exactly
-the epoch it stopped in and skips the batches it already trained on.
+The order of the samples is ours, not the reader's: the shards' `.idx` files say where every
+JPEG lies in its tar, the tars are memory-mapped, and an `external_source` feeds DALI the
+bytes of this rank's next batch. That buys three things a per-epoch `readers.webdataset`
+pipeline could not give together:
+- one pipeline for the whole run (built again only to jump, e.g. on resume): nothing is
+  rebuilt, and nothing leaked, per epoch (DALI leaks ~0.5 MiB of host memory per build);
+- a global shuffle: each epoch is a permutation of the whole split (the same on every rank,
+  each rank its slice `perm[rank::world]`), as in the GPU cache, instead of a tar order plus
+  a shuffle buffer;
+- exact resume: the order and the flips are functions of (seed, epoch, rank) alone, so a
+  run resumed at batch k of an epoch sees the very batches an unbroken run would have.
 """
 
 from __future__ import annotations
 
-import random
+import functools
+import mmap
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from vae_dist.data.partition import epoch_seed, rank_sample_range, rank_seed, steps_per_epoch
+from vae_dist.data.shards import decode_label
 from vae_dist.errors import DataError
 
 try:
     from nvidia.dali import fn, pipeline_def, types
-    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
     HAVE_DALI = True
@@ -28,116 +36,148 @@ except ImportError:  # DALI ships for Linux only; the webdataset loader takes ov
     HAVE_DALI = False
 
 
-def _shard_pipeline(paths, index_paths, shard_id, num_shards, decode, image_size, shuffle, flip, as_uint8, buffer):
-    jpegs, labels = fn.readers.webdataset(
-        paths=paths,
-        index_paths=index_paths,
-        ext=["jpg", "label"],
-        dtypes=[types.UINT8, types.INT32],
-        missing_component_behavior="error",
-        shard_id=shard_id,
-        num_shards=num_shards,
-        random_shuffle=shuffle,
-        initial_fill=buffer,
-        pad_last_batch=True,
-        name="reader",
-    )
+class ShardIndex:
+    """Where each sample's JPEG lies (tar, offset, size), read from the `.idx` files, and its label."""
+
+    def __init__(self, tar_paths, idx_paths):
+        self.maps, self.arrays = [], []  # the mmaps, and a uint8 view of each (slicing a view is cheap)
+        tars, offsets, sizes, labels = [], [], [], []
+        for t, (tar, idx) in enumerate(zip(tar_paths, idx_paths)):
+            with open(tar, "rb") as f:
+                self.maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            self.arrays.append(np.frombuffer(self.maps[-1], dtype=np.uint8))
+            lines = Path(idx).read_text().splitlines()[1:]
+            for line in lines:
+                fields = line.split()
+                parts = {fields[k]: (int(fields[k + 1]), int(fields[k + 2])) for k in range(0, len(fields), 4)}
+                if "jpg" not in parts or "label" not in parts:
+                    raise DataError(f"{idx}: a sample without jpg or label ({line[:80]})")
+                (jpg_at, jpg_size), (label_at, label_size) = parts["jpg"], parts["label"]
+                tars.append(t)
+                offsets.append(jpg_at)
+                sizes.append(jpg_size)
+                labels.append(decode_label(self.maps[t][label_at:label_at + label_size]))
+        self.tar, self.offset, self.end = np.array(tars), np.array(offsets), np.array(offsets) + np.array(sizes)
+        self.labels = np.array(labels, dtype=np.int32)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def jpegs(self, ids: np.ndarray) -> list[np.ndarray]:
+        arrays = self.arrays
+        return [arrays[t][a:b] for t, a, b in zip(self.tar[ids].tolist(), self.offset[ids].tolist(),
+                                                   self.end[ids].tolist())]
+
+
+class _BatchStream:
+    """The endless sequence of this rank's batches from (epoch, batch) on, as DALI's
+    external_source wants it: (jpeg bytes, labels, mirror flags), one list each. It holds no
+    reference to its loader, so a dropped loader frees its pipeline (and DALI's threads) at once."""
+
+    def __init__(self, index: ShardIndex, order, batch_size: int, steps: int, epoch: int, batch: int):
+        self.index, self.order, self.batch_size, self.steps = index, order, batch_size, steps
+        self.epoch, self.batch = epoch, batch
+        self._ids, self._flips = order(epoch)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.batch >= self.steps:
+            self.epoch, self.batch = self.epoch + 1, 0
+            self._ids, self._flips = self.order(self.epoch)
+        rows = slice(self.batch * self.batch_size, (self.batch + 1) * self.batch_size)
+        self.batch += 1
+        ids = self._ids[rows]
+        # labels and flags as one dense (n, 1) array each; the JPEGs as views into the tars
+        return (self.index.jpegs(ids), self.index.labels[ids].reshape(-1, 1),
+                self._flips[rows].astype(np.int32).reshape(-1, 1))
+
+
+def _epoch_order(epoch: int, count: int, rank: int, world: int, train: bool, seed: int, flip: bool):
+    """A rank's sample ids for an epoch and their mirror flags: train, a slice of one global
+    permutation per epoch (the same on every rank); val, the rank's contiguous part in order."""
+    if train:
+        ids = np.random.default_rng(epoch_seed(seed, epoch)).permutation(count)[rank::world]
+    else:
+        ids = np.arange(*rank_sample_range(count, rank, world))
+    rng = np.random.default_rng(rank_seed(seed, epoch, rank))
+    flips = (rng.random(len(ids)) < 0.5) if flip else np.zeros(len(ids), dtype=bool)
+    return ids, flips
+
+
+def _pipeline(stream, decode, image_size, hw_decoder_load):
+    jpegs, labels, mirror = fn.external_source(source=stream, num_outputs=3, batch=True,
+                                               dtype=[types.UINT8, types.INT32, types.INT32])
+    extra = {"hw_decoder_load": hw_decoder_load} if decode == "mixed" else {}
     # output_type=RGB: grayscale/CMYK JPEGs still give 3 channels, so batches are dense.
-    images = fn.decoders.image(jpegs, device=decode, output_type=types.RGB)
-    mirror = fn.random.coin_flip(probability=0.5) if flip else 0
+    images = fn.decoders.image(jpegs, device=decode, output_type=types.RGB, **extra)
     # pack made every image SxS; the crop (padding if ever smaller) only guarantees a dense
     # batch without paying for a resize of images that are already the right size.
     images = fn.crop_mirror_normalize(
-        images,
-        crop=(image_size, image_size),
-        out_of_bounds_policy="pad",
-        mirror=mirror,
-        dtype=types.UINT8 if as_uint8 else types.FLOAT,
-        output_layout="CHW",
-        mean=[0.0, 0.0, 0.0],
-        std=[1.0, 1.0, 1.0] if as_uint8 else [255.0, 255.0, 255.0],
+        images, crop=(image_size, image_size), out_of_bounds_policy="pad", mirror=mirror,
+        dtype=types.UINT8, output_layout="CHW",
     )
-    labels = fn.reshape(labels, shape=[])
-    if decode == "mixed":
-        labels = labels.gpu()
-    return images, labels
+    return images, fn.reshape(labels, shape=[])
 
 
 # Decorated only where DALI imported: without it this module still imports, and
 # data.loader=auto falls back to the webdataset loader.
-shard_pipeline = pipeline_def(enable_conditionals=False)(_shard_pipeline) if HAVE_DALI else None
+shard_pipeline = pipeline_def(enable_conditionals=False)(_pipeline) if HAVE_DALI else None
 
 
 class DaliLoader:
-    """Batches (images float NCHW in [0,1] or uint8, labels int64) of one split for one rank.
+    """Batches (images uint8 NCHW, labels int64) of one split for one rank.
 
-    train=True: shuffled, flipped, and exactly `steps_per_epoch` full batches on every rank
-    (the smallest rank part decides, so no rank waits in a collective for another).
-    train=False: every sample of the rank's part once, the last batch partial.
+    train=True: a new global permutation every epoch, flipped, exactly `steps_per_epoch` full
+    batches on every rank (the smallest rank part decides, so no rank waits in a collective).
+    train=False: every sample of the rank's contiguous part once, in shard order, the last
+    batch partial.
     """
 
     def __init__(self, paths, index_paths, count, batch_size, *, rank=0, world=1, train=True,
                  gpu_id: int | None = None, num_threads=4, prefetch=2, seed=0, flip=True,
-                 image_size=64, buffer=4096, as_uint8=False):
+                 image_size=64, hw_decoder_load=0.65):
         if not HAVE_DALI:
             raise DataError("NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
-        self.paths, self.index_paths = list(paths), list(index_paths)
+        self.index = ShardIndex(paths, index_paths)
+        if len(self.index) != count:
+            raise DataError(f"the .idx files of {paths[0]}... list {len(self.index)} samples, manifest says {count}")
         self.count, self.batch_size = count, batch_size
         self.rank, self.world, self.train = rank, world, train
         self.gpu_id, self.num_threads, self.prefetch = gpu_id, num_threads, prefetch
         self.seed, self.flip, self.image_size = seed, flip and train, image_size
-        self.buffer, self.as_uint8 = buffer, as_uint8
-        lo, hi = rank_sample_range(count, rank, world)
-        self.rank_count = hi - lo
+        self.hw_decoder_load = hw_decoder_load
         self.steps_per_epoch = steps_per_epoch(count, batch_size, rank, world, train)
-        # Building a pipeline costs ~0.1 s (threads, operators, first prefetch): the next
-        # epoch's is built in the background while this one runs.
-        self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dali-build")
-        self._next: tuple[int, Future] | None = None
+        self._it = None
+        self._position = None  # (epoch, batch) the pipeline delivers next
 
-    def _iterator(self, epoch: int) -> DALIGenericIterator:
-        ahead, self._next = self._next, None
-        if ahead is not None and ahead[0] == epoch:
-            return ahead[1].result()
-        return self._build(epoch)
-
-    def _build(self, epoch: int) -> DALIGenericIterator:
-        order = list(range(len(self.paths)))
-        if self.train:  # a new tar order each epoch, identical on all ranks
-            random.Random(epoch_seed(self.seed, epoch)).shuffle(order)
+    def _build(self, epoch: int, batch: int):
+        decode = "mixed" if self.gpu_id is not None else "cpu"
         pipe = shard_pipeline(
-            paths=[self.paths[i] for i in order],
-            index_paths=[self.index_paths[i] for i in order],
-            shard_id=self.rank,
-            num_shards=self.world,
-            decode="mixed" if self.gpu_id is not None else "cpu",
-            image_size=self.image_size,
-            shuffle=self.train,
-            flip=self.flip,
-            as_uint8=self.as_uint8,
-            buffer=max(1, min(self.buffer, self.rank_count)),
-            batch_size=self.batch_size,
-            num_threads=self.num_threads,
+            _BatchStream(self.index, functools.partial(_epoch_order, count=self.count, rank=self.rank,
+                                                       world=self.world, train=self.train, seed=self.seed,
+                                                       flip=self.flip),
+                         self.batch_size, self.steps_per_epoch, epoch, batch), decode, self.image_size,
+            self.hw_decoder_load, batch_size=self.batch_size, num_threads=self.num_threads,
             device_id=self.gpu_id,  # None: a CPU-only pipeline
-            prefetch_queue_depth=self.prefetch,
-            seed=rank_seed(self.seed, epoch, self.rank),
+            prefetch_queue_depth=self.prefetch, seed=rank_seed(self.seed, epoch, self.rank),
         )
         pipe.build()
-        policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
-        return DALIGenericIterator([pipe], ["images", "labels"], reader_name="reader", last_batch_policy=policy)
+        return DALIGenericIterator([pipe], ["images", "labels"], size=-1)
+
+    def _normal(self, epoch: int, batch: int) -> tuple[int, int]:
+        if not self.train:
+            epoch = 0  # every val pass is the same
+        return (epoch + 1, 0) if batch >= self.steps_per_epoch else (epoch, batch)
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yields the epoch's batches after the first `skip` (a resumed run's position)."""
-        it = self._iterator(epoch)
-        if self.train:
-            self._next = (epoch + 1, self._builder.submit(self._build, epoch + 1))
-        try:
-            for i, out in enumerate(it):
-                if i >= self.steps_per_epoch:
-                    break
-                if i < skip:
-                    continue
-                batch = out[0]
-                yield batch["images"], batch["labels"].long()
-        finally:
-            del it
+        start = self._normal(epoch, skip)
+        if self._position != start:  # a jump (resume, an abandoned pass): a pipeline from here
+            self._it = None
+            self._it = self._build(*start)
+        for b in range(skip, self.steps_per_epoch):
+            out = next(self._it)[0]
+            self._position = self._normal(epoch, b + 1)
+            yield out["images"], out["labels"].long()

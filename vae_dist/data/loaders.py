@@ -1,12 +1,13 @@
 """Choosing and building the loader a training run uses.
 
 All loaders share one contract: `steps_per_epoch`, and `epoch(e, skip=0)` yielding
-(images float NCHW in [0,1] on the training device, labels int64), the same number of
+(images uint8 NCHW on the training device, labels int64), the same number of
 batches on every rank for train, each sample once across ranks for val.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import torch
@@ -16,6 +17,16 @@ from vae_dist.data.partition import epoch_seed, rank_sample_range, rank_seed, st
 from vae_dist.data.shards import load_manifest, split_files
 from vae_dist.data.torch_loaders import WebDatasetLoader
 from vae_dist.errors import DataError
+
+
+def local_processes() -> int:
+    """Training processes on this node (torchrun / accelerate launch export it)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def default_threads() -> int:
+    """Decode threads per process: this node's cores shared by its processes."""
+    return max(1, len(os.sched_getaffinity(0)) // local_processes())
 
 
 def resolve_loader_kind(kind: str) -> str:
@@ -35,23 +46,24 @@ def resolve_decode(decode: str, device: torch.device) -> str:
 
 
 def build_loader(data_cfg, split: str, batch_size: int, *, rank: int, world: int, device: torch.device,
-                 train: bool, seed: int, as_uint8: bool = False):
+                 train: bool, seed: int):
     """The streaming loader for `split` as configured (DALI or webdataset)."""
     manifest = load_manifest(data_cfg.shards)
     tars, idxs, count = split_files(data_cfg.shards, manifest, split)
     kind = resolve_loader_kind(data_cfg.loader)
+    threads = data_cfg.num_threads if data_cfg.num_threads is not None else default_threads()
     if kind == "dali":
         gpu_id = device.index if device.index is not None else 0
         loader = dali.DaliLoader(
             tars, idxs, count, batch_size, rank=rank, world=world, train=train,
             gpu_id=gpu_id if resolve_decode(data_cfg.decode, device) == "gpu" else None,
-            num_threads=data_cfg.num_threads, prefetch=data_cfg.prefetch, seed=seed, flip=data_cfg.flip,
-            image_size=manifest["image_size"], buffer=data_cfg.shuffle_buffer, as_uint8=as_uint8,
+            num_threads=threads, prefetch=data_cfg.prefetch, seed=seed, flip=data_cfg.flip,
+            image_size=manifest["image_size"], hw_decoder_load=data_cfg.hw_decoder_load,
         )
         return _OnDevice(loader, device)
     return WebDatasetLoader(tars, count, batch_size, rank=rank, world=world, train=train,
-                            num_workers=data_cfg.num_threads, seed=seed, flip=data_cfg.flip,
-                            buffer=data_cfg.shuffle_buffer, as_uint8=as_uint8, device=device)
+                            num_workers=threads, seed=seed, flip=data_cfg.flip,
+                            buffer=data_cfg.shuffle_buffer, device=device)
 
 
 class _OnDevice:
@@ -88,15 +100,15 @@ class CachedLoader:
             perm = torch.randperm(n, generator=g)[self.rank::self.world].to(device)
         else:
             perm = torch.arange(*self._val_range, device=device)
+        # the whole epoch's flips drawn at once: a resumed epoch (skip > 0) flips the same images
         fg = torch.Generator(device=device).manual_seed(rank_seed(self.seed, epoch, self.rank))
-        for step in range(self.steps_per_epoch):
-            idx = perm[step * self.batch_size:(step + 1) * self.batch_size]
-            if step < skip:
-                continue
-            x = self.images[idx].float().div_(255)
-            if self.flip:
-                mask = torch.rand(x.shape[0], 1, 1, 1, device=device, generator=fg) < 0.5
-                x = torch.where(mask, x.flip(-1), x)
+        flips = torch.rand(perm.shape[0], device=device, generator=fg) < 0.5 if self.flip else None
+        for step in range(skip, self.steps_per_epoch):
+            batch = slice(step * self.batch_size, (step + 1) * self.batch_size)
+            idx = perm[batch]
+            x = self.images[idx]
+            if flips is not None:
+                x = torch.where(flips[batch].view(-1, 1, 1, 1), x.flip(-1), x)
             yield x, self.labels[idx]
 
 
@@ -105,7 +117,7 @@ def decode_split(data_cfg, split: str, device: torch.device) -> tuple[torch.Tens
     manifest = load_manifest(data_cfg.shards)
     count = manifest["splits"][split]["count"] if split in manifest.get("splits", {}) else 0
     loader = build_loader(data_cfg, split, min(256, max(1, count)), rank=0, world=1, device=device,
-                          train=False, seed=0, as_uint8=True)
+                          train=False, seed=0)
     size = manifest["image_size"]
     images = torch.empty(count, 3, size, size, dtype=torch.uint8, device=device)
     labels = torch.empty(count, dtype=torch.long, device=device)
@@ -118,15 +130,36 @@ def decode_split(data_cfg, split: str, device: torch.device) -> tuple[torch.Tens
     return images, labels
 
 
-def build_train_and_val(data_cfg, batch_size: int, *, rank: int, world: int, device: torch.device, seed: int):
-    """(train loader, val loader) as data.cache says: streaming, or cached in RAM / GPU."""
-    if data_cfg.cache == "none":
+def choose_cache(data_cfg, device: torch.device, free_bytes: int | None = None) -> tuple[str, str]:
+    """('gpu' | 'ram' | 'none', why) for data.cache. `auto` on CUDA: decode train+val once into
+    GPU memory when they fit in `data.cache_budget` of the free GPU memory (`free_bytes`, else
+    measured), otherwise stream. `auto` on a CPU streams: there the step, not decoding, bounds
+    training, and a RAM cache measured no faster (docs/benchmarks.md)."""
+    if data_cfg.cache != "auto":
+        if data_cfg.cache == "gpu" and device.type != "cuda":
+            raise DataError("data.cache=gpu but training does not run on a CUDA GPU (use data.cache=ram)")
+        return data_cfg.cache, f"data.cache={data_cfg.cache}"
+    if device.type != "cuda":
+        return "none", "no CUDA: streaming (a RAM cache is data.cache=ram)"
+    manifest = load_manifest(data_cfg.shards)
+    splits = manifest.get("splits", {})
+    count = sum(splits.get(s, {}).get("count", 0) for s in ("train", "val"))
+    need = count * 3 * manifest["image_size"] ** 2  # uint8
+    free = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
+    fits = need <= data_cfg.cache_budget * free
+    why = (f"{count} decoded images ({need / 2**30:.2f} GiB) {'fit' if fits else 'do not fit'} in "
+           f"{data_cfg.cache_budget:.0%} of {free / 2**30:.1f} GiB free GPU memory")
+    return ("gpu", why) if fits else ("none", why + ": streaming")
+
+
+def build_train_and_val(data_cfg, batch_size: int, *, rank: int, world: int, device: torch.device, seed: int,
+                        cache: str = "none"):
+    """(train loader, val loader): streaming (cache='none'), or decoded once into RAM / GPU."""
+    if cache == "none":
         make = lambda split, train: build_loader(data_cfg, split, batch_size, rank=rank, world=world,  # noqa: E731
                                                  device=device, train=train, seed=seed)
         return make("train", True), make("val", False)
-    if data_cfg.cache == "gpu" and device.type != "cuda":
-        raise DataError("data.cache=gpu but training does not run on a CUDA GPU (use data.cache=ram)")
-    target = device if data_cfg.cache == "gpu" else torch.device("cpu")
+    target = device if cache == "gpu" else torch.device("cpu")
     loaders = []
     for split, train in (("train", True), ("val", False)):
         images, labels = decode_split(data_cfg, split, target)

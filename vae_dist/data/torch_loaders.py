@@ -73,14 +73,14 @@ def _collate(items):
 
 
 class WebDatasetLoader:
-    """Same contract as DaliLoader: epoch(e, skip) yields (float NCHW [0,1], int64 labels)."""
+    """Same contract as DaliLoader: epoch(e, skip) yields (uint8 NCHW, int64 labels)."""
 
     def __init__(self, paths, count, batch_size, *, rank=0, world=1, train=True, num_workers=4,
-                 seed=0, flip=True, buffer=4096, as_uint8=False, device="cpu"):
+                 seed=0, flip=True, buffer=4096, device="cpu"):
         self.paths, self.count, self.batch_size = list(paths), count, batch_size
         self.rank, self.world, self.train = rank, world, train
         self.num_workers, self.seed, self.flip = num_workers, seed, flip and train
-        self.buffer, self.as_uint8, self.device = buffer, as_uint8, torch.device(device)
+        self.buffer, self.device = buffer, torch.device(device)
         self.steps_per_epoch = steps_per_epoch(count, batch_size, rank, world, train)
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -92,8 +92,6 @@ class WebDatasetLoader:
             if i < skip:
                 continue
             images = images.to(self.device, non_blocking=True)
-            if not self.as_uint8:
-                images = images.float().div_(255)
             yield images, labels.long().to(self.device, non_blocking=True)
 
 
