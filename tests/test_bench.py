@@ -38,8 +38,11 @@ def test_bench_tiny(what, tmp_path, shards, sample_root):
     assert (tmp_path / "p.png").stat().st_size > 1000
     assert "img/s" in r.stdout  # the printed table
     if what == "data":
-        rows = _check(report, ["dali-cpu", "webdataset", "ImageFolder", "dali-gpu"])
+        rows = _check(report, ["dali-cpu", "webdataset", "ImageFolder", "dali-gpu", "ram-cache"])
         assert "unavailable" in next(v for k, v in rows.items() if "dali-gpu" in k)  # no GPU here
+        cache = next(v for k, v in rows.items() if "ram-cache" in k)
+        assert cache["build_s"] > 0 and cache["build_img_per_s"] > 0
+        assert all(r["rss_mib"] > 100 for r in rows.values() if "img_per_s" in r)  # memory beside speed
     elif what == "step":
         rows = _check(report, ["eager fp32"])
         assert all(r["tflop_per_s"] > 0 and r["gflop_per_image"] > 0 for r in rows.values())

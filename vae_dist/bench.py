@@ -91,7 +91,7 @@ def _model_cfg(tiny: bool):
 def bench_data(args, shards: str, images_root: str | None) -> list[dict]:
     from vae_dist.config import DataConfig
     from vae_dist.data import dali
-    from vae_dist.data.loaders import build_loader
+    from vae_dist.data.loaders import CachedLoader, build_loader, decode_split
     from vae_dist.data.torch_loaders import image_folder_loader
 
     bs = args.batch_size or (32 if args.tiny else 256)
@@ -117,12 +117,28 @@ def bench_data(args, shards: str, images_root: str | None) -> list[dict]:
         if loader == "dali" and not dali.HAVE_DALI:
             results.append({"name": name, "unavailable": "NVIDIA DALI not installed"})
             continue
+
         def measure(name=name, loader=loader, decode=decode, device=device):
             cfg = DataConfig(shards=shards, loader=loader, decode=decode, num_threads=threads)
             ld = build_loader(cfg, "train", bs, rank=0, world=1, device=device, train=True, seed=0)
             return _measure_stream(name, stream(ld.epoch), bs, steps, warmup, args.repeats, device, threads=threads)
 
         results.append(_row_or_reason(name, measure))
+    # the decoded-split cache (data.cache): built once (timed apart), then served from memory
+    cache_device = gpu or cpu
+    cache_name = f"{'gpu' if gpu is not None else 'ram'}-cache (decoded once, then gather + flip)"
+
+    def measure_cache():
+        cfg = DataConfig(shards=shards, loader="dali" if dali.HAVE_DALI else "webdataset", num_threads=threads)
+        t0 = time.perf_counter()
+        images, labels = decode_split(cfg, "train", cache_device)
+        _sync(cache_device)
+        build_s = time.perf_counter() - t0
+        ld = CachedLoader(images, labels, bs)
+        return _measure_stream(cache_name, stream(ld.epoch), bs, steps, warmup, args.repeats, cache_device,
+                               threads=threads, build_s=build_s, build_img_per_s=images.shape[0] / build_s)
+
+    results.append(_row_or_reason(cache_name, measure_cache))
     if images_root and Path(images_root, "train").is_dir():
         def measure_seed(name="seed: ImageFolder+PIL DataLoader"):
             dl = image_folder_loader(str(Path(images_root) / "train"), bs, threads)
@@ -133,6 +149,29 @@ def bench_data(args, shards: str, images_root: str | None) -> list[dict]:
     else:
         results.append({"name": "seed: ImageFolder+PIL DataLoader", "unavailable": "pass --images (extracted root)"})
     return results
+
+
+def _memory(device: torch.device) -> dict:
+    """Host RSS of this process and its children (DataLoader workers), and GPU memory in use."""
+    def rss(pid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+        except (OSError, StopIteration):
+            return 0.0
+
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                children.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    out = {"rss_mib": rss(os.getpid()) + sum(rss(c) for c in children)}
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        out["gpu_mem_mib"] = (total - free) / 2**20
+    return out
 
 
 def _measure_stream(name, it, bs, steps, warmup, repeats, device, **extra) -> dict:
@@ -150,7 +189,8 @@ def _measure_stream(name, it, bs, steps, warmup, repeats, device, **extra) -> di
         return n, time.perf_counter() - t0
 
     median, rates = _timed(window, repeats)
-    return {"name": name, "img_per_s": median, "batch_size": bs, "steps": steps, "repeats": rates, **extra}
+    return {"name": name, "img_per_s": median, "batch_size": bs, "steps": steps, "repeats": rates,
+            **_memory(device), **extra}
 
 
 # -- step ------------------------------------------------------------------------------------
@@ -374,6 +414,10 @@ def print_table(what: str, results: list[dict]) -> None:
         notes = []
         if "data_wait" in r:
             notes.append(f"data wait {r['data_wait']:.0%}")
+        if "build_s" in r:
+            notes.append(f"built in {r['build_s']:.1f} s")
+        if "rss_mib" in r:
+            notes.append(f"RSS {r['rss_mib']:,.0f} MiB" + (f", GPU {r['gpu_mem_mib']:,.0f} MiB" if "gpu_mem_mib" in r else ""))
         if "tflop_per_s" in r:
             notes.append(f"{r['tflop_per_s']:.2f} TFLOP/s")
         if "mfu" in r:
