@@ -50,7 +50,8 @@ class RunFolderLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "slurm_job": os.environ.get("SLURM_JOB_ID")}
         for _ in range(2):  # the second try follows the takeover of a dead holder's lock
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -77,6 +78,11 @@ class RunFolderLock:
             return
         if host == socket.gethostname() and not _pid_alive(pid):
             _warn(f"taking over the lock of pid {pid} (since {since}), which is no longer running")
+            self.path.unlink(missing_ok=True)
+            return
+        job = os.environ.get("SLURM_JOB_ID")
+        if job and holder.get("slurm_job") == job:  # this job's own run before a requeue, on any node
+            _warn(f"taking over the lock of SLURM job {job}'s previous start (pid {pid} on {host})")
             self.path.unlink(missing_ok=True)
             return
         raise UserError(f"run folder {self.path.parent} is in use by pid {pid} on {host} since {since}; "

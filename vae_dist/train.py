@@ -396,6 +396,10 @@ def train(cfg: Config) -> int:
         if start.moved_to is not None:
             accelerator.print(f"moved the previous run in {run_dir} to {start.moved_to}")
         code = Trainer(cfg, accelerator).fit(start.checkpoint)
+        lock.release()
+        # nobody exits before rank 0 has let go of the folder (srun --kill-on-bad-exit ends
+        # the other ranks as soon as one exits with a signal's code)
+        accelerator.wait_for_everyone()
     finally:
         lock.release()
     sys.stdout.flush()
