@@ -86,7 +86,9 @@ def test_signalled_job_requeues_once_resumes_and_completes(shards, tmp_path):
     subprocess.run(["scancel", "--signal=TERM", job], check=True)  # what --signal=TERM@120 sends
     requeued = _wait(job, until=("PENDING",))
     assert requeued["Restarts"] == "1"
-    # SLURM holds a requeued job for CredExpire (2 min); an admin's nudge saves the suite that wait
+    # SLURM holds a requeued job for CredExpire (2 min); an admin's nudge saves the suite that wait.
+    # Not at once: a start within the second of the requeue meets the old job's revoked credential.
+    time.sleep(5)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     info = _wait(job, timeout=400)
     out = out_file.read_text()
