@@ -118,7 +118,7 @@ def test_changing_lr_and_beta_does_not_recompile(shards, tmp_path):
     lrs, betas = set(), set()
     for _ in range(5):
         trainer.train_step(next(batches)[0])
-        lrs.add(trainer.step.lr.item())
+        lrs.add(trainer.step.lrs[0].item())
         betas.add(trainer.step.beta.item())
     assert len(lrs) == 5 and len(betas) == 5  # both really changed every step
     assert counters["stats"]["unique_graphs"] == graphs and counters["frames"]["total"] == frames

@@ -60,6 +60,32 @@ def _viz(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from vae_dist.inference import evaluate_checkpoint, format_eval
+
+    result = evaluate_checkpoint(args.ckpt, args.shards, split=args.split, iw=args.iw, json_path=args.json,
+                                 calib_images=args.calib_images, batch_size=args.batch_size, seed=args.seed)
+    print(format_eval(result))
+    if args.json:
+        print(f"results: {args.json}")
+    return 0
+
+
+def _sample(args) -> int:
+    from vae_dist.inference import sample_images
+
+    paths = sample_images(args.ckpt, args.out, n=args.n, seed=args.seed)
+    print(f"{paths[0]} and {len(paths) - 1} single images in {args.out}")
+    return 0
+
+
+def _encode(args) -> int:
+    from vae_dist.inference import encode_split
+
+    print(f"posterior means, log-variances and labels: {encode_split(args.ckpt, args.shards, args.out, args.split)}")
+    return 0
+
+
 def _bench(args) -> int:
     from vae_dist.bench import run_bench
 
@@ -132,6 +158,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shards", help="shard folder for real images (default: the run's data.shards)")
     s.add_argument("--num-images", type=int, default=8)
     s.set_defaults(run=_viz)
+
+    s = sub.add_parser("eval", help="bits/dim (ELBO and importance-weighted bound) and PSNR of a checkpoint")
+    s.add_argument("ckpt", help="checkpoint folder, run folder or model.safetensors")
+    s.add_argument("--shards", required=True, help="shard folder")
+    s.add_argument("--split", default="val")
+    s.add_argument("--iw", type=int, default=1, help="importance samples K per image (K=1: the ELBO alone)")
+    s.add_argument("--json", help="write the results JSON here")
+    s.add_argument("--calib-images", type=int, default=10000, help="train images that calibrate the MSE decoder's sigma")
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(run=_eval)
+
+    s = sub.add_parser("sample", help="images from the prior of a checkpoint: a grid and single PNGs")
+    s.add_argument("ckpt", help="checkpoint folder, run folder or model.safetensors")
+    s.add_argument("out")
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(run=_sample)
+
+    s = sub.add_parser("encode", help="posterior means, log-variances and labels of a split as .npz")
+    s.add_argument("ckpt", help="checkpoint folder, run folder or model.safetensors")
+    s.add_argument("--shards", required=True, help="shard folder")
+    s.add_argument("--split", default="val")
+    s.add_argument("--out", required=True, help="the .npz file to write")
+    s.set_defaults(run=_encode)
 
     s = sub.add_parser("bench", help="throughput benchmarks (images/s)")
     add_bench_args(s)

@@ -43,7 +43,7 @@ class ModelConfig(VAEConfig):
 
 @dataclass
 class LossConfig:
-    recon: Literal["sum", "mean"] = "sum"  # sum over pixels, mean over batch (the seed's)
+    recon: Literal["sum", "mean", "gaussian"] = "sum"  # sum: MSE summed over pixels (the seed's); gaussian: σ-VAE
     kl_schedule: Literal["constant", "linear", "sigmoid", "cyclical"] = "linear"
     beta: float = 1.0  # final / maximum KL weight
     kl_warmup: float = 0.25  # linear/sigmoid: fraction of all steps until beta is reached
@@ -62,6 +62,7 @@ class OptimConfig:
     lr_schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
+    sigma_lr_scale: float = 10.0  # loss.recon=gaussian: lr of the learned sigma, as a multiple of lr
 
 
 @dataclass
@@ -296,6 +297,9 @@ def validate(cfg: Config) -> None:
     for key, value, ok, must in rules:
         if not ok:
             raise ConfigError(f"config key '{key}' must be {must}, got {value}")
+    if cfg.model.learned_sigma and loss.recon != "gaussian":
+        raise ConfigError("config key 'model.learned_sigma' needs loss.recon=gaussian (the sigma is learned by that loss)")
+    cfg.model.learned_sigma = loss.recon == "gaussian"  # the σ-VAE's decoder carries its sigma
     if cfg.model.image_size % (2 ** len(cfg.model.widths)):
         raise ConfigError(
             f"config key 'model.image_size' ({cfg.model.image_size}) must divide by "

@@ -119,8 +119,9 @@ class RankZeroHooks(Hooks):
         self._guard("metrics.jsonl", self._write_row, row)
         self._guard("wandb", self._wandb_log, {"step": row["step"], **{f"val/{k}": v for k, v in row.items()
                                                                        if k not in ("step", "split")}})
-        print(f"eval {row['step']:>7d} | -ELBO {row['loss']:9.3f} | recon {row['recon']:9.3f} | kl {row['kl']:7.3f} "
-              f"| {row['bpd']:.3f} bits/dim | PSNR {row['psnr']:.2f} dB", flush=True)
+        print(f"eval {row['step']:>7d} | loss {row['loss']:9.3f} | recon {row['recon']:9.3f} | kl {row['kl']:7.3f} "
+              + (f"| {row['bpd']:.3f} bits/dim (σ {row['sigma']:.4f}) " if "bpd" in row else "")
+              + f"| PSNR {row['psnr']:.2f} dB", flush=True)
 
     def _write_row(self, row: dict) -> None:
         self._metrics.write(json.dumps({**row, "time": round(time.time(), 3)}) + "\n")

@@ -19,6 +19,7 @@ class VAEConfig:
     in_channels: int = 3
     widths: tuple[int, ...] = (64, 128, 256, 512)
     latent_dim: int = 128
+    learned_sigma: bool = False  # one learned output scale sigma (the σ-VAE's decoder, loss.recon=gaussian)
 
 
 def _conv(c_in: int, c_out: int) -> nn.Conv2d:
@@ -51,6 +52,8 @@ class VAE(nn.Module):
             dec += [_deconv(c_in, c_out), nn.ReLU(inplace=True)]
         dec += [_deconv(rev[-1], cfg.in_channels), nn.Sigmoid()]
         self.decoder = nn.Sequential(*dec)
+        # p(x|z) = N(decoder(z), sigma^2 I); the seed's MSE has no sigma (it is calibrated afterwards)
+        self.log_sigma = nn.Parameter(torch.zeros(())) if cfg.learned_sigma else None
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder(x).flatten(1)

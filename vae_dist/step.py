@@ -32,21 +32,23 @@ class TrainStep:
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
         self.raw_optimizer = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.log_sigma = accelerator.unwrap_model(model).log_sigma  # None but for loss.recon=gaussian
         self.recon_kind, self.free_bits = loss_cfg.recon, loss_cfg.free_bits
         self.grad_clip, self.channels_last = grad_clip, channels_last
         self.device = accelerator.device
         self.autocast_dtype = AUTOCAST.get(accelerator.mixed_precision)
         self.scaled = accelerator.scaler is not None  # fp16: the GradScaler owns found_inf
-        self.lr = torch.zeros((), device=self.device)
         self.beta = torch.zeros((), device=self.device)
+        # one lr tensor per param group: the base lr times the group's lr_scale (the σ-VAE's sigma)
+        self.lrs = [torch.zeros((), device=self.device) for _ in self.raw_optimizer.param_groups]
         self.bind_lr()
         self.meters = torch.zeros(8, device=self.device)
         self.forward_loss = torch.compile(self._forward_loss, mode=compile_mode) if compile_mode else self._forward_loss
 
     def bind_lr(self) -> None:
-        """Points every param group at the lr tensor (again after a checkpoint load)."""
-        for group in self.raw_optimizer.param_groups:
-            group["lr"] = self.lr
+        """Points every param group at its lr tensor (again after a checkpoint load)."""
+        for group, lr in zip(self.raw_optimizer.param_groups, self.lrs):
+            group["lr"] = lr
 
     def _forward_loss(self, images: torch.Tensor, beta: torch.Tensor):
         images = unit_float(images)  # uint8 from the loaders: converted here, fused by the compiler
@@ -55,12 +57,13 @@ class TrainStep:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             x_hat, mu, logvar = self.model(images)
-        recon = recon_loss(x_hat, images, self.recon_kind)
+        recon = recon_loss(x_hat, images, self.recon_kind, self.log_sigma)
         kl = kl_divergence(mu, logvar, self.free_bits)
         return recon + beta * kl, recon, kl
 
     def __call__(self, images: torch.Tensor, lr: float, beta: float) -> None:
-        self.lr.fill_(lr)  # host -> device writes: launches, not syncs
+        for group, group_lr in zip(self.raw_optimizer.param_groups, self.lrs):
+            group_lr.fill_(lr * group.get("lr_scale", 1.0))  # host -> device writes: launches, not syncs
         self.beta.fill_(beta)
         self.model.train()
         loss, recon, kl = self.forward_loss(images, self.beta)

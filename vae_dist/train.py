@@ -32,7 +32,14 @@ from vae_dist.data import unit_float
 from vae_dist.data.loaders import build_train_and_val, choose_cache, resolve_loader_kind
 from vae_dist.errors import ConfigError, UserError
 from vae_dist.hooks import make_hooks
-from vae_dist.losses import bits_per_dim, kl_divergence, make_kl_schedule, psnr, recon_loss
+from vae_dist.losses import (
+    bits_per_dim,
+    discretized_gaussian_log_likelihood,
+    kl_divergence,
+    make_kl_schedule,
+    psnr,
+    recon_loss,
+)
 from vae_dist.model import VAE
 from vae_dist.run_folder import RunFolderLock, choose_start
 from vae_dist.step import TrainStep
@@ -123,7 +130,11 @@ class Trainer:
         torch.manual_seed(cfg.train.seed * 1000 + self.rank)
         # fused: one kernel for the update, and its found_inf input skips a non-finite step
         # on the device (step.py)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+        # the σ-VAE's one scalar sigma learns faster than the network (optim.sigma_lr_scale)
+        groups = [{"params": [p for n, p in model.named_parameters() if n != "log_sigma"]}]
+        if model.log_sigma is not None:
+            groups.append({"params": [model.log_sigma], "lr_scale": cfg.optim.sigma_lr_scale, "weight_decay": 0.0})
+        optimizer = torch.optim.Adam(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                      weight_decay=cfg.optim.weight_decay, fused=True)
 
         self.cache, self.data_choice = choose_cache(cfg.data, self.device)
@@ -143,6 +154,7 @@ class Trainer:
         self.hooks = make_hooks(acc, cfg, self.run_dir, self.val_loader)
         self._reset_window()
         self._last_eval_step = self._last_ckpt_step = -1
+        self._train_recon: float | None = None  # the mean train recon term of the last sync window
 
     # -- setup helpers -------------------------------------------------------------------
     def _per_process_batch(self) -> int:
@@ -252,6 +264,8 @@ class Trainer:
         loss, recon, kl, grad_norm, good, skipped, consecutive, max_consecutive, signum = \
             torch.cat([sums, flags]).tolist()  # SYNC: the only host read between sync points
         stop.agreed = int(signum)
+        if good:
+            self._train_recon = recon / good  # calibrates the MSE decoder's sigma at the next eval
         self.state.bad_steps = int(consecutive)
         self.state.skipped_steps += int(skipped)
         if good or skipped:
@@ -304,15 +318,35 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self.hooks.close(weights=self.run_dir / ckpt.WEIGHTS)
 
+    def output_sigma(self) -> float | None:
+        """The decoder's sigma for bits/dim: learned (loss.recon=gaussian), or for the seed's MSE
+        the maximum-likelihood shared sigma on training images: the root of their mean squared
+        error per subpixel, from the latest train window (Rybkin et al. 2021)."""
+        model = self.raw_model
+        if model.log_sigma is not None:
+            return float(model.log_sigma.detach().exp())  # SYNC: evaluation only
+        recon = self._train_recon
+        m = self.step.meters
+        good = float(m[meters.GOOD])  # SYNC: evaluation only
+        if good:  # the current window is the freshest
+            recon = float(m[meters.RECON]) / good
+        if recon is None:
+            return None
+        pixels = model.cfg.in_channels * model.cfg.image_size**2
+        return math.sqrt(recon / pixels if self.cfg.loss.recon == "sum" else recon)
+
     @torch.no_grad()
     def evaluate(self) -> dict | None:
-        """Val metrics over every val sample once (each rank its own part), summed over ranks."""
+        """Val metrics over every val sample once (each rank its own part), summed over ranks:
+        the training objective, and the ELBO as a discretized likelihood in bits/dim."""
         if self._last_eval_step == self.state.step:
             return None
         self._last_eval_step = self.state.step
         model = self.raw_model  # eager and unwrapped: ranks may run different batch counts here
         model.eval()
-        sums = torch.zeros(4, device=self.device, dtype=torch.float64)  # recon, kl, sq_err(mu), images
+        sigma = self.output_sigma()
+        # recon (objective), kl, sq_err(decode(mu)), log p(x|z) discretized under sigma, images
+        sums = torch.zeros(5, device=self.device, dtype=torch.float64)
         limit = self.cfg.train.eval_batches
         for i, (x, _) in enumerate(self.val_loader.epoch(0)):
             if limit is not None and i >= limit:
@@ -322,22 +356,24 @@ class Trainer:
                 x_hat, mu, logvar = model(x)
                 x_mean = model.decode(mu)
             n = x.shape[0]
+            log_px = discretized_gaussian_log_likelihood(x, x_hat, sigma).sum() if sigma else x.new_zeros(())
             sums += torch.stack([
-                recon_loss(x_hat, x, "sum") * n, kl_divergence(mu, logvar) * n,
-                (x_mean.float() - x).pow(2).sum(), torch.tensor(float(n), device=self.device),
-            ]).double()
+                recon_loss(x_hat, x, self.cfg.loss.recon, model.log_sigma).double() * n,
+                kl_divergence(mu, logvar).double() * n, (x_mean.float() - x).pow(2).sum().double(),
+                log_px.double(), torch.tensor(float(n), device=self.device, dtype=torch.float64),
+            ])
         model.train()
         sums = self.accelerator.reduce(sums, reduction="sum")  # collective: all ranks
-        recon, kl, sq_err, count = sums.tolist()  # SYNC
+        recon, kl, sq_err, log_px, count = sums.tolist()  # SYNC
         if count == 0:
             return None
         pixels = model.cfg.in_channels * model.cfg.image_size**2
-        nelbo = (recon + kl) / count
         row = {
-            "split": "val", "step": self.state.step, "epoch": self.state.epoch, "loss": nelbo,
-            "recon": recon / count, "kl": kl / count, "elbo": -nelbo, "bpd": bits_per_dim(nelbo, pixels),
-            "psnr": psnr(sq_err / (count * pixels)), "images": int(count),
+            "split": "val", "step": self.state.step, "epoch": self.state.epoch, "loss": (recon + kl) / count,
+            "recon": recon / count, "kl": kl / count, "psnr": psnr(sq_err / (count * pixels)), "images": int(count),
         }
+        if sigma:  # the ELBO of 8-bit images under the decoder's sigma, in nats and in bits/dim
+            row.update(elbo=(log_px - kl) / count, bpd=bits_per_dim((kl - log_px) / count, pixels), sigma=sigma)
         self.hooks.log_eval(row)
         return row
 

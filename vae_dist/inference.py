@@ -1,0 +1,154 @@
+"""The trained model put to use: likelihood evaluation, prior samples, latent codes.
+
+    vae-dist eval CKPT --shards DIR [--split val] [--iw K] [--json FILE]
+    vae-dist sample CKPT OUT [--n N] [--seed S]
+    vae-dist encode CKPT --shards DIR [--split val] --out FILE.npz
+
+CKPT is a checkpoint folder, a run folder or a weights file. `eval` scores every image of
+the split under a discretized Gaussian decoder (losses.discretized_gaussian_log_likelihood):
+  elbo_bpd  the ELBO, -E_q[log p(x|z) + log p(z) - log q(z|x)], averaged over K samples
+  iw_bpd    the importance-weighted bound with the same K samples (Burda et al. 2016):
+            -log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x); never looser than elbo_bpd, equal at K=1
+both in bits per subpixel. sigma is the decoder's: learned (loss.recon=gaussian) or, for the
+seed's MSE objective, the maximum-likelihood shared sigma on training images (never on the
+split being scored). Under `accelerate launch` each rank scores its part and the sums meet.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vae_dist.checkpoint import find_weights, load_weights
+from vae_dist.config import DataConfig
+from vae_dist.data import unit_float
+from vae_dist.data.loaders import build_loader
+from vae_dist.errors import UserError
+from vae_dist.losses import bits_per_dim, discretized_gaussian_log_likelihood, psnr
+from vae_dist.model import VAE
+
+
+def _accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def _batches(shards: str, split: str, batch_size: int, acc, limit: int | None = None):
+    """Every image of the split once across ranks (this rank's part), as float batches."""
+    cfg = DataConfig(shards=str(shards), cache="none")
+    loader = build_loader(cfg, split, batch_size, rank=acc.process_index, world=acc.num_processes,
+                          device=acc.device, train=False, seed=0)
+    seen = 0
+    for x, y in loader.epoch(0):
+        if limit is not None and seen >= limit:
+            break
+        yield unit_float(x), y
+        seen += x.shape[0]
+
+
+def _log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    return (-0.5 * (math.log(2 * math.pi) + logvar + (z - mu) ** 2 / logvar.exp())).sum(-1)
+
+
+@torch.no_grad()
+def calibrate_sigma(model: VAE, shards: str, acc, images: int, batch_size: int) -> float:
+    """The ML shared sigma of a Gaussian decoder on training images: sqrt(mean squared error
+    per subpixel) with z ~ q(z|x), as for the σ-VAE's 'optimal sigma'."""
+    sums = torch.zeros(2, device=acc.device, dtype=torch.float64)
+    for x, _ in _batches(shards, "train", batch_size, acc, limit=images // acc.num_processes):
+        x_hat, _, _ = model(x)
+        sums += torch.stack([(x_hat - x).pow(2).sum().double(), torch.tensor(float(x.numel()), device=acc.device)])
+    sq, n = acc.reduce(sums, reduction="sum").tolist()
+    return math.sqrt(sq / n)
+
+
+@torch.no_grad()
+def evaluate_checkpoint(ckpt: str, shards: str, split: str = "val", iw: int = 1, json_path: str | None = None,
+                        calib_images: int = 10000, batch_size: int = 256, seed: int = 0) -> dict:
+    if iw < 1:
+        raise UserError(f"--iw must be at least 1 (samples per image), got {iw}")
+    acc = _accelerator()
+    weights = find_weights(ckpt)
+    model = load_weights(weights, acc.device)
+    torch.manual_seed(seed + acc.process_index)
+    if model.log_sigma is not None:
+        sigma, source = float(model.log_sigma.exp()), "learned (loss.recon=gaussian)"
+    else:
+        sigma = calibrate_sigma(model, shards, acc, calib_images, batch_size)
+        source = f"maximum likelihood on up to {calib_images} train images"
+    sums = torch.zeros(4, device=acc.device, dtype=torch.float64)  # elbo, iw, sq_err(decode(mu)), images
+    for x, _ in _batches(shards, split, batch_size, acc):
+        mu, logvar = model.encode(x)
+        log_w = []
+        for _ in range(iw):
+            z = model.reparameterize(mu, logvar)
+            log_px = discretized_gaussian_log_likelihood(x, model.decode(z), sigma)
+            log_w.append(log_px + _log_normal(z, torch.zeros_like(z), torch.zeros_like(z)).double()
+                         - _log_normal(z, mu, logvar).double())
+        log_w = torch.stack(log_w)  # (K, B)
+        sums += torch.stack([log_w.mean(0).sum(), (torch.logsumexp(log_w, 0) - math.log(iw)).sum(),
+                             (model.decode(mu) - x).pow(2).sum().double(),
+                             torch.tensor(float(x.shape[0]), device=acc.device, dtype=torch.float64)])
+    elbo, iw_bound, sq_err, count = acc.reduce(sums, reduction="sum").tolist()
+    if count == 0:
+        raise UserError(f"split '{split}' of {shards} holds no images")
+    dims = model.cfg.in_channels * model.cfg.image_size**2
+    result = {
+        "checkpoint": str(weights), "shards": str(shards), "split": split, "images": int(count),
+        "elbo_bpd": bits_per_dim(-elbo / count, dims), "iw_bpd": bits_per_dim(-iw_bound / count, dims), "iw_k": iw,
+        "elbo_nats": elbo / count, "iw_nats": iw_bound / count, "psnr": psnr(sq_err / (count * dims)),
+        "sigma": sigma, "sigma_source": source,
+    }
+    if json_path and acc.is_main_process:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def format_eval(r: dict) -> str:
+    return (f"{r['split']}: {r['images']} images | ELBO {r['elbo_bpd']:.4f} bits/dim | IW (K={r['iw_k']}) "
+            f"{r['iw_bpd']:.4f} bits/dim | PSNR {r['psnr']:.2f} dB | sigma {r['sigma']:.4f} ({r['sigma_source']})")
+
+
+@torch.no_grad()
+def sample_images(ckpt: str, out: str, n: int = 64, seed: int = 0) -> list[Path]:
+    """n images from the prior: a grid and each image as PNG."""
+    from torchvision.utils import make_grid, save_image
+
+    if n < 1:
+        raise UserError(f"--n must be at least 1, got {n}")
+    model = load_weights(find_weights(ckpt))
+    images = model.sample(n, generator=torch.Generator().manual_seed(seed)).float().clamp(0, 1)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid = out_dir / "samples.png"
+    save_image(make_grid(images, nrow=max(1, int(math.sqrt(n))), padding=2), grid)
+    paths = [grid]
+    for i, img in enumerate(images):
+        paths.append(out_dir / f"sample_{i:04d}.png")
+        save_image(img, paths[-1])
+    return paths
+
+
+@torch.no_grad()
+def encode_split(ckpt: str, shards: str, out: str, split: str = "val", batch_size: int = 256) -> Path:
+    """Posterior means, log-variances and labels of every image of a split, as .npz."""
+    acc = _accelerator()
+    if acc.num_processes > 1:
+        raise UserError("vae-dist encode runs in one process (it writes one file)")
+    model = load_weights(find_weights(ckpt), acc.device)
+    mus, logvars, labels = [], [], []
+    for x, y in _batches(shards, split, batch_size, acc):
+        mu, logvar = model.encode(x)
+        mus.append(mu.float().cpu())
+        logvars.append(logvar.float().cpu())
+        labels.append(y.cpu())
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, mu=torch.cat(mus).numpy(), logvar=torch.cat(logvars).numpy(), labels=torch.cat(labels).numpy())
+    return path
