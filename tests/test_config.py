@@ -64,3 +64,71 @@ def test_cli_reports_a_bad_key_in_one_line():
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0, r.stderr
     assert "train.bad_key" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_help_names_every_key_with_its_default():
+    import dataclasses
+
+    import yaml
+
+    from vae_dist.config import Config, to_dict
+
+    r = run_cli("train", "--help")
+    assert r.returncode == 0, r.stderr
+    lines = {line.split()[0]: line for line in r.stdout.splitlines() if line.strip().startswith("--")}
+    defaults = to_dict(Config())
+    for section in dataclasses.fields(Config):
+        for key, default in defaults[section.name].items():
+            line = lines.get(f"--{section.name}.{key}")
+            assert line is not None, f"--{section.name}.{key} missing from train --help"
+            shown, meaning = line.split("[", 1)[1].split("]", 1)
+            value = [yaml.safe_load(v) for v in shown.split(",") if v] if isinstance(default, list) else \
+                yaml.safe_load(shown)
+            assert value == default, (line, default)
+            assert len(meaning.strip()) > 5, f"no meaning given for {section.name}.{key}"
+    assert "{auto,dali,webdataset}" in lines["--data.loader"]  # choices are listed
+
+
+def test_print_config_round_trips(tmp_path):
+    import yaml
+
+    args = ["--optim.lr=3e-4", "--model.widths=8,16", "--loss.recon=gaussian", "--log.tags=a,b",
+            "--train.max_steps", "7"]
+    r = run_cli("train", "--print-config", *args)
+    assert r.returncode == 0, r.stderr
+    printed = tmp_path / "c.yaml"
+    printed.write_text(r.stdout)
+    assert build_config(str(printed), []) == build_config(None, args)
+    assert yaml.safe_load(r.stdout)["model"]["learned_sigma"] is True  # derived keys show too
+    r = run_cli("train", "--print-config", "--train.bad=1")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "train.bad" in r.stderr
+
+
+def test_a_sweep_agents_command_line_parses(monkeypatch):
+    """launch/sweep.yaml through W&B's own agent code: the command it would run parses."""
+    import yaml
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
+
+    from vae_dist.cli import build_parser
+    from vae_dist.run_folder import expand_out_dir
+
+    from .conftest import ROOT
+
+    sweep = yaml.safe_load((ROOT / "launch" / "sweep.yaml").read_text())
+    for pick in (0, -1):  # the first and the last value of every parameter
+        params = {k: {"value": v["values"][pick] if "values" in v else v["min" if pick == 0 else "max"]}
+                  for k, v in sweep["parameters"].items()}
+        argv_args = create_sweep_command_args({"args": params})["args"]
+        command = []
+        for c in create_sweep_command(list(sweep["command"])):
+            command += argv_args if c == "${args}" else ["python"] if c == "${interpreter}" else \
+                [] if c == "${env}" else [c]
+        assert command[:3] == ["python", "-m", "vae_dist"]
+        args, rest = build_parser().parse_known_args(command[3:])
+        cfg = build_config(args.config, rest)
+        for key, spec in params.items():
+            section, name = key.split(".")
+            got = getattr(getattr(cfg, section), name)
+            assert (list(got) if isinstance(got, tuple) else got) == spec["value"], (key, got)
+        monkeypatch.setenv("WANDB_RUN_ID", "abc123")
+        assert expand_out_dir(cfg.train.out_dir) == "runs/sweep/abc123"

@@ -70,3 +70,38 @@ def test_wandb_mode_defaults_offline_without_a_key(monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert wandb_mode(None) == "online"
     assert wandb_mode("disabled") == "disabled"
+
+
+def test_progress_plain_lines_in_a_log_and_a_live_bar_on_a_terminal(shards, tmp_path):
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    args = ["train", f"--data.shards={shards}", *ARGS, "--log.wandb_mode=disabled", "--train.eval_every=0"]
+    r = run_cli(*args, f"--train.out_dir={tmp_path / 'log'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    steps = [line for line in r.stdout.splitlines() if line.startswith("step")]
+    assert steps[0].startswith("step       2/12 (16.7%) | epoch 0 |") and "ETA " in steps[0], steps[0]
+    assert "\r" not in r.stdout and "%|" not in r.stdout  # no bar in a log
+    rows = [json.loads(line) for line in (tmp_path / "log" / "metrics.jsonl").read_text().splitlines()]
+    train = [row for row in rows if "split" not in row]
+    assert train[-1]["progress"] == 1.0 and train[-1]["eta_s"] == 0 and 0 < train[0]["progress"] < 1
+
+    main, sub = pty.openpty()  # a terminal
+    proc = subprocess.Popen([sys.executable, "-m", "vae_dist", *args, f"--train.out_dir={tmp_path / 'tty'}"],
+                            stdout=sub, stderr=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "120"})
+    os.close(sub)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert proc.wait(timeout=300) == 0
+    text = out.decode(errors="replace")
+    assert "12/12" in text and ("step/s" in text or "s/step" in text), text[-1500:]
+    assert "step       2/12 (16.7%)" in text  # the rows are still written, above the bar

@@ -44,11 +44,25 @@ def _verify(args) -> int:
 
 
 def _train(args, rest: list[str]) -> int:
-    from vae_dist.config import build_config
-    from vae_dist.train import train
+    from vae_dist.config import build_config, dump_yaml
 
     cfg = build_config(args.config, rest)
+    if args.print_config:  # what this run would use, as config.yaml (a valid --config file)
+        print(dump_yaml(cfg), end="")
+        return 0
+    from vae_dist.train import train
+
     return train(cfg)
+
+
+class _TrainHelp(argparse.RawDescriptionHelpFormatter):
+    """`train --help` lists every config key, generated from the config dataclasses."""
+
+    def format_help(self) -> str:
+        from vae_dist.config import config_help
+
+        return super().format_help() + "\nconfig keys (--section.key=value or --section.key value; " \
+            "defaults < --config FILE < command line):\n" + config_help() + "\n"
 
 
 def _viz(args) -> int:
@@ -148,8 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(run=_verify)
 
     s = sub.add_parser("train", help="train (under `accelerate launch` for several processes)",
-                       description="Config overrides follow as --section.key=value (or --section.key value).")
+                       description="Config overrides follow as --section.key=value (or --section.key value).",
+                       formatter_class=_TrainHelp)
     s.add_argument("--config", help="YAML file of config sections")
+    s.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     s.set_defaults(run=_train, takes_overrides=True)
 
     s = sub.add_parser("viz", help="pictures from a checkpoint or weights file")

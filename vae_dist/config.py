@@ -44,7 +44,7 @@ class ModelConfig(VAEConfig):
 @dataclass
 class LossConfig:
     recon: Literal["sum", "mean", "gaussian"] = "sum"  # sum: MSE summed over pixels (the seed's); gaussian: σ-VAE
-    kl_schedule: Literal["constant", "linear", "sigmoid", "cyclical"] = "linear"
+    kl_schedule: Literal["constant", "linear", "sigmoid", "cyclical"] = "linear"  # KL annealing: beta over the run
     beta: float = 1.0  # final / maximum KL weight
     kl_warmup: float = 0.25  # linear/sigmoid: fraction of all steps until beta is reached
     kl_cycles: int = 4  # cyclical: number of cycles over training (Fu et al. 2019)
@@ -54,32 +54,32 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
+    lr: float = 1e-3  # Adam's learning rate (the seed's); scale it with the global batch (README)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's moment decay rates
+    eps: float = 1e-8  # Adam's epsilon
+    weight_decay: float = 0.0  # L2 weight decay (Adam's, not decoupled)
     grad_clip: float = 0.0  # max global grad norm; 0 = no clipping (the norm is logged anyway)
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # lr after the warm-up
+    warmup_steps: int = 0  # linear lr warm-up from 0 over this many steps
     min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
     sigma_lr_scale: float = 10.0  # loss.recon=gaussian: lr of the learned sigma, as a multiple of lr
 
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "runs/vae"
+    out_dir: str = "runs/vae"  # the run folder: config, metrics, checkpoints, pictures, W&B
     batch_size: int = 64  # per process (the seed's 64)
     global_batch_size: int | None = None  # wins when set; must divide by the world size
-    epochs: int = 20
+    epochs: int = 20  # passes over the train split (the seed's 20)
     max_steps: int | None = None  # wins over epochs when set
     eval_every: int = 1000  # steps; evaluation also runs at every epoch end. 0 = epoch ends only
     eval_batches: int | None = None  # cap on val batches per evaluation; None = whole split
     checkpoint_every: int = 1000  # steps; 0 = only at the end (and on SIGTERM)
-    keep_last: int = 3
+    keep_last: int = 3  # checkpoints kept (the newest)
     resume: str = "auto"  # auto: newest checkpoint that verifies | none | path to a checkpoint folder
     overwrite: bool = False  # start over in a folder that holds another run: it is moved to OUT_DIR.old-TIME
     precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # autocast; auto: bf16 on CUDA. accelerate launch wins
-    seed: int = 0
+    seed: int = 0  # global seed: weights, data order, flips, noise
     max_bad_steps: int = 20  # consecutive non-finite steps before giving up (checked every log.log_every)
 
 
@@ -89,11 +89,11 @@ class LogConfig:
     image_every: int = 1000  # steps between picture sets; they are also made at the end
     num_images: int = 8  # images in reconstruction / interpolation grids
     wandb_mode: Literal["online", "offline", "disabled"] | None = None  # None: offline w/o key
-    project: str = "vae-dist"
-    entity: str | None = None
-    name: str | None = None
-    group: str | None = None
-    tags: tuple[str, ...] = ()
+    project: str = "vae-dist"  # W&B project
+    entity: str | None = None  # W&B entity (user or team); None: your default
+    name: str | None = None  # W&B run name; None: the run folder's name
+    group: str | None = None  # W&B group
+    tags: tuple[str, ...] = ()  # W&B tags, comma-separated
 
 
 @dataclass
@@ -172,7 +172,10 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 def _parse_cli_value(text: str) -> Any:
-    """Command-line values are YAML scalars: 1e-3, true, null, [1, 2], plain strings."""
+    """Command-line values are YAML scalars: 1e-3, true, null, [1, 2], plain strings; and the
+    Python spellings a W&B sweep agent writes (True, None)."""
+    if text == "None":
+        return None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -305,6 +308,57 @@ def validate(cfg: Config) -> None:
             f"config key 'model.image_size' ({cfg.model.image_size}) must divide by "
             f"2**len(model.widths) = {2 ** len(cfg.model.widths)}"
         )
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's one-line meaning: the comment written beside it in the source (as tyro
+    reads them), so it is written once, where the field is."""
+    import inspect
+    import io
+    import tokenize
+
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # ModelConfig's fields come from VAEConfig too
+        if not dataclasses.is_dataclass(klass):
+            continue
+        lines = inspect.getsource(klass)
+        name = None
+        for tok in tokenize.generate_tokens(io.StringIO(lines).readline):
+            if tok.type == tokenize.NAME and tok.start[1] == 4 and name is None:
+                name = tok.string  # a field line starts at the class body's indent
+            elif tok.type == tokenize.COMMENT and name is not None:
+                out[name] = tok.string.lstrip("# ").strip()
+            elif tok.type in (tokenize.NEWLINE, tokenize.NL):
+                name = None
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return "|".join(_type_name(a) for a in args if a is not type(None)) + "|none"
+    if origin is Literal:
+        return "{" + ",".join(map(str, args)) + "}"
+    if origin is tuple:
+        return "list of " + _type_name(args[0]) if len(args) == 2 and args[1] is Ellipsis else \
+            ",".join(_type_name(a) for a in args)
+    return {bool: "true|false"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def config_help() -> str:
+    """Every config key as `--section.key TYPE (default) meaning`, by section."""
+    defaults = to_dict(Config())
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls = type(getattr(Config(), section.name))
+        helps = field_help(cls)
+        lines.append(f"{section.name}:")
+        for name, tp in _field_types(cls).items():
+            default = defaults[section.name][name]
+            shown = ",".join(map(str, default)) if isinstance(default, list) else yaml.safe_dump(default).split("\n")[0]
+            key = f"--{section.name}.{name}"
+            lines.append(f"  {key:<26} {_type_name(tp):<26} [{shown}]  {helps.get(name, '')}")
+    return "\n".join(lines)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

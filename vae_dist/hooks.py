@@ -22,6 +22,12 @@ from vae_dist.data import unit_float
 from vae_dist.data.shards import class_names, load_manifest
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, m, s = seconds // 3600, seconds % 3600 // 60, seconds % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
 class Hooks:
     """The no-op hooks of ranks other than zero; also the interface."""
 
@@ -60,6 +66,7 @@ class RankZeroHooks(Hooks):
         # the trainer's loaders have read this manifest already, so it is there and valid
         self.class_names = class_names(load_manifest(cfg.data.shards))
         self._scatter = None
+        self._bar = None  # tqdm, on a terminal only
         self.wandb = None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._metrics = open(self.metrics_path, "a", buffering=1)
@@ -77,9 +84,21 @@ class RankZeroHooks(Hooks):
             return None
 
     # -- hooks ---------------------------------------------------------------------------
+    def _say(self, text: str) -> None:
+        """A line for the person watching: above the live bar on a terminal, plain elsewhere."""
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
     def on_train_start(self, config_yaml: str, info: dict) -> None:
         (self.run_dir / "config.yaml").write_text(config_yaml)
         print("training: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+        if sys.stdout.isatty():  # a live bar for a person; a cluster log keeps plain lines
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=info["total_steps"], initial=info["start_step"], unit="step",
+                             dynamic_ncols=True, leave=True)
         self._guard("wandb", self._init_wandb, info)
 
     def _init_wandb(self, info: dict) -> None:
@@ -91,10 +110,14 @@ class RankZeroHooks(Hooks):
         from vae_dist.config import to_dict
 
         id_file = self.run_dir / "wandb_run_id"  # the same W&B run across resumes
-        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        # a sweep agent hands its trial a run id (and the sweep's project): they win
+        run_id = os.environ.get("WANDB_RUN_ID") or (id_file.read_text().strip() if id_file.is_file()
+                                                     else secrets.token_hex(4))
+        in_sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
         log = self.cfg.log
         self.wandb = wandb.init(
-            project=log.project, entity=log.entity, name=log.name or self.run_dir.name, group=log.group,
+            project=None if in_sweep else log.project, entity=None if in_sweep else log.entity,
+            name=log.name or self.run_dir.name, group=log.group,
             tags=list(log.tags), config={**to_dict(self.cfg), "launch": info}, dir=str(self.run_dir),
             mode=mode, id=run_id, resume="allow", settings=wandb.Settings(console="off", silent=True),
         )
@@ -111,17 +134,21 @@ class RankZeroHooks(Hooks):
         self._guard("metrics.jsonl", self._write_row, row)
         self._guard("wandb", self._wandb_log,
                     {"step": row["step"], **{f"train/{k}": v for k, v in row.items() if k != "step"}})
-        print(f"step {row['step']:>7d} | loss {row['loss']:9.3f} | recon {row['recon']:9.3f} | kl {row['kl']:7.3f} "
-              f"| beta {row['beta']:.3f} | {row['img_per_s']:8.1f} img/s | data wait {row['data_wait']:.0%}",
-              flush=True)
+        self._say(f"step {row['step']:>7d}/{row['total_steps']} ({row['progress']:.1%}) | epoch {row['epoch']} "
+                  f"| loss {row['loss']:9.3f} | recon {row['recon']:9.3f} | kl {row['kl']:7.3f} "
+                  f"| beta {row['beta']:.3f} | {row['img_per_s']:8.1f} img/s | ETA {_duration(row['eta_s'])} "
+                  f"| data wait {row['data_wait']:.0%}")
+        if self._bar is not None:
+            self._bar.update(row["step"] - self._bar.n)
+            self._bar.set_postfix(loss=f"{row['loss']:.1f}", img_s=f"{row['img_per_s']:.0f}", refresh=False)
 
     def log_eval(self, row: dict) -> None:
         self._guard("metrics.jsonl", self._write_row, row)
         self._guard("wandb", self._wandb_log, {"step": row["step"], **{f"val/{k}": v for k, v in row.items()
                                                                        if k not in ("step", "split")}})
-        print(f"eval {row['step']:>7d} | loss {row['loss']:9.3f} | recon {row['recon']:9.3f} | kl {row['kl']:7.3f} "
+        self._say(f"eval {row['step']:>7d} | loss {row['loss']:9.3f} | recon {row['recon']:9.3f} | kl {row['kl']:7.3f} "
               + (f"| {row['bpd']:.3f} bits/dim (σ {row['sigma']:.4f}) " if "bpd" in row else "")
-              + f"| PSNR {row['psnr']:.2f} dB", flush=True)
+              + f"| PSNR {row['psnr']:.2f} dB")
 
     def _write_row(self, row: dict) -> None:
         self._metrics.write(json.dumps({**row, "time": round(time.time(), 3)}) + "\n")
@@ -162,10 +189,13 @@ class RankZeroHooks(Hooks):
                         {"step": step, **{f"images/{k}": wandb.Image(str(p)) for k, p in paths.items()}})
 
     def on_checkpoint(self, path: Path) -> None:
-        print(f"checkpoint: {path}", flush=True)
+        self._say(f"checkpoint: {path}")
 
     def close(self, weights: Path | None = None, failed: bool = False) -> None:
         """Flushes metrics.jsonl and finishes the W&B run (marked failed after an error); once."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         self._metrics.close()
         if weights is not None:
             print(f"weights: {weights}", flush=True)

@@ -15,10 +15,10 @@ from torch import nn
 
 @dataclass
 class VAEConfig:
-    image_size: int = 64
-    in_channels: int = 3
-    widths: tuple[int, ...] = (64, 128, 256, 512)
-    latent_dim: int = 128
+    image_size: int = 64  # input height and width (must divide by 2**len(widths))
+    in_channels: int = 3  # image channels (3: RGB)
+    widths: tuple[int, ...] = (64, 128, 256, 512)  # encoder conv channels, mirrored by the decoder (the seed's)
+    latent_dim: int = 128  # size of z (the seed's 128)
     learned_sigma: bool = False  # one learned output scale sigma (the σ-VAE's decoder, loss.recon=gaussian)
 
 

@@ -27,6 +27,17 @@ LOCK = ".lock"
 RUN_FILES = ("metrics.jsonl", ckpt.WEIGHTS, "wandb_run_id")
 
 
+def expand_out_dir(out_dir: str) -> str:
+    """train.out_dir with `{wandb_run_id}` replaced by the W&B run id a sweep agent hands its
+    trial (WANDB_RUN_ID), so that every trial of a sweep gets a run folder of its own."""
+    if "{wandb_run_id}" not in out_dir:
+        return out_dir
+    run_id = os.environ.get("WANDB_RUN_ID")
+    if not run_id:
+        raise UserError(f"train.out_dir={out_dir} needs WANDB_RUN_ID (set by `wandb agent`), which is not set")
+    return out_dir.replace("{wandb_run_id}", run_id)
+
+
 def _warn(message: str) -> None:
     print(f"vae-dist: warning: {message}", file=sys.stderr, flush=True)
 

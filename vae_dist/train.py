@@ -41,7 +41,7 @@ from vae_dist.losses import (
     recon_loss,
 )
 from vae_dist.model import VAE
-from vae_dist.run_folder import RunFolderLock, choose_start
+from vae_dist.run_folder import RunFolderLock, choose_start, expand_out_dir
 from vae_dist.step import TrainStep
 
 
@@ -285,7 +285,10 @@ class Trainer:
             "elbo": -(recon + kl), "beta": self.beta_at(last), "lr": lr_at(last, self.total_steps, self.cfg.optim),
             "grad_norm": grad_norm, "img_per_s": img_per_s, "img_per_s_per_process": img_per_s / self.world,
             "data_wait": self._data_wait / elapsed if elapsed > 0 else 0.0,
-            "skipped_steps": self.state.skipped_steps,
+            "skipped_steps": self.state.skipped_steps, "total_steps": self.total_steps,
+            "progress": self.state.step / self.total_steps,
+            # at this window's pace (side work excluded), which is what the rest will run at
+            "eta_s": (self.total_steps - self.state.step) * elapsed / max(steps, 1),
         }
         if self.device.type == "cuda":
             row["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -419,6 +422,7 @@ def _rank_zero_decides(accelerator: Accelerator, decide):
 
 
 def train(cfg: Config) -> int:
+    cfg.train.out_dir = expand_out_dir(cfg.train.out_dir)
     accelerator = make_accelerator(cfg)
     run_dir = Path(cfg.train.out_dir)
     lock = RunFolderLock(run_dir)  # rank 0 holds it for the whole run
