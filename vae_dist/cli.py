@@ -132,6 +132,10 @@ def add_bench_args(p) -> None:
     p.add_argument("--tiny", action="store_true", help="a tiny model and data set (for tests)")
 
 
+def _checkpoint_arg(p) -> None:
+    p.add_argument("ckpt", help="checkpoint folder, run folder or model.safetensors")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vae-dist", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -169,14 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(run=_train, takes_overrides=True)
 
     s = sub.add_parser("viz", help="pictures from a checkpoint or weights file")
-    s.add_argument("ckpt", help="checkpoint folder, run folder or model.safetensors")
+    _checkpoint_arg(s)
     s.add_argument("out")
     s.add_argument("--shards", help="shard folder for real images (default: the run's data.shards)")
     s.add_argument("--num-images", type=int, default=8)
     s.set_defaults(run=_viz)
 
     s = sub.add_parser("eval", help="bits/dim (ELBO and importance-weighted bound) and PSNR of a checkpoint")
-    s.add_argument("ckpt", help="checkpoint folder, run folder or model.safetensors")
+    _checkpoint_arg(s)
     s.add_argument("--shards", required=True, help="shard folder")
     s.add_argument("--split", default="val")
     s.add_argument("--iw", type=int, default=1, help="importance samples K per image (K=1: the ELBO alone)")
@@ -187,14 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(run=_eval)
 
     s = sub.add_parser("sample", help="images from the prior of a checkpoint: a grid and single PNGs")
-    s.add_argument("ckpt", help="checkpoint folder, run folder or model.safetensors")
+    _checkpoint_arg(s)
     s.add_argument("out")
     s.add_argument("--n", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(run=_sample)
 
     s = sub.add_parser("encode", help="posterior means, log-variances and labels of a split as .npz")
-    s.add_argument("ckpt", help="checkpoint folder, run folder or model.safetensors")
+    _checkpoint_arg(s)
     s.add_argument("--shards", required=True, help="shard folder")
     s.add_argument("--split", default="val")
     s.add_argument("--out", required=True, help="the .npz file to write")

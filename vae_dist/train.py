@@ -128,9 +128,8 @@ class Trainer:
         self.channels_last = cfg.model.channels_last if cfg.model.channels_last is not None else on_cuda
         model = model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         torch.manual_seed(cfg.train.seed * 1000 + self.rank)
-        # fused: one kernel for the update, and its found_inf input skips a non-finite step
-        # on the device (step.py)
-        # the σ-VAE's one scalar sigma learns faster than the network (optim.sigma_lr_scale)
+        # Fused Adam: one kernel for the update, whose found_inf input skips a non-finite step
+        # on the device (step.py). The σ-VAE's scalar sigma gets its own, faster lr.
         groups = [{"params": [p for n, p in model.named_parameters() if n != "log_sigma"]}]
         if model.log_sigma is not None:
             groups.append({"params": [model.log_sigma], "lr_scale": cfg.optim.sigma_lr_scale, "weight_decay": 0.0})
