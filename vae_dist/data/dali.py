@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vae_dist.data.partition import epoch_seed, rank_sample_range, rank_seed, steps_per_epoch
+from vae_dist.data.partition import epoch_order, rank_seed, steps_per_epoch
 from vae_dist.data.shards import decode_label
 from vae_dist.errors import DataError
 
@@ -94,18 +94,6 @@ class _BatchStream:
                 self._flips[rows].astype(np.int32).reshape(-1, 1))
 
 
-def _epoch_order(epoch: int, count: int, rank: int, world: int, train: bool, seed: int, flip: bool):
-    """A rank's sample ids for an epoch and their mirror flags: train, a slice of one global
-    permutation per epoch (the same on every rank); val, the rank's contiguous part in order."""
-    if train:
-        ids = np.random.default_rng(epoch_seed(seed, epoch)).permutation(count)[rank::world]
-    else:
-        ids = np.arange(*rank_sample_range(count, rank, world))
-    rng = np.random.default_rng(rank_seed(seed, epoch, rank))
-    flips = (rng.random(len(ids)) < 0.5) if flip else np.zeros(len(ids), dtype=bool)
-    return ids, flips
-
-
 def _pipeline(stream, decode, image_size, hw_decoder_load):
     jpegs, labels, mirror = fn.external_source(source=stream, num_outputs=3, batch=True,
                                                dtype=[types.UINT8, types.INT32, types.INT32])
@@ -155,7 +143,7 @@ class DaliLoader:
     def _build(self, epoch: int, batch: int):
         decode = "mixed" if self.gpu_id is not None else "cpu"
         pipe = shard_pipeline(
-            _BatchStream(self.index, functools.partial(_epoch_order, count=self.count, rank=self.rank,
+            _BatchStream(self.index, functools.partial(epoch_order, count=self.count, rank=self.rank,
                                                        world=self.world, train=self.train, seed=self.seed,
                                                        flip=self.flip),
                          self.batch_size, self.steps_per_epoch, epoch, batch), decode, self.image_size,

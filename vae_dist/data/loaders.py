@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 
 from vae_dist.data import dali
-from vae_dist.data.partition import epoch_seed, rank_sample_range, rank_seed, steps_per_epoch
+from vae_dist.data.partition import epoch_order, steps_per_epoch
 from vae_dist.data.shards import load_manifest, split_files
 from vae_dist.data.torch_loaders import WebDatasetLoader
 from vae_dist.errors import DataError
@@ -88,21 +88,15 @@ class CachedLoader:
         self.images, self.labels = images, labels
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.train, self.seed, self.flip = train, seed, flip and train
-        n = images.shape[0]
-        self._val_range = rank_sample_range(n, rank, world)
-        self.steps_per_epoch = steps_per_epoch(n, batch_size, rank, world, train)
+        self.steps_per_epoch = steps_per_epoch(images.shape[0], batch_size, rank, world, train)
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         device = self.images.device
-        n = self.images.shape[0]
-        if self.train:
-            g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
-            perm = torch.randperm(n, generator=g)[self.rank::self.world].to(device)
-        else:
-            perm = torch.arange(*self._val_range, device=device)
-        # the whole epoch's flips drawn at once: a resumed epoch (skip > 0) flips the same images
-        fg = torch.Generator(device=device).manual_seed(rank_seed(self.seed, epoch, self.rank))
-        flips = torch.rand(perm.shape[0], device=device, generator=fg) < 0.5 if self.flip else None
+        # the same order and flips as the DALI loader, drawn for the whole epoch on the host and
+        # moved once: a resumed epoch (skip > 0) gathers and flips the same images
+        ids, flips = epoch_order(epoch, self.images.shape[0], self.rank, self.world, self.train, self.seed, self.flip)
+        perm = torch.from_numpy(ids).to(device)
+        flips = torch.from_numpy(flips).to(device) if self.flip else None
         for step in range(skip, self.steps_per_epoch):
             batch = slice(step * self.batch_size, (step + 1) * self.batch_size)
             idx = perm[batch]

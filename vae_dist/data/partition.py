@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from vae_dist.errors import DataError
 
 
@@ -33,3 +35,18 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def rank_seed(seed: int, epoch: int, rank: int) -> int:
     """Seed of a rank's own randomness in an epoch (buffer shuffle, flips), below 2**31 for DALI."""
     return (seed * 1000003 + epoch * 1009 + rank) % (2**31)
+
+
+def epoch_order(epoch: int, count: int, rank: int, world: int, train: bool, seed: int,
+                flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A rank's sample ids for an epoch and their mirror flags, for the DALI loader and the
+    cache alike. train: a slice `[rank::world]` of one global permutation per epoch (the same
+    on every rank); val: the rank's contiguous part in order. Functions of (seed, epoch, rank)
+    alone, so a resumed epoch sees the same batches."""
+    if train:
+        ids = np.random.default_rng(epoch_seed(seed, epoch)).permutation(count)[rank::world]
+    else:
+        ids = np.arange(*rank_sample_range(count, rank, world))
+    rng = np.random.default_rng(rank_seed(seed, epoch, rank))
+    flips = (rng.random(len(ids)) < 0.5) if flip else np.zeros(len(ids), dtype=bool)
+    return ids, flips
