@@ -328,10 +328,9 @@ class Trainer:
         if model.log_sigma is not None:
             return float(model.log_sigma.detach().exp())  # SYNC: evaluation only
         recon = self._train_recon
-        m = self.step.meters
-        good = float(m[meters.GOOD])  # SYNC: evaluation only
+        recon_sum, _, _, good = self.step.meters[meters.RECON:meters.GOOD + 1].tolist()  # SYNC: evaluation only
         if good:  # the current window is the freshest
-            recon = float(m[meters.RECON]) / good
+            recon = recon_sum / good
         if recon is None:
             return None
         pixels = model.cfg.in_channels * model.cfg.image_size**2
