@@ -213,11 +213,15 @@ PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 def _accelerator(dtype: str):
-    """A fresh single-process Accelerator with this autocast precision."""
+    """A fresh single-process Accelerator with this autocast precision, under the CUDA math
+    settings training uses (TF32, cuDNN autotuning)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    from vae_dist.train import configure_cuda_math
+
     AcceleratorState._reset_state(reset_partial_state=True)
+    configure_cuda_math()
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=PRECISIONS[dtype])
 
 
