@@ -97,9 +97,9 @@ def find_weights(path: str | Path) -> Path:
         return path / WEIGHTS
     if (path / STATE).is_file():
         raise UserError(f"checkpoint {path} has no {WEIGHTS}")
-    for candidate in reversed(list_checkpoints(path)):
-        if verify_checkpoint(candidate) is None:
-            return candidate / WEIGHTS
+    newest = newest_verified_checkpoint(path)
+    if newest is not None:
+        return newest / WEIGHTS
     raise UserError(f"no {WEIGHTS} in {path} and no checkpoint there that verifies")
 
 
@@ -146,6 +146,18 @@ def verify_checkpoint(path: Path) -> str | None:
             return f"{name} has {size} bytes, {want['bytes']} were written"
         if sha256_file(file) != want["sha256"]:
             return f"{name} does not match its sha256 (damaged)"
+    return None
+
+
+def newest_verified_checkpoint(run_dir: Path, on_skip=None) -> Path | None:
+    """The run's newest checkpoint that verifies; `on_skip(path, problem)` hears of every newer
+    one that does not."""
+    for path in reversed(list_checkpoints(run_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        if on_skip is not None:
+            on_skip(path, problem)
     return None
 
 

@@ -144,12 +144,10 @@ def choose_start(run_dir: Path, resume: str, overwrite: bool) -> Start:
         start.checkpoint = path
         return start
     if resume == "auto":
-        for path in reversed(ckpt.list_checkpoints(run_dir)):
-            problem = ckpt.verify_checkpoint(path)
-            if problem is None:
-                start.checkpoint = path
-                return start
-            _warn(f"skipping checkpoint {path}: {problem}")
+        start.checkpoint = ckpt.newest_verified_checkpoint(
+            run_dir, on_skip=lambda path, problem: _warn(f"skipping checkpoint {path}: {problem}"))
+        if start.checkpoint is not None:
+            return start
     old = _old_run_files(run_dir)
     if old:
         over = f"train.overwrite=true (moves the old run to {run_dir.name}.old-TIMESTAMP)"
