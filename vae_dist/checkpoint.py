@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save
 
-from vae_dist.errors import UserError
+from vae_dist.errors import UserError, first_line
 from vae_dist.files import fsync_dir, replace_durable, sha256_file, write_bytes_durable
 from vae_dist.model import VAE, VAEConfig
 
@@ -53,7 +53,7 @@ def read_vae_config(path: Path) -> VAEConfig:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as e:
-        raise UserError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
+        raise UserError(f"{path} is not a readable safetensors file ({first_line(e)})") from None
     if "vae_config" not in meta:
         raise UserError(f"{path} holds no vae_config metadata: not a vae-dist weights file")
     try:
@@ -61,18 +61,18 @@ def read_vae_config(path: Path) -> VAEConfig:
         raw["widths"] = tuple(raw["widths"])
         return VAEConfig(**raw)
     except (ValueError, TypeError, KeyError) as e:
-        raise UserError(f"{path} has an unreadable vae_config ({_first_line(e)})") from None
+        raise UserError(f"{path} has an unreadable vae_config ({first_line(e)})") from None
 
 
 def _load_state_dict(model: VAE, path: Path) -> None:
     try:
         tensors = load(Path(path).read_bytes())
     except (SafetensorError, OSError) as e:
-        raise UserError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
+        raise UserError(f"{path} is not a readable safetensors file ({first_line(e)})") from None
     try:
         model.load_state_dict(tensors)
     except RuntimeError as e:  # missing/unexpected keys, wrong shapes
-        raise UserError(f"{path} does not fit its own architecture ({_first_line(e)})") from None
+        raise UserError(f"{path} does not fit its own architecture ({first_line(e)})") from None
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> VAE:
@@ -133,7 +133,7 @@ def verify_checkpoint(path: Path) -> str | None:
     except FileNotFoundError:
         return f"no {CHECKSUMS} (written last: the checkpoint is incomplete)"
     except (ValueError, KeyError, TypeError, OSError) as e:
-        return f"unreadable {CHECKSUMS} ({_first_line(e)})"
+        return f"unreadable {CHECKSUMS} ({first_line(e)})"
     for name in (WEIGHTS, STATE, "optimizer.pt"):
         if name not in record:
             return f"{CHECKSUMS} does not list {name}"
@@ -207,7 +207,7 @@ def load_checkpoint(accelerator, path: Path, model: VAE, optimizer) -> dict:
     try:
         state = json.loads((path / STATE).read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"checkpoint {path}: unreadable {STATE} ({_first_line(e)})") from None
+        raise UserError(f"checkpoint {path}: unreadable {STATE} ({first_line(e)})") from None
     ckpt_cfg = read_vae_config(path / WEIGHTS)
     if ckpt_cfg != model.cfg:
         raise UserError(f"checkpoint {path} holds a different architecture ({ckpt_cfg}) than model.* ({model.cfg})")
@@ -215,7 +215,7 @@ def load_checkpoint(accelerator, path: Path, model: VAE, optimizer) -> dict:
     try:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     except (OSError, RuntimeError, ValueError, KeyError) as e:
-        raise UserError(f"checkpoint {path}: optimizer.pt does not load ({_first_line(e)})") from None
+        raise UserError(f"checkpoint {path}: optimizer.pt does not load ({first_line(e)})") from None
     if accelerator.scaler is not None and state.get("scaler"):
         accelerator.scaler.load_state_dict(state["scaler"])
     rng_file = path / f"rng_rank{accelerator.process_index}.pt"
@@ -231,8 +231,3 @@ def _torch_bytes(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from vae_dist.errors import ConfigError
+from vae_dist.errors import ConfigError, first_line
 from vae_dist.model import VAEConfig
 
 
@@ -225,7 +225,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {first_line(e)}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
     return _flatten(tree, f" (in {path})")

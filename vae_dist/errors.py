@@ -11,3 +11,9 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     pass
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line (its type where it has none), for a one-line report."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -7,6 +7,8 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
+from vae_dist.errors import first_line
+
 # Larger images are refused from their header alone, before any pixel is decoded
 # (a 64x64 dataset has no use for them, and a forged header could ask for gigabytes).
 MAX_PIXELS = 1 << 26
@@ -35,7 +37,7 @@ def to_shard_jpeg(data: bytes, size: int, quality: int = 95, keep_source: bool =
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return None, "image too large (decompression bomb)", {}
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        return None, f"unreadable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})", {}
+        return None, f"unreadable image ({first_line(e)})", {}
 
     if keep_source and fmt == "JPEG" and mode == "RGB" and (w, h) == (size, size) and not progressive:
         return data, None, {}
