@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save
 
 from vae_dist.errors import UserError, first_line
-from vae_dist.files import fsync_dir, replace_durable, sha256_file, write_bytes_durable
+from vae_dist.files import fsync_dir, replace_durable, sha256_file, write_atomic, write_bytes_durable
 from vae_dist.model import VAE, VAEConfig
 
 WEIGHTS = "model.safetensors"
@@ -42,10 +42,8 @@ def _weights_bytes(model: VAE) -> bytes:
 
 
 def save_weights(model: VAE, path: Path) -> None:
-    """The weights alone (final model.safetensors), written durably under a temporary name."""
-    tmp = Path(path).with_name(Path(path).name + ".partial")
-    write_bytes_durable(tmp, _weights_bytes(model))
-    replace_durable(tmp, path)
+    """The weights alone (final model.safetensors), written whole or not at all."""
+    write_atomic(path, _weights_bytes(model))
 
 
 def read_vae_config(path: Path) -> VAEConfig:

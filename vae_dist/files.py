@@ -42,3 +42,10 @@ def replace_durable(src: Path, dst: Path) -> None:
     """os.replace, with the data flushed before and the folder entry after."""
     os.replace(src, dst)
     fsync_dir(Path(dst).parent)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """`data` at `path` whole or not at all: written durably under a temporary name, then renamed."""
+    tmp = Path(path).with_name(Path(path).name + ".partial")
+    write_bytes_durable(tmp, data)
+    replace_durable(tmp, path)

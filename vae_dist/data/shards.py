@@ -15,7 +15,7 @@ import tarfile
 from pathlib import Path
 
 from vae_dist.errors import DataError
-from vae_dist.files import sha256_file
+from vae_dist.files import sha256_file, write_atomic
 
 MANIFEST = "manifest.json"
 EXTENSIONS = ("jpg", "label")
@@ -72,9 +72,7 @@ class ShardWriter:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = Path(path).with_name(Path(path).name + ".partial")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1).encode())
 
 
 def load_manifest(shard_dir: str | Path) -> dict:
