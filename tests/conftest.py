@@ -1,4 +1,11 @@
-"""Shared fixtures: the sample data set and its shards, built once per test session."""
+"""Shared fixtures: the sample data set and its shards, built once per test session.
+
+On a GPU machine the same suite runs: training runs from the command line stay eager (a
+compile per run would take minutes), and every multi-process run is pinned to the CPU with
+gloo (`CUDA_VISIBLE_DEVICES=` hides the GPUs), since on a machine with fewer GPUs than
+processes accelerate puts two ranks on one GPU and NCCL refuses the duplicate. DDP on real
+GPUs is tests/test_gpu.py's, where at least two are present.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +15,37 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_MODEL = ["--model.widths=[8,16,16,32]", "--model.latent_dim=8"]
+# a later --model.compile=true wins (the last value of a key counts)
+TINY_MODEL = ["--model.widths=[8,16,16,32]", "--model.latent_dim=8", "--model.compile=false"]
+CUDA = torch.cuda.is_available()
+CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}  # a process that sees no GPU: gloo, fp32 by default
+
+
+def have(module: str) -> bool:
+    """Whether an optional package is installed (without importing it)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+HAVE_DALI, HAVE_WEBDATASET, HAVE_WANDB = have("nvidia.dali"), have("webdataset"), have("wandb")
+HAVE_LOADER = HAVE_DALI or HAVE_WEBDATASET
+needs_loader = pytest.mark.skipif(not HAVE_LOADER, reason="no data loader: neither NVIDIA DALI nor webdataset is installed")
+needs_dali = pytest.mark.skipif(not HAVE_DALI, reason="NVIDIA DALI is not installed")
+needs_webdataset = pytest.mark.skipif(not HAVE_WEBDATASET, reason="webdataset is not installed")
+needs_wandb = pytest.mark.skipif(not HAVE_WANDB, reason="wandb is not installed")
+
+
+def with_loader(*kinds: str) -> list:
+    """Parameters data.loader=KIND, each skipped where its package is absent."""
+    marks = {"dali": needs_dali, "webdataset": needs_webdataset}
+    return [pytest.param(k, marks=marks[k]) for k in kinds]
 
 
 @pytest.fixture(scope="session")
@@ -39,8 +74,10 @@ def run_cli(*args: str, cwd=None, env=None, timeout=600) -> subprocess.Completed
 
 
 def launch_command(nproc: int) -> list[str]:
-    """`accelerate launch --multi_gpu ... -m vae_dist` (gloo on a CPU machine)."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+    """`accelerate launch --multi_gpu ... -m vae_dist` on the CPU with gloo, also on a GPU machine
+    (`env` execs it, so a signal sent to the process reaches accelerate itself)."""
+    return ["env", "CUDA_VISIBLE_DEVICES=", sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+            "--num_processes", str(nproc),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "--main_process_port", str(_free_port()), "-m", "vae_dist"]
 

@@ -8,7 +8,7 @@ import torch
 from vae_dist.config import DataConfig
 from vae_dist.data.loaders import CachedLoader, build_loader, choose_cache
 
-from .conftest import TINY_MODEL, run_cli
+from .conftest import CUDA, TINY_MODEL, needs_dali, needs_loader, run_cli
 
 
 def _loader(n=96, bs=8, rank=0, world=2, **kw):
@@ -59,9 +59,10 @@ def test_auto_caches_what_fits_and_streams_what_does_not(shards):
     assert choose_cache(DataConfig(shards=str(shards), cache="ram"), torch.device("cpu")) == ("ram", "data.cache=ram")
 
 
+@needs_loader
 def test_train_says_in_its_first_line_which_data_path_and_why(shards, tmp_path):
-    for cache, words in (("auto", ["loader=dali", "no CUDA: streaming"]), ("ram", ["loader=ram-cache",
-                                                                                  "data.cache=ram"])):
+    auto = ["loader=gpu-cache", "fit in 50% of"] if CUDA else ["loader=", "no CUDA: streaming"]
+    for cache, words in (("auto", auto), ("ram", ["loader=ram-cache", "data.cache=ram"])):
         r = run_cli("train", f"--data.shards={shards}", f"--train.out_dir={tmp_path / cache}", *TINY_MODEL,
                     "--train.batch_size=16", "--data.num_threads=1", "--log.wandb_mode=disabled",
                     "--train.max_steps=2", f"--data.cache={cache}")
@@ -75,6 +76,7 @@ def _rss_mib() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
+@needs_dali
 @pytest.mark.parametrize("train", [True, False])
 def test_dali_loader_memory_stays_flat_over_many_epochs(shards, train):
     loader = build_loader(DataConfig(shards=str(shards), loader="dali", num_threads=1), "train" if train else "val",

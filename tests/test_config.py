@@ -5,7 +5,7 @@ import pytest
 from vae_dist.config import Config, build_config, dump_yaml, from_dict, parse_overrides
 from vae_dist.errors import ConfigError
 
-from .conftest import run_cli
+from .conftest import needs_wandb, run_cli
 
 
 def test_defaults_follow_the_seed():
@@ -104,6 +104,7 @@ def test_print_config_round_trips(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "train.bad" in r.stderr
 
 
+@needs_wandb
 def test_a_sweep_agents_command_line_parses(monkeypatch):
     """launch/sweep.yaml through W&B's own agent code: the command it would run parses."""
     import yaml

@@ -21,7 +21,7 @@ from vae_dist.data.shards import decode_label, load_manifest, verify
 from vae_dist.data.tinyimagenet import Source
 from vae_dist.errors import DataError
 
-from .conftest import run_cli
+from .conftest import needs_dali, run_cli, with_loader
 
 CPU = torch.device("cpu")
 
@@ -84,6 +84,7 @@ def test_pack_counts_conversions_and_rejections(sample_root, messy_pack):
     assert verify(out) == []
 
 
+@needs_dali
 def test_index_matches_dalis_wds2idx(messy_pack, tmp_path):
     wds2idx = shutil.which("wds2idx") or str(Path(__import__("sys").executable).parent / "wds2idx")
     out, manifest = messy_pack
@@ -121,7 +122,7 @@ def _packed_images(shard_dir, split):
     return torch.stack(images), torch.tensor(labels)
 
 
-@pytest.mark.parametrize("loader", ["dali", "webdataset"])
+@pytest.mark.parametrize("loader", with_loader("dali", "webdataset"))
 def test_val_epoch_reads_every_sample_once_with_pil_pixels(shards, loader):
     cfg = DataConfig(shards=str(shards), loader=loader, num_threads=2)
     ref_x, ref_y = _packed_images(shards, "val")
@@ -132,7 +133,7 @@ def test_val_epoch_reads_every_sample_once_with_pil_pixels(shards, loader):
     assert (x - ref_x).abs().mean() < 2 / 255
 
 
-@pytest.mark.parametrize("loader", ["dali", "webdataset"])
+@pytest.mark.parametrize("loader", with_loader("dali", "webdataset"))
 def test_two_ranks_partition_the_split(shards, loader):
     cfg = DataConfig(shards=str(shards), loader=loader, num_threads=1)
     ref_x, ref_y = _packed_images(shards, "val")
@@ -145,7 +146,7 @@ def test_two_ranks_partition_the_split(shards, loader):
     assert (union_x.float() / 255 - ref_x).abs().mean() < 2 / 255
 
 
-@pytest.mark.parametrize("loader", ["dali", "webdataset"])
+@pytest.mark.parametrize("loader", with_loader("dali", "webdataset"))
 def test_train_equal_steps_per_rank_and_reshuffled_each_epoch(shards, loader):
     cfg = DataConfig(shards=str(shards), loader=loader, num_threads=2, shuffle_buffer=64)
     manifest = load_manifest(shards)
@@ -161,6 +162,7 @@ def test_train_equal_steps_per_rank_and_reshuffled_each_epoch(shards, loader):
     assert sorted(e0[1].tolist()) != e0[1].tolist()  # and a shuffled one
 
 
+@needs_dali
 def test_resume_position_skips_batches(shards):
     cfg = DataConfig(shards=str(shards), loader="dali", num_threads=1, flip=False)
     loader = build_loader(cfg, "train", 16, rank=0, world=1, device=CPU, train=True, seed=2)

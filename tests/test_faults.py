@@ -15,7 +15,7 @@ from PIL import Image
 
 from vae_dist.checkpoint import CHECKSUMS, latest_checkpoint, list_checkpoints
 
-from .conftest import TINY_MODEL, launch_command, run_cli
+from .conftest import TINY_MODEL, launch_command, needs_dali, needs_loader, needs_wandb, needs_webdataset, run_cli
 from .wandb_reader import exit_code
 
 COMMON = [*TINY_MODEL, "--train.batch_size=16", "--data.num_threads=1", "--log.wandb_mode=disabled",
@@ -45,6 +45,7 @@ def _wait_for_rows(run: Path, proc, rows=2, timeout=120):
     raise AssertionError("the run did not start logging")
 
 
+@needs_loader
 def test_damaged_newest_checkpoint_is_skipped_with_one_line_and_an_explicit_one_is_refused(shards, tmp_path):
     run = tmp_path / "run"
     r = _train(shards, run, "--train.checkpoint_every=4", "--train.max_steps=8")
@@ -73,6 +74,7 @@ def test_damaged_newest_checkpoint_is_skipped_with_one_line_and_an_explicit_one_
     _one_line(r, "does not verify", "optimizer.pt does not match its sha256")
 
 
+@needs_loader
 def test_checkpoint_without_its_checksums_is_incomplete(shards, tmp_path):
     """What a power loss before the last write leaves: never trusted."""
     run = tmp_path / "run"
@@ -106,6 +108,7 @@ def test_checkpoint_files_and_folders_are_fsynced(tmp_path, monkeypatch):
     assert checkpoint.verify_checkpoint(path) is None
 
 
+@needs_loader
 def test_second_run_into_a_busy_folder_exits_at_once_naming_the_holder(shards, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "vae_dist", "train", f"--data.shards={shards}", f"--train.out_dir={run}", *COMMON,
@@ -126,6 +129,7 @@ def test_second_run_into_a_busy_folder_exits_at_once_naming_the_holder(shards, t
     assert not (run / ".lock").exists()  # released on the way out
 
 
+@needs_loader
 def test_lock_of_a_dead_process_is_taken_over_with_a_warning(shards, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -138,6 +142,7 @@ def test_lock_of_a_dead_process_is_taken_over_with_a_warning(shards, tmp_path):
     assert not (run / ".lock").exists()
 
 
+@needs_loader
 def test_fresh_run_into_an_old_run_folder_is_refused_or_moved_aside(shards, tmp_path):
     run = tmp_path / "run"
     assert _train(shards, run, "--train.checkpoint_every=4", "--train.max_steps=8").returncode == 0
@@ -159,6 +164,7 @@ def test_fresh_run_into_an_old_run_folder_is_refused_or_moved_aside(shards, tmp_
     assert max(json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()) == 4
 
 
+@needs_loader
 def test_all_checkpoints_damaged_is_refused_not_restarted_over_them(shards, tmp_path):
     run = tmp_path / "run"
     assert _train(shards, run, "--train.checkpoint_every=0", "--train.max_steps=4").returncode == 0
@@ -169,12 +175,14 @@ def test_all_checkpoints_damaged_is_refused_not_restarted_over_them(shards, tmp_
     assert "no checkpoint that verifies" in r.stderr and "train.overwrite=true" in r.stderr
 
 
+@needs_webdataset
 def test_training_without_dali_falls_back_to_webdataset(shards, tmp_path):
     """As on a machine where the DALI wheel is missing: importing it fails."""
     code = ("import sys; sys.modules['nvidia.dali'] = None; from vae_dist.cli import main; "
             "sys.exit(main(sys.argv[1:]))")
     r = subprocess.run([sys.executable, "-c", code, "train", f"--data.shards={shards}",
-                        f"--train.out_dir={tmp_path / 'run'}", *COMMON, "--train.max_steps=2"],
+                        f"--train.out_dir={tmp_path / 'run'}", *COMMON, "--train.max_steps=2",
+                        "--data.cache=none"],  # streaming, also where a GPU cache would be chosen
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "loader=webdataset" in r.stdout
@@ -190,6 +198,8 @@ def test_nonpositive_global_batch_is_one_line(shards, tmp_path, value):
               f"config key 'train.global_batch_size' must be positive, got {value}")
 
 
+@needs_dali
+@needs_webdataset
 def test_bench_row_that_cannot_be_measured_says_why_and_the_others_are_measured(shards, sample_root, tmp_path):
     images = tmp_path / "images"
     shutil.copytree(sample_root, images)
@@ -207,6 +217,7 @@ def test_bench_row_that_cannot_be_measured_says_why_and_the_others_are_measured(
     assert "stack expects" in r.stdout  # the printed table says it too
 
 
+@needs_loader
 def test_weights_and_checkpoints_that_are_not_ours_are_one_line(shards, tmp_path):
     text = tmp_path / "some.txt"
     text.write_text("hello")
@@ -248,6 +259,7 @@ def _rank_of(pid: int) -> int | None:
     return ranks[0] if ranks else None
 
 
+@needs_loader
 def test_a_signal_to_one_rank_stops_both_at_one_step(shards, tmp_path):
     """SIGTERM to rank 1 alone, at any moment (epochs of 6 steps end in an evaluation): the
     ranks agree at the next sync point, both checkpoint the same step, nothing hangs."""
@@ -267,6 +279,8 @@ def test_a_signal_to_one_rank_stops_both_at_one_step(shards, tmp_path):
     assert step % 2 == 0  # a sync point (log.log_every=2)
 
 
+@needs_loader
+@needs_wandb
 def test_divergence_finishes_the_wandb_run(shards, tmp_path):
     run = tmp_path / "run"
     r = run_cli("train", f"--data.shards={shards}", f"--train.out_dir={run}",
@@ -292,6 +306,7 @@ def test_small_cli_cases(tmp_path):
     _one_line(run_cli("demo", "--steps", "0", "--out", str(tmp_path / "d")), "demo --steps must be positive")
 
 
+@needs_loader
 def test_demo_with_two_steps(tmp_path):
     r = run_cli("demo", "--steps", "2", "--out", str(tmp_path / "demo"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

@@ -4,13 +4,15 @@ import json
 
 from vae_dist.hooks import wandb_mode
 
-from .conftest import TINY_MODEL, accelerate_launch, run_cli
+from .conftest import TINY_MODEL, accelerate_launch, needs_loader, needs_wandb, run_cli
 from .wandb_reader import history_keys
 
 ARGS = [*TINY_MODEL, "--train.batch_size=16", "--data.num_threads=1", "--log.log_every=2",
         "--train.eval_every=6", "--log.image_every=6", "--train.checkpoint_every=0", "--train.max_steps=12"]
 
 
+@needs_loader
+@needs_wandb
 def test_wandb_offline_run_has_scalars_and_pictures_and_one_run_for_two_ranks(shards, tmp_path):
     run = tmp_path / "run"
     r = accelerate_launch(2, "train", f"--data.shards={shards}", f"--train.out_dir={run}", *ARGS,
@@ -35,6 +37,8 @@ def test_wandb_offline_run_has_scalars_and_pictures_and_one_run_for_two_ranks(sh
     assert (run / "images" / "loss_curves.png").stat().st_size > 1000
 
 
+@needs_loader
+@needs_wandb
 def test_broken_wandb_is_reported_once_and_training_finishes(shards, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -48,6 +52,7 @@ def test_broken_wandb_is_reported_once_and_training_finishes(shards, tmp_path):
     assert (run / "model.safetensors").is_file()
 
 
+@needs_loader
 def test_viz_from_checkpoint_and_weights(shards, tmp_path):
     run = tmp_path / "run"
     r = run_cli("train", f"--data.shards={shards}", f"--train.out_dir={run}", *ARGS, "--log.wandb_mode=disabled",
@@ -72,6 +77,7 @@ def test_wandb_mode_defaults_offline_without_a_key(monkeypatch):
     assert wandb_mode("disabled") == "disabled"
 
 
+@needs_loader
 def test_progress_plain_lines_in_a_log_and_a_live_bar_on_a_terminal(shards, tmp_path):
     import os
     import pty

@@ -9,7 +9,7 @@ import torch
 
 from vae_dist.losses import discretized_gaussian_log_likelihood
 
-from .conftest import TINY_MODEL, run_cli
+from .conftest import HAVE_LOADER, TINY_MODEL, needs_loader, run_cli
 
 
 def _phi(t):
@@ -38,6 +38,8 @@ def test_discretized_likelihood_is_a_distribution_over_the_256_levels():
 
 @pytest.fixture(scope="module")
 def tiny_run(shards, tmp_path_factory):
+    if not HAVE_LOADER:
+        pytest.skip(needs_loader.kwargs["reason"])
     run = tmp_path_factory.mktemp("lik") / "run"
     r = run_cli("train", f"--data.shards={shards}", f"--train.out_dir={run}", *TINY_MODEL, "--train.batch_size=16",
                 "--data.num_threads=1", "--log.wandb_mode=disabled", "--train.max_steps=24", "--log.log_every=4",
@@ -114,6 +116,7 @@ def test_sample_and_encode(tiny_run, shards, tmp_path):
     assert set(z["labels"].tolist()) == set(range(10))
 
 
+@needs_loader
 def test_sigma_vae_learns_its_sigma(shards, tmp_path):
     run = tmp_path / "run"
     r = run_cli("train", f"--data.shards={shards}", f"--train.out_dir={run}", *TINY_MODEL, "--train.batch_size=16",

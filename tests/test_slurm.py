@@ -13,7 +13,7 @@ import pytest
 
 from vae_dist.checkpoint import latest_checkpoint
 
-from .conftest import ROOT, TINY_MODEL, _free_port
+from .conftest import CPU_ONLY, ROOT, TINY_MODEL, _free_port, needs_loader
 
 ARGS = [*TINY_MODEL, "--train.batch_size=16", "--data.num_threads=1", "--log.wandb_mode=disabled",
         "--log.log_every=5", "--train.eval_every=0", "--train.checkpoint_every=0"]
@@ -30,10 +30,11 @@ def _cluster_up() -> str | None:
 
 
 needs_slurm = pytest.mark.skipif(_cluster_up() is not None, reason=str(_cluster_up()))
+pytestmark = needs_loader
 
 
 def _sbatch(shards, out: Path, *extra) -> str:
-    env = {**os.environ, "GPUS_PER_NODE": "1", "PYTHON": sys.executable, "WANDB_SILENT": "true"}
+    env = {**os.environ, "GPUS_PER_NODE": "1", "PYTHON": sys.executable, "WANDB_SILENT": "true", **CPU_ONLY}
     r = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1",
                         f"--output={out}/slurm-%j.out", "launch/train_slurm.sh", f"--data.shards={shards}",
                         f"--train.out_dir={out / 'run'}", *ARGS, *extra],
@@ -112,7 +113,7 @@ def test_plain_two_node_accelerate_launch_on_localhost(shards, tmp_path):
                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vae_dist", "train",
                f"--data.shards={shards}", f"--train.out_dir={tmp_path / 'run'}", *ARGS, "--train.max_steps=10"]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env={**os.environ, "WANDB_SILENT": "true"}))
+                                      env={**os.environ, "WANDB_SILENT": "true", **CPU_ONLY}))
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert "processes=2" in outs[0][0]

@@ -10,7 +10,9 @@ import torch
 from vae_dist.config import build_config
 from vae_dist.train import StopSignal, Trainer
 
-from .conftest import TINY_MODEL
+from .conftest import TINY_MODEL, needs_loader
+
+pytestmark = needs_loader
 
 VAE_DIST = str(Path(__file__).resolve().parents[1] / "vae_dist")
 # the Tensor methods that read a device value on the host (each drains the CUDA queue)

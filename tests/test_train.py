@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 from vae_dist.checkpoint import latest_checkpoint, load_weights
 from vae_dist.model import VAE, VAEConfig
 
-from .conftest import TINY_MODEL, accelerate_launch, launch_command, run_cli
+from .conftest import CPU_ONLY, CUDA, TINY_MODEL, accelerate_launch, launch_command, needs_loader, run_cli
+
+pytestmark = needs_loader
 
 COMMON = [*TINY_MODEL, "--train.batch_size=16", "--data.num_threads=1", "--log.wandb_mode=disabled",
           "--log.log_every=2", "--log.image_every=1000"]
@@ -61,8 +63,10 @@ def test_one_process_2b_equals_two_processes_b(shards, tmp_path):
             "--loss.kl_schedule=constant", "--log.image_every=1000",
             # a large eps makes Adam's first step proportional to the gradient (not its sign),
             # so the step compares the gradients themselves
-            "--optim.eps=1e4", "--optim.lr=1.0"]
-    one = run_cli(*base, f"--train.out_dir={tmp_path / 'one'}", "--train.batch_size=16")
+            "--optim.eps=1e4", "--optim.lr=1.0",
+            # both sides alike: fp32, eager, default layout, on the CPU (2 processes always are)
+            "--train.precision=no", "--model.compile=false", "--model.channels_last=false"]
+    one = run_cli(*base, f"--train.out_dir={tmp_path / 'one'}", "--train.batch_size=16", env=CPU_ONLY)
     assert one.returncode == 0, one.stderr[-3000:]
     two = accelerate_launch(2, *base, f"--train.out_dir={tmp_path / 'two'}", "--train.global_batch_size=16")
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
@@ -126,8 +130,8 @@ def test_nonfinite_loss_stops_with_a_clear_message(shards, tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["--data.shards=/nonexistent"], "shard folder not found"),
     (["--train.resume=/nonexistent/ckpt"], "checkpoint not found"),
-    (["--data.cache=gpu"], "CUDA"),
-    (["--data.decode=gpu"], "CUDA"),
+    pytest.param(["--data.cache=gpu"], "CUDA", marks=pytest.mark.skipif(CUDA, reason="a GPU is here")),
+    pytest.param(["--data.decode=gpu"], "CUDA", marks=pytest.mark.skipif(CUDA, reason="a GPU is here")),
     (["--train.batch_size=1000"], "fewer than one batch"),
 ])
 def test_user_errors_are_one_line(shards, tmp_path, args, words):

@@ -1,9 +1,8 @@
-"""Reads the records of a `.wandb` file (LevelDB-log framing of wandb's protobuf Records)."""
+"""Reads the records of a `.wandb` file (LevelDB-log framing of wandb's protobuf Records).
+wandb is imported on use, so the test modules that import this collect without it."""
 
 import struct
 from pathlib import Path
-
-from wandb.proto import wandb_internal_pb2 as pb
 
 HEADER = 7  # ':W&B' + magic (2 bytes) + version
 BLOCK = 32768
@@ -33,6 +32,8 @@ def read_records(path: Path) -> list:
             chunks += chunk
         elif kind == LAST:
             out.append(chunks + chunk)
+    from wandb.proto import wandb_internal_pb2 as pb
+
     records = []
     for raw in out:
         rec = pb.Record()

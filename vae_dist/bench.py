@@ -27,10 +27,7 @@ from pathlib import Path
 import torch
 
 from vae_dist.errors import UserError
-
-# Dense peak FLOP/s by device name fragment: (bf16, tf32). H100/H200 SXM figures.
-PEAK_FLOPS = {"H200": (989e12, 494e12), "H100": (989e12, 494e12), "A100": (312e12, 156e12)}
-
+from vae_dist.flops import peak_flops, train_flops_per_image
 
 # -- shared helpers ------------------------------------------------------------------------
 
@@ -92,7 +89,7 @@ def bench_data(args, shards: str, images_root: str | None) -> list[dict]:
     from vae_dist.config import DataConfig
     from vae_dist.data import dali
     from vae_dist.data.loaders import CachedLoader, build_loader, decode_split
-    from vae_dist.data.torch_loaders import image_folder_loader
+    from vae_dist.data.torch_loaders import have_webdataset, image_folder_loader
 
     bs = args.batch_size or (32 if args.tiny else 256)
     threads = args.threads or os.cpu_count() or 1
@@ -117,11 +114,18 @@ def bench_data(args, shards: str, images_root: str | None) -> list[dict]:
         if loader == "dali" and not dali.HAVE_DALI:
             results.append({"name": name, "unavailable": "NVIDIA DALI not installed"})
             continue
+        if loader == "webdataset" and not have_webdataset():
+            results.append({"name": name, "unavailable": "webdataset not installed"})
+            continue
 
         def measure(name=name, loader=loader, decode=decode, device=device):
             cfg = DataConfig(shards=shards, loader=loader, decode=decode, num_threads=threads)
             ld = build_loader(cfg, "train", bs, rank=0, world=1, device=device, train=True, seed=0)
-            return _measure_stream(name, stream(ld.epoch), bs, steps, warmup, args.repeats, device, threads=threads)
+            try:
+                return _measure_stream(name, stream(ld.epoch), bs, steps, warmup, args.repeats, device,
+                                       threads=threads)
+            finally:
+                ld.close()
 
         results.append(_row_or_reason(name, measure))
     # the decoded-split cache (data.cache): built once (timed apart), then served from memory
@@ -129,7 +133,7 @@ def bench_data(args, shards: str, images_root: str | None) -> list[dict]:
     cache_name = f"{'gpu' if gpu is not None else 'ram'}-cache (decoded once, then gather + flip)"
 
     def measure_cache():
-        cfg = DataConfig(shards=shards, loader="dali" if dali.HAVE_DALI else "webdataset", num_threads=threads)
+        cfg = DataConfig(shards=shards, num_threads=threads)
         t0 = time.perf_counter()
         images, labels = decode_split(cfg, "train", cache_device)
         _sync(cache_device)
@@ -225,19 +229,11 @@ def _accelerator(dtype: str):
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=PRECISIONS[dtype])
 
 
-def _flops_per_image(cfg, device) -> float:
-    """Forward + backward FLOPs of one image, counted by PyTorch's FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
+def _compiled_graphs() -> tuple[int, int]:
+    """(graphs compiled, graph breaks) since the last torch._dynamo.reset()."""
+    from torch._dynamo.utils import counters
 
-    from vae_dist.losses import kl_divergence, recon_loss
-    from vae_dist.model import VAE
-
-    model = VAE(cfg).to(device)
-    x = torch.rand(8, 3, cfg.image_size, cfg.image_size, device=device)
-    with FlopCounterMode(display=False) as counter:
-        x_hat, mu, logvar = model(x)
-        (recon_loss(x_hat, x) + kl_divergence(mu, logvar)).backward()
-    return counter.get_total_flops() / 8
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
 
 
 def bench_step(args) -> list[dict]:
@@ -260,14 +256,17 @@ def bench_step(args) -> list[dict]:
     layouts = {"both": [False, True], "on": [True], "off": [False]}[args.channels_last]
     steps = args.steps or (3 if args.tiny else 30 if on_gpu else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 10 if on_gpu else 3)
-    flops = _flops_per_image(cfg, device)
-    peaks = next((v for k, v in PEAK_FLOPS.items() if on_gpu and k in torch.cuda.get_device_name()), None)
+    flops = train_flops_per_image(cfg)
     results = []
     for bs, dtype, compiled, cl in itertools.product(batch_sizes, dtypes, compiles, layouts):
         mode = f"compiled[{args.compile_mode}]" if compiled and args.compile_mode != "default" else "compiled"
         name = f"{mode if compiled else 'eager'} {dtype}{' channels_last' if cl else ''} b{bs}"
 
         def measure(bs=bs, dtype=dtype, compiled=compiled, cl=cl, name=name):
+            # Each row compiles afresh: without a reset, the next batch size would recompile the
+            # same code as a dynamic-shape graph, and past dynamo's recompile limit (8) later
+            # "compiled" rows would silently run eager. The row records what really ran.
+            torch._dynamo.reset()
             acc = _accelerator(dtype)
             torch.manual_seed(0)
             model = VAE(cfg).to(device, memory_format=torch.channels_last if cl else torch.preserve_format)
@@ -275,8 +274,12 @@ def bench_step(args) -> list[dict]:
             step = TrainStep(acc, model, opt, LossConfig(), grad_clip=0.0,
                              compile_mode=args.compile_mode if compiled else None, channels_last=cl)
             x = torch.rand(bs, 3, cfg.image_size, cfg.image_size, device=device)
+            t_warm = time.perf_counter()
             for _ in range(warmup):
                 step(x, 1e-3, 1.0)
+            _sync(device)
+            warmup_s = time.perf_counter() - t_warm  # compile time, for compiled rows
+            graphs, breaks = _compiled_graphs()
 
             def window():
                 _sync(device)
@@ -287,12 +290,23 @@ def bench_step(args) -> list[dict]:
                 return bs * steps, time.perf_counter() - t0
 
             median, rates = _timed(window, args.repeats)
+            new_graphs = _compiled_graphs()[0] - graphs  # > 0: a recompile inside the timed windows
             row = {"name": name, "img_per_s": median, "batch_size": bs, "steps": steps, "repeats": rates,
                    "compile": compiled, "dtype": dtype, "autocast": str(step.autocast_dtype or "off"),
-                   "channels_last": cl, "steps_per_s": median / bs,
+                   "channels_last": cl, "steps_per_s": median / bs, "warmup_s": warmup_s,
+                   "compiled_graphs": graphs, "graph_breaks": breaks, "recompiles_while_timed": new_graphs,
                    "gflop_per_image": flops / 1e9, "tflop_per_s": median * flops / 1e12}
-            if peaks:
-                row["mfu"] = median * flops / (peaks[0] if dtype != "fp32" else peaks[1])
+            if compiled and graphs == 0:
+                row["note"] = "compile produced no graph: this row ran eager"
+            peak = peak_flops(device, PRECISIONS[dtype])
+            if peak:
+                row["mfu"] = median * flops / peak
+            if args.profile:
+                from vae_dist.profiling import profile_steps
+
+                slug = name.replace(" ", "_").replace("[", "-").replace("]", "")
+                row["profile"] = profile_steps(lambda: step(x, 1e-3, 1.0), min(steps, 10), device, Path(args.profile),
+                                               slug)
             return row
 
         results.append(_row_or_reason(name, measure))
@@ -377,8 +391,11 @@ def _e2e_trainer(args, shards, variant, bs, steps, warmup, device) -> dict:
     name = "fast: DALI, compiled, channels_last" + (", bf16" if on_gpu else ", fp32")
     if variant == "cache":
         name = "fast+gpu-cache: compiled, channels_last, bf16"
-    return _measure_training(name, it, trainer.train_step, bs, steps, warmup, args.repeats, device,
-                             decode="gpu" if on_gpu else "cpu")
+    try:
+        return _measure_training(name, it, trainer.train_step, bs, steps, warmup, args.repeats, device,
+                                 decode="gpu" if on_gpu else "cpu")
+    finally:
+        trainer.close_loaders()
 
 
 def _measure_training(name, it, train_step, bs, steps, warmup, repeats, device, **extra) -> dict:
@@ -426,6 +443,12 @@ def print_table(what: str, results: list[dict]) -> None:
             notes.append(f"{r['tflop_per_s']:.2f} TFLOP/s")
         if "mfu" in r:
             notes.append(f"{r['mfu']:.1%} of peak")
+        if r.get("compile"):
+            notes.append(f"{r['compiled_graphs']} graphs in {r['warmup_s']:.0f} s")
+        if "note" in r:
+            notes.append(r["note"])
+        if "profile" in r:
+            notes.append(f"bound by {r['profile']['bound_by']}")
         print(f"{r['name']:<48} {r['img_per_s']:>12,.1f} {r['batch_size']:>6} {r['steps']:>6}  {', '.join(notes)}")
 
 

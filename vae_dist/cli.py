@@ -129,6 +129,8 @@ def add_bench_args(p) -> None:
     p.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--channels-last", choices=["both", "on", "off"], default="both")
     p.add_argument("--variants", default=None, help="e2e: comma list of seed,fast,cache")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="step: a torch.profiler trace and summary of each row's steps into DIR")
     p.add_argument("--tiny", action="store_true", help="a tiny model and data set (for tests)")
 
 

@@ -81,11 +81,13 @@ class TrainConfig:
     precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # autocast; auto: bf16 on CUDA. accelerate launch wins
     seed: int = 0  # global seed: weights, data order, flips, noise
     max_bad_steps: int = 20  # consecutive non-finite steps before giving up (checked every log.log_every)
+    profile_steps: tuple[int, int] | None = None  # START,STOP: torch.profiler trace of those steps in OUT_DIR/profile
 
 
 @dataclass
 class LogConfig:
     log_every: int = 50  # steps between scalar rows (metrics.jsonl, W&B)
+    peak_tflops: float | None = None  # one device's dense peak for mfu; None: from the GPU's name (H100/H200/A100)
     image_every: int = 1000  # steps between picture sets; they are also made at the end
     num_images: int = 8  # images in reconstruction / interpolation grids
     wandb_mode: Literal["online", "offline", "disabled"] | None = None  # None: offline w/o key
@@ -279,6 +281,9 @@ def validate(cfg: Config) -> None:
         ("model.widths", list(cfg.model.widths), len(cfg.model.widths) > 0 and min(cfg.model.widths) > 0,
          "a non-empty list of positive channel counts"),
         ("log.log_every", log.log_every, log.log_every > 0, "positive"),
+        ("log.peak_tflops", log.peak_tflops, log.peak_tflops is None or log.peak_tflops > 0, "positive"),
+        ("train.profile_steps", t.profile_steps,
+         t.profile_steps is None or 0 <= t.profile_steps[0] < t.profile_steps[1], "START,STOP with 0 <= START < STOP"),
         ("log.image_every", log.image_every, log.image_every > 0, "positive"),
         ("log.num_images", log.num_images, log.num_images > 0, "positive"),
         ("data.num_threads", d.num_threads, d.num_threads is None or d.num_threads > 0, "positive"),

@@ -44,11 +44,14 @@ def _batches(shards: str, split: str, batch_size: int, acc, limit: int | None = 
     loader = build_loader(cfg, split, batch_size, rank=acc.process_index, world=acc.num_processes,
                           device=acc.device, train=False, seed=0)
     seen = 0
-    for x, y in loader.epoch(0):
-        if limit is not None and seen >= limit:
-            break
-        yield unit_float(x), y
-        seen += x.shape[0]
+    try:
+        for x, y in loader.epoch(0):
+            if limit is not None and seen >= limit:
+                break
+            yield unit_float(x), y
+            seen += x.shape[0]
+    finally:
+        loader.close()  # DALI's pipeline, while CUDA is up
 
 
 def _log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -62,7 +65,7 @@ def calibrate_sigma(model: VAE, shards: str, acc, images: int, batch_size: int) 
     sums = torch.zeros(2, device=acc.device, dtype=torch.float64)
     for x, _ in _batches(shards, "train", batch_size, acc, limit=images // acc.num_processes):
         x_hat, _, _ = model(x)
-        sums += torch.stack([(x_hat - x).pow(2).sum().double(), torch.tensor(float(x.numel()), device=acc.device)])
+        sums += torch.stack([(x_hat - x).pow(2).sum().double(), sums.new_full((), x.numel())])  # a fill, not a blocking copy
     sq, n = acc.reduce(sums, reduction="sum").tolist()
     return math.sqrt(sq / n)
 
@@ -93,7 +96,7 @@ def evaluate_checkpoint(ckpt: str, shards: str, split: str = "val", iw: int = 1,
         log_w = torch.stack(log_w)  # (K, B)
         sums += torch.stack([log_w.mean(0).sum(), (torch.logsumexp(log_w, 0) - math.log(iw)).sum(),
                              (model.decode(mu) - x).pow(2).sum().double(),
-                             torch.tensor(float(x.shape[0]), device=acc.device, dtype=torch.float64)])
+                             sums.new_full((), x.shape[0])])  # a fill, not a blocking copy
     elbo, iw_bound, sq_err, count = acc.reduce(sums, reduction="sum").tolist()
     if count == 0:
         raise UserError(f"split '{split}' of {shards} holds no images")

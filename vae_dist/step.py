@@ -9,7 +9,13 @@ never wait for the device inside a step:
 - The meters (loss sums, good/skipped steps, consecutive non-finite steps) are device
   tensors; the Trainer reads them only at its sync points (`read_meters`).
 The forward and the loss terms are one `torch.compile`d function (under DDP it breaks at
-DDP's forward, whose inner module is compiled with DDP's bucket-aware optimizer).
+DDP's forward, whose inner module is compiled with DDP's bucket-aware optimizer); the tail
+(gradient norm, finite check, clip, meters) is a second one, so the ~20 tiny kernels it
+launches eagerly become a few. Both compile with `dynamic=False`: a training run's shapes
+never change, and a dynamic-shape graph would be slower.
+At the seed's batch 64 the step is host-bound, so it calls the raw optimizer: accelerate's
+wrapper spends ~300 us of host time per step/zero_grad (find_spec, inspect.signature;
+measured on the CPU, docs/benchmarks.md) and is needed only for the fp16 GradScaler.
 """
 
 from __future__ import annotations
@@ -43,7 +49,13 @@ class TrainStep:
         self.lrs = [torch.zeros((), device=self.device) for _ in self.raw_optimizer.param_groups]
         self.bind_lr()
         self.meters = torch.zeros(8, device=self.device)
-        self.forward_loss = torch.compile(self._forward_loss, mode=compile_mode) if compile_mode else self._forward_loss
+        self.compile_mode = compile_mode
+        if compile_mode:
+            self.forward_loss = torch.compile(self._forward_loss, mode=compile_mode, dynamic=False)
+            # the tail mutates grads and meters in place: no CUDA graph (its inputs change every step)
+            self.tail = torch.compile(self._tail, dynamic=False)
+        else:
+            self.forward_loss, self.tail = self._forward_loss, self._tail
 
     def bind_lr(self) -> None:
         """Points every param group at its lr tensor (again after a checkpoint load)."""
@@ -70,26 +82,31 @@ class TrainStep:
         self.accelerator.backward(loss)
         if self.scaled:
             self.accelerator.unscale_gradients()
-        grad_norm = get_total_norm([p.grad for p in self.params if p.grad is not None])
-        finite = torch.isfinite(grad_norm)
-        if self.grad_clip > 0:
-            clip_grads_with_norm_(self.params, self.grad_clip, grad_norm)
-        if not self.scaled:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        found_inf = self.tail(grads, self.meters, loss.detach(), recon.detach(), kl.detach())
+        if self.scaled:  # fp16: the GradScaler owns found_inf and the wrapper's step applies it
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
             # Gradients are already averaged over ranks, so every rank sees the same norm and
             # skips the same steps without another collective.
-            self.raw_optimizer.found_inf = (~finite).float()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self._record(finite, loss.detach(), recon.detach(), kl.detach(), grad_norm.detach())
+            self.raw_optimizer.found_inf = found_inf
+            self.raw_optimizer.step()
+            self.raw_optimizer.zero_grad(set_to_none=True)
 
-    def _record(self, finite, loss, recon, kl, grad_norm) -> None:
-        m = self.meters
+    def _tail(self, grads, meters, loss, recon, kl) -> torch.Tensor:
+        """Gradient norm, clip, meters; returns fused Adam's found_inf (1.0: skip this step)."""
+        grad_norm = get_total_norm(grads)
+        finite = torch.isfinite(grad_norm)
+        if self.grad_clip > 0:
+            clip_grads_with_norm_(grads, self.grad_clip, grad_norm)
         good = torch.stack([loss, recon, kl, grad_norm.float(), torch.ones_like(loss)])
-        m[:GOOD + 1] += torch.where(finite, good, torch.zeros_like(good))
+        meters[:GOOD + 1] += torch.where(finite, good, torch.zeros_like(good))
         bad = (~finite).float()
-        m[SKIPPED] += bad
-        m[CONSECUTIVE] = (m[CONSECUTIVE] + 1) * bad
-        m[MAX_CONSECUTIVE] = torch.maximum(m[MAX_CONSECUTIVE], m[CONSECUTIVE])
+        meters[SKIPPED] += bad
+        meters[CONSECUTIVE] = (meters[CONSECUTIVE] + 1) * bad
+        meters[MAX_CONSECUTIVE] = torch.maximum(meters[MAX_CONSECUTIVE], meters[CONSECUTIVE])
+        return bad
 
     def take_meters(self) -> torch.Tensor:
         """The window's meters (a device tensor), and a fresh window that keeps the current

@@ -31,6 +31,7 @@ from vae_dist.config import Config, dump_yaml, vae_config
 from vae_dist.data import unit_float
 from vae_dist.data.loaders import build_train_and_val, choose_cache, resolve_loader_kind
 from vae_dist.errors import ConfigError, UserError
+from vae_dist.flops import peak_flops, train_flops_per_image
 from vae_dist.hooks import make_hooks
 from vae_dist.losses import (
     bits_per_dim,
@@ -41,6 +42,7 @@ from vae_dist.losses import (
     recon_loss,
 )
 from vae_dist.model import VAE
+from vae_dist.profiling import StepRangeProfiler
 from vae_dist.run_folder import RunFolderLock, choose_start, expand_out_dir
 from vae_dist.step import TrainStep
 
@@ -157,6 +159,10 @@ class Trainer:
         self.state = TrainState()
         self.config_yaml = dump_yaml(cfg)
         self.hooks = make_hooks(acc, cfg, self.run_dir, self.val_loader)
+        # MFU: model FLOPs counted once for this configuration, against one device's peak
+        self.flops_per_image = train_flops_per_image(self.raw_model.cfg)
+        self.peak_flops = peak_flops(self.device, acc.mixed_precision, cfg.log.peak_tflops)
+        self.profiler = StepRangeProfiler(cfg.train.profile_steps, self.run_dir / "profile", self.device, self.rank)
         self._reset_window()
         self._last_eval_step = self._last_ckpt_step = -1
         self._train_recon: float | None = None  # the mean train recon term of the last sync window
@@ -192,6 +198,7 @@ class Trainer:
         if path is None:
             return
         saved = ckpt.load_checkpoint(self.accelerator, path, self.raw_model, self.optimizer)
+        ckpt.match_state_layouts(self.step.raw_optimizer)  # e.g. a CPU checkpoint resumed channels_last
         self.step.bind_lr()  # the loaded param groups brought their own lr values
         self.state = TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState)})
         self.step.meters[meters.CONSECUTIVE] = self.state.bad_steps
@@ -224,6 +231,13 @@ class Trainer:
             raise
         finally:
             stop.restore()
+            self.profiler.close(self.state.step)
+            self.close_loaders()
+
+    def close_loaders(self) -> None:
+        """Releases the loaders' pipelines while CUDA is up (DALI can abort in its teardown)."""
+        for loader in (self.train_loader, self.val_loader):
+            loader.close()
 
     def run_epoch(self, stop: StopSignal) -> None:
         batches = self.train_loader.epoch(self.state.epoch, skip=self.state.batch_in_epoch)
@@ -249,9 +263,11 @@ class Trainer:
     def train_step(self, images: torch.Tensor) -> None:
         """One optimizer step; never waits for the device (the entry the benchmarks time)."""
         step = self.state.step
+        self.profiler.before_step(step)
         self.step(images, lr_at(step, self.total_steps, self.cfg.optim), self.beta_at(step))
         self.state.step += 1
         self.state.batch_in_epoch += 1
+        self.profiler.after_step(self.state.step)
 
     def maybe_sync(self, stop: StopSignal) -> None:
         """Every log.log_every steps (and at the last): the host reads the device once.
@@ -294,7 +310,11 @@ class Trainer:
             "progress": self.state.step / self.total_steps,
             # at this window's pace (side work excluded), which is what the rest will run at
             "eta_s": (self.total_steps - self.state.step) * elapsed / max(steps, 1),
+            # model FLOP/s over all processes; mfu per device against its dense peak
+            "tflop_per_s": img_per_s * self.flops_per_image / 1e12,
         }
+        if self.peak_flops:
+            row["mfu"] = img_per_s / self.world * self.flops_per_image / self.peak_flops
         if self.device.type == "cuda":
             row["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.hooks.log_scalars(row)
@@ -367,7 +387,7 @@ class Trainer:
             sums += torch.stack([
                 recon_loss(x_hat, x, self.cfg.loss.recon, model.log_sigma).double() * n,
                 kl_divergence(mu, logvar).double() * n, (x_mean.float() - x).pow(2).sum().double(),
-                log_px.double(), torch.tensor(float(n), device=self.device, dtype=torch.float64),
+                log_px.double(), sums.new_full((), n),  # a fill kernel: no blocking host-to-device copy
             ])
         model.train()
         sums = self.accelerator.reduce(sums, reduction="sum")  # collective: all ranks

@@ -165,7 +165,7 @@ def viz_checkpoint(ckpt_path: str, out: str, shards: str | None = None, num_imag
         raise UserError("no shard folder known for real images: pass --shards DIR")
     manifest = load_manifest(shards)
     split = "val" if "val" in manifest["splits"] else "train"
-    images, labels = decode_split(DataConfig(shards=shards, loader="webdataset", num_threads=0), split,
+    images, labels = decode_split(DataConfig(shards=shards, num_threads=1), split,
                                   torch.device("cpu"))
     n = min(num_images * 2, images.shape[0])
     x = images[:n].float() / 255

@@ -139,6 +139,7 @@ class DaliLoader:
         self.steps_per_epoch = steps_per_epoch(count, batch_size, rank, world, train)
         self._it = None
         self._position = None  # (epoch, batch) the pipeline delivers next
+        self.builds = 0  # pipelines built so far: one per run, more only on a jump
 
     def _build(self, epoch: int, batch: int):
         decode = "mixed" if self.gpu_id is not None else "cpu"
@@ -152,18 +153,31 @@ class DaliLoader:
             prefetch_queue_depth=self.prefetch, seed=rank_seed(self.seed, epoch, self.rank),
         )
         pipe.build()
+        self.builds += 1
         return DALIGenericIterator([pipe], ["images", "labels"], size=-1)
 
     def _normal(self, epoch: int, batch: int) -> tuple[int, int]:
-        if not self.train:
-            epoch = 0  # every val pass is the same
-        return (epoch + 1, 0) if batch >= self.steps_per_epoch else (epoch, batch)
+        """(epoch, batch) as the stream counts it: the end of a pass is the next one's start.
+        Every val pass is the same, so for val that start is (0, 0) again, and an evaluation
+        after a full one finds the pipeline where it wants it (no rebuild)."""
+        if batch >= self.steps_per_epoch:
+            epoch, batch = epoch + 1, 0
+        return (epoch, batch) if self.train else (0, batch)
+
+    def close(self) -> None:
+        """Shuts the pipeline down now (its threads, pinned and device buffers), while CUDA is
+        still up: left to interpreter teardown, DALI can abort in CUDA's (DALI issue 6166),
+        turning a finished run's exit 0 into SIGABRT."""
+        if self._it is not None:
+            for pipe in getattr(self._it, "_pipes", []):
+                pipe._shutdown()
+        self._it = self._position = None
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yields the epoch's batches after the first `skip` (a resumed run's position)."""
         start = self._normal(epoch, skip)
         if self._position != start:  # a jump (resume, an abandoned pass): a pipeline from here
-            self._it = None
+            self.close()
             self._it = self._build(*start)
         for b in range(skip, self.steps_per_epoch):
             out = next(self._it)[0]

@@ -1,8 +1,9 @@
 """Choosing and building the loader a training run uses.
 
-All loaders share one contract: `steps_per_epoch`, and `epoch(e, skip=0)` yielding
+All loaders share one contract: `steps_per_epoch`, `epoch(e, skip=0)` yielding
 (images uint8 NCHW on the training device, labels int64), the same number of
-batches on every rank for train, each sample once across ranks for val.
+batches on every rank for train, each sample once across ranks for val; and `close()`,
+which releases what the loader holds (DALI's pipeline) before the process ends.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from vae_dist.data import dali
 from vae_dist.data.partition import epoch_order, steps_per_epoch
 from vae_dist.data.shards import load_manifest, split_files
-from vae_dist.data.torch_loaders import WebDatasetLoader
+from vae_dist.data.torch_loaders import WebDatasetLoader, have_webdataset
 from vae_dist.errors import DataError
 
 
@@ -31,7 +32,12 @@ def default_threads() -> int:
 
 def resolve_loader_kind(kind: str) -> str:
     if kind == "auto":
-        return "dali" if dali.HAVE_DALI else "webdataset"
+        if dali.HAVE_DALI:
+            return "dali"
+        if have_webdataset():
+            return "webdataset"
+        raise DataError("no data loader: neither NVIDIA DALI (pip install nvidia-dali-cuda130) nor webdataset "
+                        "(pip install webdataset) is installed")
     if kind == "dali" and not dali.HAVE_DALI:
         raise DataError("data.loader=dali but NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
     return kind
@@ -77,6 +83,9 @@ class _OnDevice:
         for images, labels in self.loader.epoch(epoch, skip):
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
+    def close(self) -> None:
+        self.loader.close()
+
 
 class CachedLoader:
     """The whole split decoded once into (device) memory as uint8; an epoch is a shuffled
@@ -105,6 +114,9 @@ class CachedLoader:
                 x = torch.where(flips[batch].view(-1, 1, 1, 1), x.flip(-1), x)
             yield x, self.labels[idx]
 
+    def close(self) -> None:
+        pass  # plain tensors: freed with the loader
+
 
 def decode_split(data_cfg, split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of a split as uint8 (N, 3, S, S) on `device`, in shard order."""
@@ -120,6 +132,7 @@ def decode_split(data_cfg, split: str, device: torch.device) -> tuple[torch.Tens
         images[pos:pos + x.shape[0]] = x
         labels[pos:pos + x.shape[0]] = y
         pos += x.shape[0]
+    loader.close()
     assert pos == count, (pos, count)
     return images, labels
 

@@ -9,11 +9,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
 from collections.abc import Iterator
 
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -44,6 +44,8 @@ class _ShardBatches(IterableDataset):
         lo, hi = rank_sample_range(self.count, self.rank, self.world)
         limit = self.steps * bs if self.train else hi - lo
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{wid}")
+        import webdataset as wds  # optional: checked when the loader is built (require_webdataset)
+
         # every process reads the tar stream (cheap) and decodes only its own samples
         ds = wds.WebDataset(order, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
         buf: list = []
@@ -72,11 +74,17 @@ def _collate(items):
     return torch.stack([img for img, _ in items]), torch.tensor([label for _, label in items])
 
 
+def have_webdataset() -> bool:
+    return importlib.util.find_spec("webdataset") is not None
+
+
 class WebDatasetLoader:
     """Same contract as DaliLoader: epoch(e, skip) yields (uint8 NCHW, int64 labels)."""
 
     def __init__(self, paths, count, batch_size, *, rank=0, world=1, train=True, num_workers=4,
                  seed=0, flip=True, buffer=4096, device="cpu"):
+        if not have_webdataset():
+            raise DataError("data.loader=webdataset but the webdataset package is not installed (pip install webdataset)")
         self.paths, self.count, self.batch_size = list(paths), count, batch_size
         self.rank, self.world, self.train = rank, world, train
         self.num_workers, self.seed, self.flip = num_workers, seed, flip and train
@@ -93,6 +101,9 @@ class WebDatasetLoader:
                 continue
             images = images.to(self.device, non_blocking=True)
             yield images, labels.long().to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        pass  # each epoch's DataLoader workers end with its iterator
 
 
 def image_folder_loader(train_dir: str, batch_size: int, num_workers: int) -> DataLoader:

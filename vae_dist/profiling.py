@@ -1,0 +1,108 @@
+"""torch.profiler over a range of training steps: a Chrome trace, and a summary that says
+whether a step is bound by its kernels, by launching them (the host), or by host syncs.
+
+Used by `train.profile_steps=START,STOP` (the run's `profile/` folder) and by
+`vae-dist bench step --profile DIR`. Open the trace in chrome://tracing or Perfetto.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+# CUDA runtime/driver calls that launch work, and those that make the host wait for the device
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch",
+            "cudaMemcpyAsync", "cudaMemsetAsync")
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+         "cudaStreamWaitEvent")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def summarize(prof, steps: int, wall_s: float, device: torch.device) -> dict:
+    """Per step: host wall time, device kernel time, launches, host syncs, aten ops; and a verdict."""
+    events = prof.key_averages()
+    count = lambda names: sum(e.count for e in events if e.key in names)  # noqa: E731
+    ops = sum(e.count for e in events if e.key.startswith("aten::"))
+    out = {"steps": steps, "wall_ms_per_step": 1e3 * wall_s / steps, "aten_ops_per_step": ops / steps}
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+    out["top_host_ops"] = [{"name": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3} for e in top]
+    if device.type != "cuda":
+        out["bound_by"] = "host (a CPU runs every op where it is launched)"
+        return out
+    kernel_us = sum(getattr(e, "self_device_time_total", 0) for e in events
+                    if str(getattr(e, "device_type", "")).endswith("CUDA"))
+    out.update(kernel_ms_per_step=kernel_us / 1e3 / steps, launches_per_step=count(LAUNCHES) / steps,
+               syncs_per_step=count(SYNCS) / steps)
+    busy = out["kernel_ms_per_step"] / max(out["wall_ms_per_step"], 1e-9)
+    out["device_busy"] = busy
+    if out["syncs_per_step"] >= 1:
+        out["bound_by"] = f"host syncs ({out['syncs_per_step']:.1f} per step)"
+    elif busy >= 0.8:
+        out["bound_by"] = f"kernels (the GPU is busy {busy:.0%} of the step)"
+    else:
+        out["bound_by"] = (f"launches / host work (the GPU is busy {busy:.0%} of the step, "
+                           f"{out['launches_per_step']:.0f} launches per step)")
+    return out
+
+
+def profile_steps(run_step, steps: int, device: torch.device, out_dir: Path, name: str) -> dict:
+    """Profiles `steps` calls of run_step(); writes OUT/NAME.trace.json and NAME.summary.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            run_step()
+        _sync(device)
+        wall = time.perf_counter() - t0
+    prof.export_chrome_trace(str(out_dir / f"{name}.trace.json"))
+    summary = summarize(prof, steps, wall, device)
+    (out_dir / f"{name}.summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+class StepRangeProfiler:
+    """The Trainer's `train.profile_steps=START,STOP`: profiles steps START..STOP-1 of the run."""
+
+    def __init__(self, steps: tuple[int, int] | None, out_dir: Path, device: torch.device, rank: int):
+        self.start, self.stop = steps if steps else (None, None)
+        self.out_dir, self.device, self.rank = Path(out_dir), device, rank
+        self._prof = None
+        self._t0 = 0.0
+        self.summary: dict | None = None
+
+    def before_step(self, step: int) -> None:
+        if step == self.start and self._prof is None:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            _sync(self.device)
+            self._prof = profile(activities=activities)
+            self._prof.__enter__()
+            self._t0 = time.perf_counter()
+
+    def after_step(self, step: int) -> None:
+        """`step`: the steps taken so far. Ends the range at STOP (or at the run's end: close)."""
+        if self._prof is not None and step >= self.stop:
+            self.close(step)
+
+    def close(self, step: int) -> None:
+        if self._prof is None:
+            return
+        _sync(self.device)
+        wall = time.perf_counter() - self._t0
+        prof, self._prof = self._prof, None
+        prof.__exit__(None, None, None)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        name = f"steps_{self.start}-{step}_rank{self.rank}"
+        prof.export_chrome_trace(str(self.out_dir / f"{name}.trace.json"))
+        self.summary = summarize(prof, max(1, step - self.start), wall, self.device)
+        (self.out_dir / f"{name}.summary.json").write_text(json.dumps(self.summary, indent=1))
