@@ -68,3 +68,22 @@ def test_seed_flops_match_the_design_count():
 def test_unknown_e2e_variant_is_a_one_line_error(shards):
     r = run_cli("bench", "e2e", "--tiny", "--shards", str(shards), "--variants", "warp")
     assert r.returncode == 2 and r.stderr.strip() == "vae-dist: error: unknown e2e variant 'warp' (choose from seed, fast, cache)"
+
+
+def test_every_compiled_step_row_really_compiled_its_own_graphs(tmp_path):
+    """Rows of different batch sizes each compile afresh (dynamo reset, dynamic=False): none
+    recompiles while it is timed, none silently ran eager; --profile writes each row's trace."""
+    out = tmp_path / "step.json"
+    r = run_cli("bench", "step", "--tiny", "--repeats", "1", "--compile", "on", "--channels-last", "off",
+                "--batch-sizes", "4,8,16", "--steps", "2", "--warmup", "2", "--json", str(out),
+                "--profile", str(tmp_path / "prof"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [row["batch_size"] for row in rows] == [4, 8, 16]
+    for row in rows:
+        assert row["compile"] and row["compiled_graphs"] >= 2, row  # the forward+loss and the step's tail
+        assert row["recompiles_while_timed"] == 0 and "note" not in row, row
+        assert row["profile"]["steps"] == 2 and row["profile"]["bound_by"]
+        assert (tmp_path / "prof" / f"compiled_fp32_b{row['batch_size']}.trace.json").is_file()
+    assert len({row["compiled_graphs"] for row in rows}) == 1, rows  # counted afresh per row: each its own compile
+    assert "graphs in" in r.stdout

@@ -124,3 +124,69 @@ def test_changing_lr_and_beta_does_not_recompile(shards, tmp_path):
         betas.add(trainer.step.beta.item())
     assert len(lrs) == 5 and len(betas) == 5  # both really changed every step
     assert counters["stats"]["unique_graphs"] == graphs and counters["frames"]["total"] == frames
+
+
+def test_checkpoint_without_channels_last_resumes_with_it_and_moments_follow_the_params(shards, tmp_path):
+    """Every CPU checkpoint is written in the default layout; CUDA trains channels_last. Fused
+    Adam wants each moment laid out like its parameter, and load_state_dict keeps saved strides."""
+    first = _trainer(shards, tmp_path, "--train.max_steps=2", "--log.log_every=2", "--model.channels_last=false")
+    assert first.fit() == 0
+    from vae_dist.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(tmp_path / "run")
+    again = _trainer(shards, tmp_path, "--train.max_steps=4", "--log.log_every=2", "--model.channels_last=true")
+    again.maybe_resume(ckpt)
+    opt = again.step.raw_optimizer
+    four_d = [p for p in again.raw_model.parameters() if p.dim() == 4]
+    assert four_d and all(p.is_contiguous(memory_format=torch.channels_last) for p in four_d)
+    for p in four_d:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert opt.state[p][key].stride() == p.stride(), (key, opt.state[p][key].stride(), p.stride())
+    saved = torch.load(ckpt / "optimizer.pt", weights_only=True)["state"]
+    assert any(torch.equal(saved[i]["exp_avg"], s["exp_avg"]) for i, s in enumerate(opt.state_dict()["state"].values()))
+    batches = again.train_loader.epoch(again.state.epoch, skip=again.state.batch_in_epoch)
+    again.train_step(next(batches)[0])  # and it trains on
+    assert again.state.step == 3
+
+
+def test_train_rows_carry_model_flops_and_mfu_against_the_configured_peak(shards, tmp_path):
+    trainer = _trainer(shards, tmp_path, "--train.max_steps=4", "--log.log_every=2", "--log.peak_tflops=0.5")
+    assert trainer.fit() == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "split" not in r]
+    assert len(train_rows) == 2
+    for row in train_rows:
+        assert row["tflop_per_s"] == pytest.approx(row["img_per_s"] * trainer.flops_per_image / 1e12)
+        assert row["mfu"] == pytest.approx(row["tflop_per_s"] / 0.5) and 0 < row["mfu"] < 1
+    trainer = _trainer(shards, tmp_path / "b", "--train.max_steps=2", "--log.log_every=2")
+    assert trainer.peak_flops is None  # a CPU: no known peak, no mfu
+    assert trainer.flops_per_image > 0
+
+
+def test_profile_steps_writes_a_trace_and_says_what_bounds_the_step(shards, tmp_path):
+    trainer = _trainer(shards, tmp_path, "--train.max_steps=6", "--log.log_every=3", "--train.profile_steps=1,3")
+    assert trainer.fit() == 0
+    prof = tmp_path / "run" / "profile"
+    (trace,) = prof.glob("*.trace.json")
+    assert trace.name == "steps_1-3_rank0.trace.json" and trace.stat().st_size > 1000
+    summary = json.loads((prof / "steps_1-3_rank0.summary.json").read_text())
+    assert summary["steps"] == 2 and summary["aten_ops_per_step"] > 50 and summary["bound_by"].startswith("host")
+    assert json.loads(trace.read_text())["traceEvents"]
+
+
+def test_dali_val_pipeline_is_built_once_for_many_evaluations_and_released_at_the_end(shards, tmp_path):
+    from .conftest import HAVE_DALI
+
+    if not HAVE_DALI:
+        pytest.skip("NVIDIA DALI is not installed")
+    trainer = _trainer(shards, tmp_path, "--train.max_steps=24", "--log.log_every=4", "--train.eval_every=4",
+                       "--data.loader=dali", "--data.cache=none")
+    val = trainer.val_loader.loader
+    evals = []
+    original = trainer.evaluate
+    trainer.evaluate = lambda: evals.append(original())
+    assert trainer.fit() == 0
+    done = [e for e in evals if e is not None]
+    assert len(done) >= 6 and all(e["images"] == 60 for e in done)
+    assert val.builds == 1, f"the val pipeline was built {val.builds} times for {len(done)} evaluations"
+    assert val._it is None and trainer.train_loader.loader._it is None  # closed before the process ends
