@@ -401,6 +401,9 @@ class Trainer:
         }
         if sigma:  # the ELBO of 8-bit images under the decoder's sigma, in nats and in bits/dim
             row.update(elbo=(log_px - kl) / count, bpd=bits_per_dim((kl - log_px) / count, pixels), sigma=sigma)
+        if self.device.type == "cuda":  # the whole device's use (DALI's buffers too), not only PyTorch's
+            free, total = torch.cuda.mem_get_info(self.device)
+            row["gpu_mem_used_gib"] = (total - free) / 2**30
         self.hooks.log_eval(row)
         return row
 

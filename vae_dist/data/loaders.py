@@ -1,7 +1,7 @@
 """Choosing and building the loader a training run uses.
 
 All loaders share one contract: `steps_per_epoch`, `epoch(e, skip=0)` yielding
-(images uint8 NCHW on the training device, labels int64), the same number of
+(images uint8 NCHW on the training device, labels int64 on the host or that device), the same number of
 batches on every rank for train, each sample once across ranks for val; and `close()`,
 which releases what the loader holds (DALI's pipeline) before the process ends.
 """
@@ -73,7 +73,9 @@ def build_loader(data_cfg, split: str, batch_size: int, *, rank: int, world: int
 
 
 class _OnDevice:
-    """Moves a loader's batches to the training device (a no-op for GPU-decoded DALI)."""
+    """Moves a loader's images to the training device (a no-op for GPU-decoded DALI). The
+    labels stay where the loader made them: training never reads them, and a per-step copy
+    from DALI's pageable host memory may wait for the GPU's queue."""
 
     def __init__(self, loader, device: torch.device):
         self.loader, self.device = loader, device
@@ -81,7 +83,7 @@ class _OnDevice:
 
     def epoch(self, epoch: int, skip: int = 0):
         for images, labels in self.loader.epoch(epoch, skip):
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            yield images.to(self.device, non_blocking=True), labels
 
     def close(self) -> None:
         self.loader.close()

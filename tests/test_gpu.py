@@ -1,0 +1,230 @@
+"""What only a CUDA GPU can show (`pytest -m gpu`); every test skips with the reason elsewhere.
+
+- DALI mixed decode: the same order, labels and pixels (within 2/255) as DALI's CPU decode.
+- A non-finite batch under bf16, fp16 and fp32 leaves weights and Adam's state bit-identical.
+- 20 steps of the real step never wait for the device (`torch.cuda.set_sync_debug_mode`).
+- Compiled bf16 channels_last: no recompiles as lr and beta change, loss close to eager.
+- A CPU checkpoint resumes on CUDA (layouts differ); a streaming run exits 0, memory flat.
+- Every compiled bench row really compiled; on 2+ GPUs, DDP replicas stay identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import (
+    CPU_ONLY,
+    CUDA,
+    HAVE_DALI,
+    ROOT,
+    TINY_MODEL,
+    _free_port,
+    needs_dali,
+    needs_loader,
+    run_cli,
+)
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="no CUDA GPU")]
+GPUS = torch.cuda.device_count() if CUDA else 0
+COMMON = [*TINY_MODEL, "--train.batch_size=8", "--data.num_threads=2", "--log.wandb_mode=disabled",
+          "--log.image_every=100000"]
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Any host-device sync that PyTorch makes in here raises (cudaStreamSynchronize, .item(),
+    blocking copies)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def _trainer(shards, tmp_path, *extra):
+    from accelerate.state import AcceleratorState
+
+    from vae_dist.config import build_config
+    from vae_dist.train import Trainer
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    torch._dynamo.reset()
+    cfg = build_config(None, [f"--data.shards={shards}", f"--train.out_dir={tmp_path / 'run'}", *COMMON,
+                              "--train.eval_every=0", "--train.checkpoint_every=0", "--log.log_every=100000",
+                              "--train.max_steps=100000", *extra])
+    return Trainer(cfg)
+
+
+# -- data --------------------------------------------------------------------------------------
+
+@needs_dali
+@pytest.mark.parametrize("train", [False, True])
+def test_dali_mixed_decode_matches_the_cpu_decode(shards, train):
+    from vae_dist.config import DataConfig
+    from vae_dist.data.loaders import build_loader
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    out = {}
+    for decode, device in (("gpu", gpu), ("cpu", cpu)):
+        cfg = DataConfig(shards=str(shards), loader="dali", decode=decode, num_threads=2)
+        loader = build_loader(cfg, "train" if train else "val", 16, rank=0, world=1, device=device, train=train,
+                              seed=3)
+        batches = list(loader.epoch(1))
+        loader.close()
+        assert all(x.device == device and x.dtype == torch.uint8 for x, _ in batches)
+        out[decode] = (torch.cat([x.cpu() for x, _ in batches]), torch.cat([y.cpu() for _, y in batches]))
+    (xg, yg), (xc, yc) = out["gpu"], out["cpu"]
+    assert torch.equal(yg, yc)  # the same samples in the same order (and, for train, the same flips)
+    diff = (xg.int() - xc.int()).abs().float()
+    # nvJPEG's IDCT and chroma upsampling are not libjpeg's: close on average, rarely far apart
+    assert diff.mean() < 2, f"mean |gpu - cpu| = {diff.mean():.2f} levels (max {diff.max():.0f})"
+    assert (diff > 8).float().mean() < 0.01, f"{(diff > 8).float().mean():.2%} of subpixels differ by more than 8"
+
+
+@needs_loader
+def test_gpu_cache_serves_each_train_sample_once_per_epoch(shards, tmp_path):
+    trainer = _trainer(shards, tmp_path, "--data.cache=gpu")
+    seen = torch.cat([y.cpu() for _, y in trainer.train_loader.epoch(0)])
+    assert trainer.cache == "gpu" and len(seen) == len(set(seen.tolist())) == trainer.steps_per_epoch * 8
+
+
+# -- the step ------------------------------------------------------------------------------------
+
+def _snapshot(trainer):
+    params = {k: v.detach().clone() for k, v in trainer.raw_model.state_dict().items()}
+    state = {i: {k: v.clone() for k, v in s.items()} for i, s in trainer.step.raw_optimizer.state_dict()["state"].items()}
+    return params, state
+
+
+@needs_loader
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "no"])
+def test_nonfinite_batch_leaves_weights_and_adam_state_bit_identical(shards, tmp_path, precision):
+    trainer = _trainer(shards, tmp_path, f"--train.precision={precision}", "--data.cache=gpu")
+    good = next(trainer.train_loader.epoch(0))[0].float() / 255
+    for _ in range(3):
+        trainer.train_step(good)
+    params, opt = _snapshot(trainer)
+    bad = good.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    trainer.train_step(bad)
+    params_after, opt_after = _snapshot(trainer)
+    assert all(torch.equal(params[k], params_after[k]) for k in params), "a non-finite step changed the weights"
+    assert all(torch.equal(opt[i][k], opt_after[i][k]) for i in opt for k in opt[i]), "it changed Adam's state"
+    for _ in range(5):  # fp16: the scaler may skip a few while it finds its scale
+        trainer.train_step(good)
+    assert not all(torch.equal(params[k], v) for k, v in _snapshot(trainer)[0].items()), "good batches did not train"
+
+
+@needs_loader
+@pytest.mark.parametrize("data", ["cache", pytest.param("dali", marks=needs_dali)])
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_twenty_steps_never_wait_for_the_device(shards, tmp_path, data, mode):
+    extra = ["--data.cache=gpu"] if data == "cache" else ["--data.cache=none", "--data.loader=dali",
+                                                          "--data.decode=gpu"]
+    trainer = _trainer(shards, tmp_path, "--model.compile=true", f"--model.compile_mode={mode}", *extra)
+    batches = trainer.train_loader.epoch(0)
+    for _ in range(3):  # compiles (and records the CUDA graphs)
+        trainer.train_step(next(batches)[0])
+    for _ in range(20):
+        x = next(batches)[0]  # the loader's own waits are not the step's
+        with no_host_sync():
+            trainer.train_step(x)
+    torch.cuda.synchronize()
+    loss_sum, good = trainer.step.meters[0].item(), trainer.step.meters[4].item()
+    assert good == 23 and loss_sum == loss_sum
+    trainer.close_loaders()
+
+
+@needs_loader
+def test_compiled_bf16_channels_last_does_not_recompile_and_matches_eager(shards, tmp_path):
+    from torch._dynamo.utils import counters
+
+    trainer = _trainer(shards, tmp_path, "--model.compile=true", "--train.precision=bf16",
+                       "--model.channels_last=true", "--data.cache=gpu", "--optim.lr_schedule=cosine",
+                       "--optim.warmup_steps=10", "--loss.kl_warmup=0.5", "--train.max_steps=100")
+    x = next(trainer.train_loader.epoch(0))[0]
+    trainer.step.beta.fill_(0.5)
+    torch.manual_seed(0)  # the same reparameterization noise for both
+    eager = trainer.step._forward_loss(x, trainer.step.beta)[0].float()
+    torch.manual_seed(0)
+    compiled = trainer.step.forward_loss(x, trainer.step.beta)[0].float()
+    assert compiled.item() == pytest.approx(eager.item(), rel=2e-2)
+    batches = trainer.train_loader.epoch(0)
+    for _ in range(2):
+        trainer.train_step(next(batches)[0])
+    graphs, frames = counters["stats"]["unique_graphs"], counters["frames"]["total"]
+    for _ in range(5):
+        trainer.train_step(next(batches)[0])
+    assert counters["stats"]["unique_graphs"] == graphs and counters["frames"]["total"] == frames
+
+
+# -- whole runs ----------------------------------------------------------------------------------
+
+@needs_loader
+def test_a_cpu_checkpoint_resumes_on_cuda(shards, tmp_path):
+    """Written on the CPU (fp32, default layout), resumed on the GPU (bf16, channels_last,
+    fused Adam): the moments take their parameters' layout and training continues."""
+    run = tmp_path / "run"
+    args = ["train", f"--data.shards={shards}", f"--train.out_dir={run}", *COMMON, "--log.log_every=2"]
+    r = run_cli(*args, "--train.max_steps=4", env=CPU_ONLY)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli(*args, "--train.max_steps=8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "at step 4" in r.stdout and "device=cuda" in r.stdout, r.stdout[-2000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "split" not in row][-2:] == [6, 8]
+
+
+@needs_dali
+def test_streaming_run_exits_zero_with_flat_gpu_memory_over_twenty_evaluations(shards, tmp_path):
+    run = tmp_path / "run"
+    r = run_cli("train", f"--data.shards={shards}", f"--train.out_dir={run}", *COMMON, "--data.cache=none",
+                "--data.loader=dali", "--data.decode=gpu", "--train.max_steps=40", "--train.eval_every=2",
+                "--log.log_every=10")
+    assert r.returncode == 0, f"exit {r.returncode}: " + r.stderr[-3000:]  # not SIGABRT in DALI's teardown
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
+    assert len(evals) >= 20
+    used = [e["gpu_mem_used_gib"] for e in evals]
+    assert used[-1] - used[2] < 0.0625, used  # 64 MiB: nothing grows per evaluation
+
+
+def test_every_compiled_bench_row_really_compiled(tmp_path):
+    out = tmp_path / "step.json"
+    r = run_cli("bench", "step", "--tiny", "--compile", "on", "--channels-last", "on", "--dtypes", "bf16,fp32",
+                "--batch-sizes", "64,256", "--repeats", "1", "--steps", "5", "--warmup", "3", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert len(rows) == 4 and all("img_per_s" in row for row in rows), rows
+    for row in rows:
+        assert row["compiled_graphs"] >= 2 and row["recompiles_while_timed"] == 0 and "note" not in row, row
+        assert row["mfu"] > 0 or "H100" not in json.loads(out.read_text())["device"]
+
+
+@needs_loader
+@pytest.mark.skipif(GPUS < 2, reason=f"DDP on GPUs needs 2 or more, this machine has {GPUS}")
+def test_ddp_compile_bf16_keeps_the_replicas_identical(shards, tmp_path):
+    import subprocess
+
+    out = tmp_path / "replicas.json"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(ROOT / "tests" / "ddp_replicas.py"), str(shards),
+           str(tmp_path / "run"), str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["world"] == 2 and result["steps"] == 12
+    assert result["max_abs_difference"] == 0.0, result
+
+
+def test_the_gpu_tests_know_what_is_installed():
+    """A guard for the skips above: on a GPU machine, say what is missing rather than pass quietly."""
+    print(f"GPUs: {GPUS} ({torch.cuda.get_device_name()}), DALI: {HAVE_DALI}")
+    assert GPUS >= 1 and Path(ROOT / "tests" / "ddp_replicas.py").is_file()
