@@ -2,4 +2,4 @@
 # The demo: sample data -> shards -> a short training run of the seed VAE -> pictures.
 #   bash launch/demo.sh [--out runs/demo] [--steps N]
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-exec vae-dist demo "$@"
+exec "$PY" -m vae_dist demo "$@"

@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
-# Creates the project's virtual environment in .venv (once per pyproject.toml version) and
-# installs vae-dist with its dev extra. Sourced by the other launch scripts.
+# The project's Python, sourced by the other launch scripts. Two ways:
+#   default       the virtual environment .venv, created and filled from pyproject.toml (with
+#                 its dev extra) the first time, and again when pyproject.toml changes
+#   PYTHON=...    that interpreter as it is: no venv, nothing installed (a GPU machine with no
+#                 network, a cluster's module-loaded Python); the checkout goes on PYTHONPATH
+# Either way `$PY` is the interpreter and `vae-dist` runs the CLI.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
-if [ ! -f "$stamp" ]; then
-  [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
-  touch "$stamp"
+if [ -n "${PYTHON:-}" ]; then
+  PY=$PYTHON
+  export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+else
+  stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+  if [ ! -f "$stamp" ]; then
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+    touch "$stamp"
+  fi
+  export PATH="$ROOT/.venv/bin:$PATH"
+  PY="$ROOT/.venv/bin/python"
 fi
-export PATH="$ROOT/.venv/bin:$PATH"
+vae-dist() { "$PY" -m vae_dist "$@"; }

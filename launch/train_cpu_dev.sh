@@ -4,5 +4,5 @@
 # `--multi_gpu` is what makes accelerate start a process group; vae-dist then picks gloo
 # because there is no CUDA. fp32: bf16 autocast on most CPUs is many times slower.
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-exec accelerate launch --multi_gpu --num_processes "${NUM_PROCESSES:-2}" --num_machines 1 \
+exec "$PY" -m accelerate.commands.launch --multi_gpu --num_processes "${NUM_PROCESSES:-2}" --num_machines 1 \
   --mixed_precision no --dynamo_backend no -m vae_dist train --model.compile=false "$@"
