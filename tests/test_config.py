@@ -133,3 +133,13 @@ def test_a_sweep_agents_command_line_parses(monkeypatch):
             assert (list(got) if isinstance(got, tuple) else got) == spec["value"], (key, got)
         monkeypatch.setenv("WANDB_RUN_ID", "abc123")
         assert expand_out_dir(cfg.train.out_dir) == "runs/sweep/abc123"
+
+
+def test_precision_no_reads_as_the_word_not_as_false(tmp_path):
+    """YAML 1.1 reads a bare `no` as false; `train.precision=no` (fp32) must still mean "no"."""
+    assert build_config(None, ["--train.precision=no"]).train.precision == "no"
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("train:\n  precision: no\n")
+    assert build_config(str(cfg_file), []).train.precision == "no"
+    r = run_cli("train", "--print-config", "--train.precision=false")
+    assert r.returncode == 0 and "precision: 'no'" in r.stdout  # false is fp32 too

@@ -157,9 +157,10 @@ def test_train_rows_carry_model_flops_and_mfu_against_the_configured_peak(shards
     assert len(train_rows) == 2
     for row in train_rows:
         assert row["tflop_per_s"] == pytest.approx(row["img_per_s"] * trainer.flops_per_image / 1e12)
-        assert row["mfu"] == pytest.approx(row["tflop_per_s"] / 0.5) and 0 < row["mfu"] < 1
+        assert row["mfu"] == pytest.approx(row["tflop_per_s"] / 0.5) and row["mfu"] > 0
     trainer = _trainer(shards, tmp_path / "b", "--train.max_steps=2", "--log.log_every=2")
-    assert trainer.peak_flops is None  # a CPU: no known peak, no mfu
+    if not torch.cuda.is_available():
+        assert trainer.peak_flops is None  # a CPU: no known peak, no mfu
     assert trainer.flops_per_image > 0
 
 
@@ -170,7 +171,11 @@ def test_profile_steps_writes_a_trace_and_says_what_bounds_the_step(shards, tmp_
     (trace,) = prof.glob("*.trace.json")
     assert trace.name == "steps_1-3_rank0.trace.json" and trace.stat().st_size > 1000
     summary = json.loads((prof / "steps_1-3_rank0.summary.json").read_text())
-    assert summary["steps"] == 2 and summary["aten_ops_per_step"] > 50 and summary["bound_by"].startswith("host")
+    assert summary["steps"] == 2 and summary["aten_ops_per_step"] > 50 and summary["bound_by"]
+    if torch.cuda.is_available():
+        assert summary["launches_per_step"] > 0 and summary["kernel_ms_per_step"] > 0
+    else:
+        assert summary["bound_by"].startswith("host")
     assert json.loads(trace.read_text())["traceEvents"]
 
 

@@ -229,8 +229,16 @@ def _accelerator(dtype: str):
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=PRECISIONS[dtype])
 
 
+def _fresh_compile() -> None:
+    """Forgets every compiled graph and dynamo's counters (reset() keeps the counters)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+
+
 def _compiled_graphs() -> tuple[int, int]:
-    """(graphs compiled, graph breaks) since the last torch._dynamo.reset()."""
+    """(graphs compiled, graph breaks) since the last _fresh_compile()."""
     from torch._dynamo.utils import counters
 
     return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
@@ -266,7 +274,7 @@ def bench_step(args) -> list[dict]:
             # Each row compiles afresh: without a reset, the next batch size would recompile the
             # same code as a dynamic-shape graph, and past dynamo's recompile limit (8) later
             # "compiled" rows would silently run eager. The row records what really ran.
-            torch._dynamo.reset()
+            _fresh_compile()
             acc = _accelerator(dtype)
             torch.manual_seed(0)
             model = VAE(cfg).to(device, memory_format=torch.channels_last if cl else torch.preserve_format)

@@ -130,6 +130,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise errors[0]
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and ("no" if value is False else "yes") in choices:
+            value = "no" if value is False else "yes"  # YAML 1.1 reads a bare `no` as false
         if value not in choices:
             raise ConfigError(f"config key '{key}' must be one of {list(choices)}, got {value!r}")
         return value

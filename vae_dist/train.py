@@ -198,7 +198,7 @@ class Trainer:
         if path is None:
             return
         saved = ckpt.load_checkpoint(self.accelerator, path, self.raw_model, self.optimizer)
-        pass  # ckpt.match_state_layouts(self.step.raw_optimizer)  # e.g. a CPU checkpoint resumed channels_last
+        ckpt.match_state_layouts(self.step.raw_optimizer)  # e.g. a CPU checkpoint resumed channels_last
         self.step.bind_lr()  # the loaded param groups brought their own lr values
         self.state = TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState)})
         self.step.meters[meters.CONSECUTIVE] = self.state.bad_steps

@@ -160,9 +160,9 @@ class DaliLoader:
         """(epoch, batch) as the stream counts it: the end of a pass is the next one's start.
         Every val pass is the same, so for val that start is (0, 0) again, and an evaluation
         after a full one finds the pipeline where it wants it (no rebuild)."""
-        if not self.train:
-            epoch = 0
-        return (epoch + 1, 0) if batch >= self.steps_per_epoch else (epoch, batch)
+        if batch >= self.steps_per_epoch:
+            epoch, batch = epoch + 1, 0
+        return (epoch, batch) if self.train else (0, batch)
 
     def close(self) -> None:
         """Shuts the pipeline down now (its threads, pinned and device buffers), while CUDA is
