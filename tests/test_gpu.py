@@ -90,9 +90,19 @@ def test_dali_mixed_decode_matches_the_cpu_decode(shards, train):
 
 @needs_loader
 def test_gpu_cache_serves_each_train_sample_once_per_epoch(shards, tmp_path):
+    from vae_dist.data.loaders import CachedLoader
+
     trainer = _trainer(shards, tmp_path, "--data.cache=gpu")
-    seen = torch.cat([y.cpu() for _, y in trainer.train_loader.epoch(0)])
-    assert trainer.cache == "gpu" and len(seen) == len(set(seen.tolist())) == trainer.steps_per_epoch * 8
+    cached = trainer.train_loader.loader  # the CachedLoader behind the device wrapper
+    assert trainer.cache == "gpu" and cached.images.device.type == "cuda" and cached.images.dtype == torch.uint8
+    n = cached.images.shape[0]
+    by_id = CachedLoader(cached.images, torch.arange(n, device=cached.images.device), 8, train=True, seed=0)
+    orders = []
+    for epoch in (0, 1):
+        seen = torch.cat([y for x, y in by_id.epoch(epoch)]).cpu().tolist()
+        assert len(seen) == len(set(seen)) == by_id.steps_per_epoch * 8 > n - 8  # each sample at most once
+        orders.append(seen)
+    assert orders[0] != orders[1]
 
 
 # -- the step ------------------------------------------------------------------------------------
@@ -143,15 +153,17 @@ def test_twenty_steps_never_wait_for_the_device(shards, tmp_path, data, mode):
 
 
 @needs_loader
-def test_compiled_bf16_channels_last_does_not_recompile_and_matches_eager(shards, tmp_path):
+def test_compiled_bf16_channels_last_does_not_recompile_and_matches_eager(shards, tmp_path, monkeypatch):
     from torch._dynamo.utils import counters
 
+    # inductor draws its own random numbers unless told to use eager's: the same noise for both
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     trainer = _trainer(shards, tmp_path, "--model.compile=true", "--train.precision=bf16",
                        "--model.channels_last=true", "--data.cache=gpu", "--optim.lr_schedule=cosine",
                        "--optim.warmup_steps=10", "--loss.kl_warmup=0.5", "--train.max_steps=100")
     x = next(trainer.train_loader.epoch(0))[0]
     trainer.step.beta.fill_(0.5)
-    torch.manual_seed(0)  # the same reparameterization noise for both
+    torch.manual_seed(0)
     eager = trainer.step._forward_loss(x, trainer.step.beta)[0].float()
     torch.manual_seed(0)
     compiled = trainer.step.forward_loss(x, trainer.step.beta)[0].float()
@@ -201,10 +213,13 @@ def test_every_compiled_bench_row_really_compiled(tmp_path):
                 "--batch-sizes", "64,256", "--repeats", "1", "--steps", "5", "--warmup", "3", "--json", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
+    row_device = json.loads(out.read_text())["device"]
     assert len(rows) == 4 and all("img_per_s" in row for row in rows), rows
     for row in rows:
         assert row["compiled_graphs"] >= 2 and row["recompiles_while_timed"] == 0 and "note" not in row, row
-        assert row["mfu"] > 0 or "H100" not in json.loads(out.read_text())["device"]
+        from vae_dist.flops import PEAK_FLOPS
+
+        assert row.get("mfu", 0) > 0 or not any(k in row_device for k in PEAK_FLOPS), row
 
 
 @needs_loader

@@ -195,3 +195,18 @@ def test_dali_val_pipeline_is_built_once_for_many_evaluations_and_released_at_th
     assert len(done) >= 6 and all(e["images"] == 60 for e in done)
     assert val.builds == 1, f"the val pipeline was built {val.builds} times for {len(done)} evaluations"
     assert val._it is None and trainer.train_loader.loader._it is None  # closed before the process ends
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_grad_clip_scales_the_gradients_the_optimizer_sees(shards, tmp_path, compile):
+    """Adam ignores a common gradient scale, but not with a huge eps: then its step is
+    proportional to the (clipped) gradient, and a tight clip must shrink the update."""
+    moved = {}
+    for clip in (0.0, 1e-3):
+        torch._dynamo.reset()
+        trainer = _trainer(shards, tmp_path / f"c{clip}", f"--optim.grad_clip={clip}", "--optim.eps=1e4",
+                           "--optim.lr=1.0", "--train.max_steps=10", f"--model.compile={str(compile).lower()}")
+        before = [p.detach().clone() for p in trainer.raw_model.parameters()]
+        trainer.train_step(next(trainer.train_loader.epoch(0))[0])
+        moved[clip] = torch.cat([(p.detach() - b).flatten() for p, b in zip(trainer.raw_model.parameters(), before)]).norm()
+    assert moved[0.0] > 0 and moved[1e-3] < 0.1 * moved[0.0], moved

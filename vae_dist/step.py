@@ -82,8 +82,7 @@ class TrainStep:
         self.accelerator.backward(loss)
         if self.scaled:
             self.accelerator.unscale_gradients()
-        grads = [p.grad for p in self.params if p.grad is not None]
-        found_inf = self.tail(grads, self.meters, loss.detach(), recon.detach(), kl.detach())
+        found_inf = self.tail(self.params, self.meters, loss.detach(), recon.detach(), kl.detach())
         if self.scaled:  # fp16: the GradScaler owns found_inf and the wrapper's step applies it
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -94,12 +93,12 @@ class TrainStep:
             self.raw_optimizer.step()
             self.raw_optimizer.zero_grad(set_to_none=True)
 
-    def _tail(self, grads, meters, loss, recon, kl) -> torch.Tensor:
+    def _tail(self, params, meters, loss, recon, kl) -> torch.Tensor:
         """Gradient norm, clip, meters; returns fused Adam's found_inf (1.0: skip this step)."""
-        grad_norm = get_total_norm(grads)
+        grad_norm = get_total_norm([p.grad for p in params if p.grad is not None])
         finite = torch.isfinite(grad_norm)
         if self.grad_clip > 0:
-            clip_grads_with_norm_(grads, self.grad_clip, grad_norm)
+            clip_grads_with_norm_(params, self.grad_clip, grad_norm)  # scales each p.grad in place
         good = torch.stack([loss, recon, kl, grad_norm.float(), torch.ones_like(loss)])
         meters[:GOOD + 1] += torch.where(finite, good, torch.zeros_like(good))
         bad = (~finite).float()
