@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import ROOT, needs_loader
 
 
@@ -17,6 +19,7 @@ def _check(tmp_path, *args, timeout=900):
 
 
 @needs_loader
+@pytest.mark.skipif(bool(os.environ.get("VAE_DIST_IN_GPU_CHECK")), reason="run by gpu_check itself: the real phases run")
 def test_smoke_runs_every_phase_and_writes_its_summary(tmp_path):
     r = _check(tmp_path, "--smoke", "smoke")
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
@@ -52,13 +55,18 @@ def test_a_bad_phase_is_one_line_and_a_failing_part_is_recorded(tmp_path):
         "gpu_check: unknown phase warp (choose from env, tests, bench, tin20)", r.stderr
     env = {**os.environ, "OUT": str(tmp_path / "o2")}
     code = ("import sys; sys.path.insert(0, 'launch'); import gpu_check as g; from pathlib import Path; "
-            "p = g.Phase('env', Path(sys.argv[1]), 'x', True); "
-            "p.run('boom', [sys.executable, '-c', 'raise SystemExit(3)'], 60); "
-            "p.run('slow', [sys.executable, '-c', 'import time; time.sleep(60)'], 1); p.finish()")
+            "out = Path(sys.argv[1]); stale = out / 'stale.json'; stale.write_text('{}'); "
+            "p = g.Phase('env', out, 'x', True); "
+            "p.run('boom', [sys.executable, '-c', 'raise SystemExit(3)'], 60, outputs=(stale,)); "
+            "p.run('slow', [sys.executable, '-c', 'import time; time.sleep(60)'], 1); p.finish(); "
+            "late = g.Phase('tests', out, 'x', True, g.Deadline(40)); "
+            "late.run('too late', [sys.executable, '-c', 'pass'], 60); late.finish()")
     (tmp_path / "o2").mkdir()
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "o2")], capture_output=True, text=True, cwd=ROOT,
                        env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     parts = json.loads((tmp_path / "o2" / "env.json").read_text())["parts"]
     assert [(p["part"], p["status"]) for p in parts] == [("boom", "failed"), ("slow", "timeout")]
-    assert parts[0]["rc"] == 3
+    assert parts[0]["rc"] == 3 and not (tmp_path / "o2" / "stale.json").exists()  # nothing stale passes for new
+    (late,) = json.loads((tmp_path / "o2" / "tests.json").read_text())["parts"]
+    assert late["status"] == "skipped" and late["why"].startswith("no time left in this call")

@@ -382,7 +382,6 @@ def _e2e_trainer(args, shards, variant, bs, steps, warmup, device) -> dict:
     from vae_dist.config import build_config
     from vae_dist.train import Trainer
 
-    on_gpu = device.type == "cuda"
     AcceleratorState._reset_state(reset_partial_state=True)  # one Accelerator per variant
     out = tempfile.mkdtemp(prefix="vae-dist-bench-run-")
     threads = args.threads or os.cpu_count() or 1
@@ -396,12 +395,12 @@ def _e2e_trainer(args, shards, variant, bs, steps, warmup, device) -> dict:
     trainer = Trainer(cfg)
     loader = trainer.train_loader
     it = itertools.chain.from_iterable(loader.epoch(e) for e in itertools.count())
-    name = "fast: DALI, compiled, channels_last" + (", bf16" if on_gpu else ", fp32")
-    if variant == "cache":
-        name = "fast+gpu-cache: compiled, channels_last, bf16"
+    info = trainer.describe()  # what really runs: the loader DALI or its fallback, the precision
+    precision = info["mixed_precision"] if info["mixed_precision"] != "no" else "fp32"
+    name = f"{'fast+gpu-cache' if variant == 'cache' else 'fast'}: {info['loader']}, compiled, channels_last, {precision}"
     try:
         return _measure_training(name, it, trainer.train_step, bs, steps, warmup, args.repeats, device,
-                                 decode="gpu" if on_gpu else "cpu")
+                                 loader=info["loader"], precision=precision, data=info["data"])
     finally:
         trainer.close_loaders()
 

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 # CUDA runtime/driver calls that launch work, and those that make the host wait for the device
+# (cudaStreamWaitEvent is not one: the wait is the device's, between streams)
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch",
             "cudaMemcpyAsync", "cudaMemsetAsync")
-SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
-         "cudaStreamWaitEvent")
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
 
 def _sync(device: torch.device) -> None:
@@ -29,7 +30,6 @@ def _sync(device: torch.device) -> None:
 def summarize(prof, steps: int, wall_s: float, device: torch.device) -> dict:
     """Per step: host wall time, device kernel time, launches, host syncs, aten ops; and a verdict."""
     events = prof.key_averages()
-    count = lambda names: sum(e.count for e in events if e.key in names)  # noqa: E731
     ops = sum(e.count for e in events if e.key.startswith("aten::"))
     out = {"steps": steps, "wall_ms_per_step": 1e3 * wall_s / steps, "aten_ops_per_step": ops / steps}
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
@@ -37,11 +37,23 @@ def summarize(prof, steps: int, wall_s: float, device: torch.device) -> dict:
     if device.type != "cuda":
         out["bound_by"] = "host (a CPU runs every op where it is launched)"
         return out
-    kernel_us = sum(getattr(e, "self_device_time_total", 0) for e in events
-                    if str(getattr(e, "device_type", "")).endswith("CUDA"))
-    out.update(kernel_ms_per_step=kernel_us / 1e3 / steps, launches_per_step=count(LAUNCHES) / steps,
-               syncs_per_step=count(SYNCS) / steps)
-    busy = out["kernel_ms_per_step"] / max(out["wall_ms_per_step"], 1e-9)
+    # Launches and syncs of the thread that ran the steps only (a DALI thread's own syncs are
+    # not the step's); the device's busy time as the union of its kernels' intervals, so
+    # overlapping streams are not counted twice.
+    raw = list(prof.events())
+    threads = Counter(e.thread for e in raw if e.name.startswith("aten::"))
+    main = threads.most_common(1)[0][0] if threads else None
+    on_main = [e for e in raw if e.thread == main]
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in raw
+                     if str(getattr(e, "device_type", "")).endswith("CUDA"))
+    busy_us, end = 0.0, float("-inf")
+    for start, stop in kernels:
+        busy_us += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    out.update(kernel_ms_per_step=busy_us / 1e3 / steps, kernels_per_step=len(kernels) / steps,
+               launches_per_step=sum(e.name in LAUNCHES for e in on_main) / steps,
+               syncs_per_step=sum(e.name in SYNCS for e in on_main) / steps)
+    busy = min(1.0, out["kernel_ms_per_step"] / max(out["wall_ms_per_step"], 1e-9))
     out["device_busy"] = busy
     if out["syncs_per_step"] >= 1:
         out["bound_by"] = f"host syncs ({out['syncs_per_step']:.1f} per step)"
