@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from vae_dist.train import StopSignal
+
 from .conftest import (
     CPU_ONLY,
     CUDA,
@@ -143,10 +145,18 @@ def test_twenty_steps_never_wait_for_the_device(shards, tmp_path, data, mode):
         batches = trainer.train_loader.epoch(0)
         for _ in range(3):  # compiles (and records the CUDA graphs)
             trainer.train_step(next(batches)[0])
-        for _ in range(20):
-            x = next(batches)[0]  # the loader's own waits are not the step's
-            with no_host_sync():
-                trainer.train_step(x)
+        stop = StopSignal()
+        try:
+            for _ in range(20):
+                x = next(batches)[0]  # the loader's own waits are not the step's
+                with no_host_sync():  # the loop's body between two sync points, as run_epoch runs it
+                    trainer.train_step(x)
+                    trainer.maybe_sync(stop)
+                    trainer.maybe_eval()
+                    trainer.maybe_checkpoint()
+                    trainer.hooks.maybe_images(trainer.state.step, trainer.raw_model)
+        finally:
+            stop.restore()
         torch.cuda.synchronize()
         loss_sum, good = trainer.step.meters[0].item(), trainer.step.meters[4].item()
         assert good == 23 and loss_sum == loss_sum
