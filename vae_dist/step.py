@@ -14,7 +14,7 @@ DDP's forward, whose inner module is compiled with DDP's bucket-aware optimizer)
 launches eagerly become a few. Both compile with `dynamic=False`: a training run's shapes
 never change, and a dynamic-shape graph would be slower.
 At the seed's batch 64 the step is host-bound, so it calls the raw optimizer: accelerate's
-wrapper spends ~300 us of host time per step/zero_grad (find_spec, inspect.signature;
+wrapper spends 200-300 us of host time per step + zero_grad (find_spec, inspect.signature;
 measured on the CPU, docs/benchmarks.md) and is needed only for the fp16 GradScaler.
 """
 
@@ -49,7 +49,6 @@ class TrainStep:
         self.lrs = [torch.zeros((), device=self.device) for _ in self.raw_optimizer.param_groups]
         self.bind_lr()
         self.meters = torch.zeros(8, device=self.device)
-        self.compile_mode = compile_mode
         if compile_mode:
             self.forward_loss = torch.compile(self._forward_loss, mode=compile_mode, dynamic=False)
             # the tail mutates grads and meters in place: no CUDA graph (its inputs change every step)
