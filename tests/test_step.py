@@ -10,7 +10,7 @@ import torch
 from vae_dist.config import build_config
 from vae_dist.train import StopSignal, Trainer
 
-from .conftest import TINY_MODEL, needs_loader
+from .conftest import TINY_MODEL, needs_dali, needs_loader
 
 pytestmark = needs_loader
 
@@ -64,10 +64,9 @@ def _same(a, b):
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_nonfinite_batch_is_skipped_on_the_device_and_counted_at_the_next_log(shards, tmp_path):
-    trainer = _trainer(shards, tmp_path, "--log.log_every=3", "--train.max_steps=100")
-    good = next(trainer.train_loader.epoch(0))[0].float() / 255  # float: a NaN needs a float batch
-    trainer.train_step(good)
+def assert_nan_step_changes_nothing(trainer, good: torch.Tensor) -> dict:
+    """One step on `good` with a NaN in it: weights and Adam's state (moments, step count)
+    stay bit-identical. Returns the weights, for the caller to check that training goes on."""
     params, opt = _snapshot(trainer)
     bad = good.clone()
     bad[0, 0, 0, 0] = float("nan")
@@ -75,6 +74,14 @@ def test_nonfinite_batch_is_skipped_on_the_device_and_counted_at_the_next_log(sh
     params_after, opt_after = _snapshot(trainer)
     assert _same(params, params_after), "a non-finite step changed the weights"
     assert all(_same(opt[i], opt_after[i]) for i in opt), "a non-finite step changed Adam's state (moments, step)"
+    return params
+
+
+def test_nonfinite_batch_is_skipped_on_the_device_and_counted_at_the_next_log(shards, tmp_path):
+    trainer = _trainer(shards, tmp_path, "--log.log_every=3", "--train.max_steps=100")
+    good = next(trainer.train_loader.epoch(0))[0].float() / 255  # float: a NaN needs a float batch
+    trainer.train_step(good)
+    params = assert_nan_step_changes_nothing(trainer, good)
     trainer.train_step(good)
     assert not _same(params, _snapshot(trainer)[0]), "the next good batch did not train"
 
@@ -179,11 +186,8 @@ def test_profile_steps_writes_a_trace_and_says_what_bounds_the_step(shards, tmp_
     assert json.loads(trace.read_text())["traceEvents"]
 
 
+@needs_dali
 def test_dali_val_pipeline_is_built_once_for_many_evaluations_and_released_at_the_end(shards, tmp_path):
-    from .conftest import HAVE_DALI
-
-    if not HAVE_DALI:
-        pytest.skip("NVIDIA DALI is not installed")
     trainer = _trainer(shards, tmp_path, "--train.max_steps=24", "--log.log_every=4", "--train.eval_every=4",
                        "--data.loader=dali", "--data.cache=none")
     val = trainer.val_loader.loader

@@ -89,7 +89,7 @@ def bench_data(args, shards: str, images_root: str | None) -> list[dict]:
     from vae_dist.config import DataConfig
     from vae_dist.data import dali
     from vae_dist.data.loaders import CachedLoader, build_loader, decode_split
-    from vae_dist.data.torch_loaders import have_webdataset, image_folder_loader
+    from vae_dist.data.torch_loaders import image_folder_loader
 
     bs = args.batch_size or (32 if args.tiny else 256)
     threads = args.threads or os.cpu_count() or 1
@@ -113,9 +113,6 @@ def bench_data(args, shards: str, images_root: str | None) -> list[dict]:
             continue
         if loader == "dali" and not dali.HAVE_DALI:
             results.append({"name": name, "unavailable": "NVIDIA DALI not installed"})
-            continue
-        if loader == "webdataset" and not have_webdataset():
-            results.append({"name": name, "unavailable": "webdataset not installed"})
             continue
 
         def measure(name=name, loader=loader, decode=decode, device=device):

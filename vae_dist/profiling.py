@@ -67,28 +67,22 @@ def summarize(prof, steps: int, wall_s: float, device: torch.device) -> dict:
 
 def profile_steps(run_step, steps: int, device: torch.device, out_dir: Path, name: str) -> dict:
     """Profiles `steps` calls of run_step(); writes OUT/NAME.trace.json and NAME.summary.json."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    _sync(device)
-    with profile(activities=activities) as prof:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            run_step()
-        _sync(device)
-        wall = time.perf_counter() - t0
-    prof.export_chrome_trace(str(out_dir / f"{name}.trace.json"))
-    summary = summarize(prof, steps, wall, device)
-    (out_dir / f"{name}.summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    profiler = StepRangeProfiler((0, steps), out_dir, device, rank=0, name=name)
+    for step in range(steps):
+        profiler.before_step(step)
+        run_step()
+        profiler.after_step(step + 1)
+    return profiler.summary
 
 
 class StepRangeProfiler:
-    """The Trainer's `train.profile_steps=START,STOP`: profiles steps START..STOP-1 of the run."""
+    """Profiles steps START..STOP-1: the Trainer's `train.profile_steps=START,STOP`, and
+    `profile_steps` for the benchmarks. The files are named NAME, else after the steps and rank."""
 
-    def __init__(self, steps: tuple[int, int] | None, out_dir: Path, device: torch.device, rank: int):
+    def __init__(self, steps: tuple[int, int] | None, out_dir: Path, device: torch.device, rank: int,
+                 name: str | None = None):
         self.start, self.stop = steps if steps else (None, None)
-        self.out_dir, self.device, self.rank = Path(out_dir), device, rank
+        self.out_dir, self.device, self.rank, self.name = Path(out_dir), device, rank, name
         self._prof = None
         self._t0 = 0.0
         self.summary: dict | None = None
@@ -114,7 +108,7 @@ class StepRangeProfiler:
         prof, self._prof = self._prof, None
         prof.__exit__(None, None, None)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        name = f"steps_{self.start}-{step}_rank{self.rank}"
+        name = self.name or f"steps_{self.start}-{step}_rank{self.rank}"
         prof.export_chrome_trace(str(self.out_dir / f"{name}.trace.json"))
         self.summary = summarize(prof, max(1, step - self.start), wall, self.device)
         (self.out_dir / f"{name}.summary.json").write_text(json.dumps(self.summary, indent=1))

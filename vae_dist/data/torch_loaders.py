@@ -44,7 +44,7 @@ class _ShardBatches(IterableDataset):
         lo, hi = rank_sample_range(self.count, self.rank, self.world)
         limit = self.steps * bs if self.train else hi - lo
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{wid}")
-        import webdataset as wds  # optional: checked when the loader is built (require_webdataset)
+        import webdataset as wds  # optional: WebDatasetLoader checks for it when it is built
 
         # every process reads the tar stream (cheap) and decodes only its own samples
         ds = wds.WebDataset(order, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
