@@ -48,12 +48,16 @@ if [ "${STAGE_SHARDS:-0}" = 1 ]; then
   ARGS+=("--data.shards=$local_dir")  # the last override wins
 fi
 
+# The training arguments, quoted for the inner shell (none: nothing, not an empty argument)
+QUOTED=""
+[ ${#ARGS[@]} -gt 0 ] && QUOTED=$(printf '%q ' "${ARGS[@]}")
+
 # One task per process, launched by SLURM itself (no launcher in between to die of the
 # signal): each task turns SLURM's numbering into torch.distributed's environment.
 srun --ntasks-per-node="$PROCS" --ntasks=$((SLURM_NNODES * PROCS)) --cpus-per-task="$CPUS" --overcommit \
   --kill-on-bad-exit=1 bash -c "export RANK=\$SLURM_PROCID LOCAL_RANK=\$SLURM_LOCALID WORLD_SIZE=\$SLURM_NTASKS \
     LOCAL_WORLD_SIZE=$PROCS MASTER_ADDR=$MAIN_ADDR MASTER_PORT=$MAIN_PORT; \
-    exec $PYTHON -m vae_dist train $(printf '%q ' "${ARGS[@]}")"
+    exec $PYTHON -m vae_dist train $QUOTED"
 code=$?
 
 if [ "$code" = 143 ] || [ "$code" = 130 ]; then

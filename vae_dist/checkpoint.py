@@ -109,6 +109,14 @@ def checkpoint_step(path: Path) -> int:
     return int(_STEP_DIR.match(Path(path).name).group(1))
 
 
+def saved_step(path: Path) -> int:
+    """The step a (verified) checkpoint was written at, from its trainer state."""
+    try:
+        return int(json.loads((Path(path) / STATE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"checkpoint {path}: unreadable {STATE} ({first_line(e)})") from None
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Every step_* folder of the run, oldest first, whether or not it verifies."""
     root = checkpoint_dir(run_dir)
@@ -192,7 +200,10 @@ def save_checkpoint(accelerator, run_dir: Path, model: VAE, optimizer, trainer_s
         if final.exists():  # the same step again (a resume that lost later checkpoints)
             shutil.rmtree(final)
         replace_durable(tmp, final)
-        for old in list_checkpoints(run_dir)[:-keep_last]:
+        # keep_last counts this one and the newest before it; nothing later than this step is
+        # pruned (a resume set aside whatever lay beyond it, see run_folder)
+        older = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) < step]
+        for old in older[:max(0, len(older) - (keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final

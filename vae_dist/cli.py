@@ -126,7 +126,9 @@ def add_bench_args(p) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtypes", default=None, help="step: comma list of fp32,bf16 (CPU: fp32)")
     p.add_argument("--compile", choices=["both", "on", "off"], default="both")
-    p.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument("--compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode (reduce-overhead: CUDA graphs)")
     p.add_argument("--channels-last", choices=["both", "on", "off"], default="both")
     p.add_argument("--variants", default=None, help="e2e: comma list of seed,fast,cache")
     p.add_argument("--profile", default=None, metavar="DIR",

@@ -19,6 +19,8 @@ import yaml
 from vae_dist.errors import ConfigError, first_line
 from vae_dist.model import VAEConfig
 
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
 
 @dataclass
 class DataConfig:
@@ -37,7 +39,7 @@ class DataConfig:
 @dataclass
 class ModelConfig(VAEConfig):
     compile: bool | None = None  # None: on when training on CUDA
-    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune
+    compile_mode: CompileMode = "default"  # torch.compile mode (reduce-overhead: CUDA graphs, one process only)
     channels_last: bool | None = None  # None: on when training on CUDA
 
 
@@ -73,7 +75,7 @@ class TrainConfig:
     epochs: int = 20  # passes over the train split (the seed's 20)
     max_steps: int | None = None  # wins over epochs when set
     eval_every: int = 1000  # steps; evaluation also runs at every epoch end. 0 = epoch ends only
-    eval_batches: int | None = None  # cap on val batches per evaluation; None = whole split
+    eval_images: int | None = None  # score only the first N val images (the same ones for any process count); None: all
     checkpoint_every: int = 1000  # steps; 0 = only at the end (and on SIGTERM)
     keep_last: int = 3  # checkpoints kept (the newest)
     resume: str = "auto"  # auto: newest checkpoint that verifies | none | path to a checkpoint folder
@@ -196,17 +198,20 @@ def _words_to_none(value: Any, tp: Any) -> Any:
     return None if type(None) in args and value not in choices else value
 
 
+# keys that were renamed: what replaces them, for the error a stale config file gets
+RENAMED = {"train.eval_batches": "train.eval_images (a cap on val images, the same ones for any process count)"}
+
+
 def apply(cfg: Config, updates: dict[str, Any], source: str = "") -> Config:
     """Sets dotted keys ('train.batch_size') on cfg in place, type-checked."""
     for dotted, value in updates.items():
         section_name, _, key = dotted.partition(".")
         sections = _field_types(Config)
-        if section_name not in sections or not key:
-            raise ConfigError(f"unknown config key '{dotted}'{source}")
-        section = getattr(cfg, section_name)
-        fields = _field_types(type(section))
+        fields = _field_types(type(getattr(cfg, section_name))) if section_name in sections else {}
         if key not in fields:
-            raise ConfigError(f"unknown config key '{dotted}'{source}")
+            hint = f": it is now {RENAMED[dotted]}" if dotted in RENAMED else ""
+            raise ConfigError(f"unknown config key '{dotted}'{source}{hint}")
+        section = getattr(cfg, section_name)
         tp = fields[key]
         setattr(section, key, _coerce(_words_to_none(value, tp), tp, dotted))
     return cfg
@@ -275,7 +280,7 @@ def validate(cfg: Config) -> None:
         ("train.epochs", t.epochs, t.epochs > 0, "positive"),
         ("train.max_steps", t.max_steps, t.max_steps is None or t.max_steps > 0, "positive"),
         ("train.eval_every", t.eval_every, t.eval_every >= 0, "0 or more"),
-        ("train.eval_batches", t.eval_batches, t.eval_batches is None or t.eval_batches > 0, "positive"),
+        ("train.eval_images", t.eval_images, t.eval_images is None or t.eval_images > 0, "positive"),
         ("train.checkpoint_every", t.checkpoint_every, t.checkpoint_every >= 0, "0 or more"),
         ("train.keep_last", t.keep_last, t.keep_last > 0, "positive"),
         ("train.max_bad_steps", t.max_bad_steps, t.max_bad_steps > 0, "positive"),
@@ -298,6 +303,9 @@ def validate(cfg: Config) -> None:
         ("optim.weight_decay", optim.weight_decay, optim.weight_decay >= 0, "0 or more"),
         ("optim.grad_clip", optim.grad_clip, optim.grad_clip >= 0, "0 or more"),
         ("optim.warmup_steps", optim.warmup_steps, optim.warmup_steps >= 0, "0 or more"),
+        ("optim.betas", list(optim.betas), all(0 <= b < 1 for b in optim.betas), "two numbers in [0, 1)"),
+        ("optim.min_lr_ratio", optim.min_lr_ratio, 0 <= optim.min_lr_ratio <= 1, "in [0, 1]"),
+        ("optim.sigma_lr_scale", optim.sigma_lr_scale, optim.sigma_lr_scale > 0, "positive"),
         ("loss.beta", loss.beta, loss.beta >= 0, "0 or more"),
         ("loss.free_bits", loss.free_bits, loss.free_bits >= 0, "0 or more"),
         ("loss.kl_warmup", loss.kl_warmup, 0 <= loss.kl_warmup <= 1, "in [0, 1]"),

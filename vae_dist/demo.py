@@ -15,6 +15,7 @@ from vae_dist.data.pack import PackOptions, pack, summary
 from vae_dist.data.sample import make_sample_dataset
 from vae_dist.data.shards import verify
 from vae_dist.errors import DataError, UserError
+from vae_dist.files import output_dir
 from vae_dist.train import train
 from vae_dist.viz import viz_checkpoint
 
@@ -25,6 +26,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None) -> int:
     steps = steps if steps is not None else (3000 if on_gpu else 600)
     if steps <= 0:
         raise UserError(f"demo --steps must be positive, got {steps}")
+    output_dir(out, "demo --out")
     print(f"== 1/5 sample data (scikit-image photographs, Tiny ImageNet layout) -> {out / 'tiny-sample'}")
     src = make_sample_dataset(out / "tiny-sample", train_per_class=200, val_per_class=50, test_count=50)
     print(f"== 2/5 pack -> {out / 'shards'}")

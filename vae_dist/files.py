@@ -11,6 +11,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from vae_dist.errors import UserError
+
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
@@ -49,3 +51,29 @@ def write_atomic(path: Path, data: bytes) -> None:
     tmp = Path(path).with_name(Path(path).name + ".partial")
     write_bytes_durable(tmp, data)
     replace_durable(tmp, path)
+
+
+def output_dir(path: str | Path, what: str) -> Path:
+    """The folder `path`, made with its parents; a file in the way (or a parent that cannot be
+    made) is a one-line error naming `what` the folder is for."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file, not a folder: choose another path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot make {what} {path}: {e.strerror or e}") from None
+    return path
+
+
+def new_dir_beside(base: Path) -> Path:
+    """A new, empty folder named `base`, or `base-2`, `base-3`, ... where that is taken (two
+    runs that move things aside within the same second each get their own)."""
+    for n in range(1, 1000):
+        candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            continue
+    raise UserError(f"could not make a new folder beside {base}: 999 are taken")

@@ -26,8 +26,9 @@ import torch
 from vae_dist.checkpoint import find_weights, load_weights
 from vae_dist.config import DataConfig
 from vae_dist.data import unit_float
-from vae_dist.data.loaders import build_loader
+from vae_dist.data.loaders import build_loader, check_model_fits_shards
 from vae_dist.errors import UserError
+from vae_dist.files import output_dir
 from vae_dist.losses import bits_per_dim, discretized_gaussian_log_likelihood, psnr
 from vae_dist.model import VAE
 
@@ -39,17 +40,14 @@ def _accelerator():
 
 
 def _batches(shards: str, split: str, batch_size: int, acc, limit: int | None = None):
-    """Every image of the split once across ranks (this rank's part), as float batches."""
+    """Every image of the split (or its first `limit`) once across ranks: this rank's part,
+    as float batches. The same images for any number of processes."""
     cfg = DataConfig(shards=str(shards), cache="none")
     loader = build_loader(cfg, split, batch_size, rank=acc.process_index, world=acc.num_processes,
-                          device=acc.device, train=False, seed=0)
-    seen = 0
+                          device=acc.device, train=False, seed=0, limit=limit)
     try:
         for x, y in loader.epoch(0):
-            if limit is not None and seen >= limit:
-                break
             yield unit_float(x), y
-            seen += x.shape[0]
     finally:
         loader.close()  # DALI's pipeline, while CUDA is up
 
@@ -63,7 +61,7 @@ def calibrate_sigma(model: VAE, shards: str, acc, images: int, batch_size: int) 
     """The ML shared sigma of a Gaussian decoder on training images: sqrt(mean squared error
     per subpixel) with z ~ q(z|x), as for the σ-VAE's 'optimal sigma'."""
     sums = torch.zeros(2, device=acc.device, dtype=torch.float64)
-    for x, _ in _batches(shards, "train", batch_size, acc, limit=images // acc.num_processes):
+    for x, _ in _batches(shards, "train", batch_size, acc, limit=images):
         x_hat, _, _ = model(x)
         sums += torch.stack([(x_hat - x).pow(2).sum().double(), sums.new_full((), x.numel())])  # a fill, not a blocking copy
     sq, n = acc.reduce(sums, reduction="sum").tolist()
@@ -73,11 +71,13 @@ def calibrate_sigma(model: VAE, shards: str, acc, images: int, batch_size: int) 
 @torch.no_grad()
 def evaluate_checkpoint(ckpt: str, shards: str, split: str = "val", iw: int = 1, json_path: str | None = None,
                         calib_images: int = 10000, batch_size: int = 256, seed: int = 0) -> dict:
-    if iw < 1:
-        raise UserError(f"--iw must be at least 1 (samples per image), got {iw}")
+    for name, value in (("--iw", iw), ("--calib-images", calib_images), ("--batch-size", batch_size)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
     acc = _accelerator()
     weights = find_weights(ckpt)
     model = load_weights(weights, acc.device)
+    check_model_fits_shards(model.cfg, shards)
     torch.manual_seed(seed + acc.process_index)
     if model.log_sigma is not None:
         sigma, source = float(model.log_sigma.exp()), "learned (loss.recon=gaussian)"
@@ -127,8 +127,7 @@ def sample_images(ckpt: str, out: str, n: int = 64, seed: int = 0) -> list[Path]
         raise UserError(f"--n must be at least 1, got {n}")
     model = load_weights(find_weights(ckpt))
     images = model.sample(n, generator=torch.Generator().manual_seed(seed)).float().clamp(0, 1)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_dir(out, "sample output folder")
     grid = out_dir / "samples.png"
     save_image(make_grid(images, nrow=max(1, int(math.sqrt(n))), padding=2), grid)
     paths = [grid]
@@ -144,6 +143,12 @@ def encode_split(ckpt: str, shards: str, out: str, split: str = "val", batch_siz
     acc = _accelerator()
     if acc.num_processes > 1:
         raise UserError("vae-dist encode runs in one process (it writes one file)")
+    path = Path(out)
+    if path.suffix != ".npz":  # np.savez would add it: the name printed is the file written
+        path = path.with_name(path.name + ".npz")
+    if path.is_dir() or Path(out).is_dir():
+        raise UserError(f"encode --out {out} is a folder: name the .npz file to write")
+    output_dir(path.parent, "encode --out folder")
     model = load_weights(find_weights(ckpt), acc.device)
     mus, logvars, labels = [], [], []
     for x, y in _batches(shards, split, batch_size, acc):
@@ -151,7 +156,5 @@ def encode_split(ckpt: str, shards: str, out: str, split: str = "val", batch_siz
         mus.append(mu.float().cpu())
         logvars.append(logvar.float().cpu())
         labels.append(y.cpu())
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, mu=torch.cat(mus).numpy(), logvar=torch.cat(logvars).numpy(), labels=torch.cat(labels).numpy())
     return path

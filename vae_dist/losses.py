@@ -42,6 +42,14 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float = 0.0
     return per_dim.sum()
 
 
+def kl_terms(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the KL per image, the KL the objective penalizes): the same number without free bits;
+    with them, the second is `kl_divergence(..., free_bits)` and the first the real KL."""
+    per_dim = kl_per_dim(mu, logvar)
+    kl = per_dim.sum()
+    return kl, (per_dim.clamp(min=free_bits).sum() if free_bits > 0 else kl)
+
+
 def gaussian_nll(x_hat: torch.Tensor, x: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
     """-log N(x; x_hat, sigma^2) summed over pixels, averaged over images: the σ-VAE's
     reconstruction term (Rybkin et al. 2021) with one learned sigma for every pixel."""

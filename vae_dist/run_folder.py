@@ -2,17 +2,25 @@
 
 - `RunFolderLock`: one training run per folder. `train.out_dir/.lock` holds the holder's host,
   pid and start time; a second run exits at once naming the holder; a lock left behind by a
-  dead process on this host is taken over with a warning. Rank 0 holds it for all ranks.
+  dead process on this host (or by this SLURM job's previous start) is taken over with a warning.
+  Rank 0 holds it for all ranks.
 - `choose_start`: the checkpoint a run resumes from (`train.resume`: the newest that verifies,
-  a given one that must verify, or none), and the rule that a fresh run never mixes with an
-  old one: a folder that holds another run is refused, unless `train.overwrite=true` moves
-  that run aside to `OUT_DIR.old-YYYYmmdd-HHMMSS` (nothing is deleted).
+  a given one that must verify, or none), and the rules that keep every run's work:
+  - a fresh run never mixes with an old one: a folder that holds another run is refused,
+    unless `train.overwrite=true` moves that run aside to `OUT_DIR.old-YYYYmmdd-HHMMSS`;
+  - a run follows its own line of checkpoints: resuming from step S sets aside what lies beyond
+    S (newer checkpoints, metrics rows after S) into `abandoned/after-step_S-TIME/`, so pruning
+    (keep the newest `keep_last`) and a later `resume=auto` see only what this run resumed
+    from and wrote since; nothing is deleted;
+  - a requeued SLURM job continues its own run (`slurm_job_id` names the job that started it),
+    whatever `train.resume` / `train.overwrite` asked of its first start.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import sys
 import time
@@ -21,10 +29,14 @@ from pathlib import Path
 
 from vae_dist import checkpoint as ckpt
 from vae_dist.errors import UserError
+from vae_dist.files import new_dir_beside, output_dir, write_atomic
 
 LOCK = ".lock"
+SLURM_JOB_FILE = "slurm_job_id"  # the SLURM job whose run this folder holds
+ABANDONED = "abandoned"  # what lay beyond a resumed checkpoint: abandoned/after-step_S-TIME/
+METRICS = "metrics.jsonl"
 # What a run leaves in its folder; config.yaml alone (a run that failed at start) does not count.
-RUN_FILES = ("metrics.jsonl", ckpt.WEIGHTS, "wandb_run_id")
+RUN_FILES = (METRICS, ckpt.WEIGHTS, "wandb_run_id")
 
 
 def expand_out_dir(out_dir: str) -> str:
@@ -60,7 +72,7 @@ class RunFolderLock:
         self.held = False
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        output_dir(self.path.parent, "train.out_dir")
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
               "slurm_job": os.environ.get("SLURM_JOB_ID")}
         for _ in range(2):  # the second try follows the takeover of a dead holder's lock
@@ -84,20 +96,41 @@ class RunFolderLock:
         except (ValueError, KeyError, TypeError, OSError):
             # a holder that died while writing it; only a process that could not finish four
             # bytes of JSON leaves this, so it is not a live run
-            _warn(f"taking over the unreadable lock {self.path}")
-            self.path.unlink(missing_ok=True)
+            if self._remove_if_unchanged(None):
+                _warn(f"taking over the unreadable lock {self.path}")
             return
         if host == socket.gethostname() and not _pid_alive(pid):
-            _warn(f"taking over the lock of pid {pid} (since {since}), which is no longer running")
-            self.path.unlink(missing_ok=True)
+            if self._remove_if_unchanged(holder):
+                _warn(f"taking over the lock of pid {pid} (since {since}), which is no longer running")
             return
         job = os.environ.get("SLURM_JOB_ID")
         if job and holder.get("slurm_job") == job:  # this job's own run before a requeue, on any node
-            _warn(f"taking over the lock of SLURM job {job}'s previous start (pid {pid} on {host})")
-            self.path.unlink(missing_ok=True)
+            if self._remove_if_unchanged(holder):
+                _warn(f"taking over the lock of SLURM job {job}'s previous start (pid {pid} on {host})")
             return
         raise UserError(f"run folder {self.path.parent} is in use by pid {pid} on {host} since {since}; "
                         f"wait for it or choose another train.out_dir (if that process is gone, delete {self.path})")
+
+    def _remove_if_unchanged(self, holder: dict | None) -> bool:
+        """Removes the lock judged stale, unless another process took it over meanwhile. The
+        lock is renamed away first (atomic: of two takers only one gets it); if what it got is
+        no longer the stale holder's (the other taker's fresh lock), it is put back."""
+        grave = self.path.with_name(f"{LOCK}.stale-{os.getpid()}-{secrets.token_hex(3)}")
+        try:
+            os.rename(self.path, grave)
+        except FileNotFoundError:
+            return False  # the other taker removed it: try again
+        try:
+            got = json.loads(grave.read_text())
+        except (ValueError, OSError):
+            got = None
+        if got != holder:
+            try:
+                os.link(grave, self.path)  # fails only where a third process holds it now
+            except FileExistsError:
+                pass
+        grave.unlink(missing_ok=True)
+        return got == holder
 
     def release(self) -> None:
         if self.held:
@@ -107,10 +140,14 @@ class RunFolderLock:
 
 @dataclass
 class Start:
-    """Where a run starts: a verified checkpoint (None: step 0), and where an old run went."""
+    """Where a run starts: a verified checkpoint (None: step 0), where an old run went, where
+    what lay beyond the resumed checkpoint went, and why it starts there when that is not
+    what was asked."""
 
     checkpoint: Path | None = None
     moved_to: Path | None = None
+    set_aside: Path | None = None
+    note: str | None = None
 
 
 def _old_run_files(run_dir: Path) -> list[str]:
@@ -120,18 +157,71 @@ def _old_run_files(run_dir: Path) -> list[str]:
 
 
 def _move_aside(run_dir: Path) -> Path:
-    aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    aside.mkdir()
+    aside = new_dir_beside(run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
     for entry in run_dir.iterdir():
         if entry.name != LOCK:
             entry.rename(aside / entry.name)
     return aside
 
 
+def _row_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return -1  # a torn last line: kept where it is
+
+
+def _set_aside_beyond(run_dir: Path, resumed: Path) -> Path | None:
+    """Moves what lies beyond the resumed checkpoint's step S (other checkpoints at S or later,
+    metrics rows after S) to abandoned/after-step_S-TIME/; returns that folder, None if nothing."""
+    step = ckpt.saved_step(resumed)
+    beyond = [p for p in ckpt.list_checkpoints(run_dir)
+              if ckpt.checkpoint_step(p) >= step and p.resolve() != resumed.resolve()]
+    metrics = run_dir / METRICS
+    lines = metrics.read_text().splitlines(keepends=True) if metrics.is_file() else []
+    later = [line for line in lines if _row_step(line) > step]
+    if not beyond and not later:
+        return None
+    aside = new_dir_beside(run_dir / ABANDONED / f"after-step_{step:07d}-{time.strftime('%Y%m%d-%H%M%S')}")
+    for path in beyond:
+        path.rename(aside / path.name)
+    if later:
+        write_atomic(aside / METRICS, "".join(later).encode())
+        write_atomic(metrics, "".join(line for line in lines if _row_step(line) <= step).encode())
+    return aside
+
+
+def own_slurm_job(run_dir: Path) -> str | None:
+    """This SLURM job's id when the run in `run_dir` was started by this very job (a requeue)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    record = Path(run_dir) / SLURM_JOB_FILE
+    if job and record.is_file() and record.read_text().strip() == job:
+        return job
+    return None
+
+
+def record_slurm_job(run_dir: Path) -> None:
+    """Names the SLURM job that runs in `run_dir`, so its requeued starts continue this run."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        write_atomic(Path(run_dir) / SLURM_JOB_FILE, job.encode())
+
+
+def _skip_warning(path: Path, problem: str) -> None:
+    _warn(f"skipping checkpoint {path}: {problem}")
+
+
 def choose_start(run_dir: Path, resume: str, overwrite: bool) -> Start:
     """Decided on rank 0 while it holds the lock; raises UserError with the one-line reason."""
     run_dir = Path(run_dir)
     start = Start()
+    job = own_slurm_job(run_dir)
+    if job is not None:
+        newest = ckpt.newest_verified_checkpoint(run_dir, on_skip=_skip_warning)
+        if newest is not None:
+            start.checkpoint, start.note = newest, f"SLURM job {job} was requeued: it continues its own run"
+            start.set_aside = _set_aside_beyond(run_dir, newest)
+            return start
     if overwrite and _old_run_files(run_dir):
         start.moved_to = _move_aside(run_dir)
     if resume not in ("auto", "none"):
@@ -142,11 +232,12 @@ def choose_start(run_dir: Path, resume: str, overwrite: bool) -> Start:
         if problem:
             raise UserError(f"train.resume: checkpoint {path} does not verify: {problem}")
         start.checkpoint = path
+        start.set_aside = _set_aside_beyond(run_dir, path)
         return start
     if resume == "auto":
-        start.checkpoint = ckpt.newest_verified_checkpoint(
-            run_dir, on_skip=lambda path, problem: _warn(f"skipping checkpoint {path}: {problem}"))
+        start.checkpoint = ckpt.newest_verified_checkpoint(run_dir, on_skip=_skip_warning)
         if start.checkpoint is not None:
+            start.set_aside = _set_aside_beyond(run_dir, start.checkpoint)  # damaged newer ones, rows after it
             return start
     old = _old_run_files(run_dir)
     if old:

@@ -24,12 +24,13 @@ import torch
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from vae_dist.data import unit_float
-from vae_dist.losses import kl_divergence, recon_loss
+from vae_dist.losses import kl_terms, recon_loss
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# meter slots: sums over good steps of loss, recon, kl, grad_norm; then good steps, skipped
-# steps in the window, consecutive non-finite steps now, their maximum in the window
-LOSS, RECON, KL, GRAD_NORM, GOOD, SKIPPED, CONSECUTIVE, MAX_CONSECUTIVE = range(8)
+# meter slots: sums over good steps of loss, recon, kl (the real KL), the KL the objective
+# penalizes (clamped by loss.free_bits), grad_norm; then good steps, skipped steps in the
+# window, consecutive non-finite steps now, their maximum in the window
+LOSS, RECON, KL, KL_OBJECTIVE, GRAD_NORM, GOOD, SKIPPED, CONSECUTIVE, MAX_CONSECUTIVE = range(9)
 
 
 class TrainStep:
@@ -48,7 +49,7 @@ class TrainStep:
         # one lr tensor per param group: the base lr times the group's lr_scale (the σ-VAE's sigma)
         self.lrs = [torch.zeros((), device=self.device) for _ in self.raw_optimizer.param_groups]
         self.bind_lr()
-        self.meters = torch.zeros(8, device=self.device)
+        self.meters = torch.zeros(MAX_CONSECUTIVE + 1, device=self.device)
         if compile_mode:
             self.forward_loss = torch.compile(self._forward_loss, mode=compile_mode, dynamic=False)
             # the tail mutates grads and meters in place: no CUDA graph (its inputs change every step)
@@ -69,19 +70,20 @@ class TrainStep:
                             enabled=self.autocast_dtype is not None):
             x_hat, mu, logvar = self.model(images)
         recon = recon_loss(x_hat, images, self.recon_kind, self.log_sigma)
-        kl = kl_divergence(mu, logvar, self.free_bits)
-        return recon + beta * kl, recon, kl
+        kl, kl_objective = kl_terms(mu, logvar, self.free_bits)
+        return recon + beta * kl_objective, recon, kl, kl_objective
 
     def __call__(self, images: torch.Tensor, lr: float, beta: float) -> None:
         for group, group_lr in zip(self.raw_optimizer.param_groups, self.lrs):
             group_lr.fill_(lr * group.get("lr_scale", 1.0))  # host -> device writes: launches, not syncs
         self.beta.fill_(beta)
         self.model.train()
-        loss, recon, kl = self.forward_loss(images, self.beta)
+        loss, recon, kl, kl_objective = self.forward_loss(images, self.beta)
         self.accelerator.backward(loss)
         if self.scaled:
             self.accelerator.unscale_gradients()
-        found_inf = self.tail(self.params, self.meters, loss.detach(), recon.detach(), kl.detach())
+        found_inf = self.tail(self.params, self.meters, loss.detach(), recon.detach(), kl.detach(),
+                              kl_objective.detach())
         if self.scaled:  # fp16: the GradScaler owns found_inf and the wrapper's step applies it
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -92,13 +94,13 @@ class TrainStep:
             self.raw_optimizer.step()
             self.raw_optimizer.zero_grad(set_to_none=True)
 
-    def _tail(self, params, meters, loss, recon, kl) -> torch.Tensor:
+    def _tail(self, params, meters, loss, recon, kl, kl_objective) -> torch.Tensor:
         """Gradient norm, clip, meters; returns fused Adam's found_inf (1.0: skip this step)."""
         grad_norm = get_total_norm([p.grad for p in params if p.grad is not None])
         finite = torch.isfinite(grad_norm)
         if self.grad_clip > 0:
             clip_grads_with_norm_(params, self.grad_clip, grad_norm)  # scales each p.grad in place
-        good = torch.stack([loss, recon, kl, grad_norm.float(), torch.ones_like(loss)])
+        good = torch.stack([loss, recon, kl, kl_objective, grad_norm.float(), torch.ones_like(loss)])
         meters[:GOOD + 1] += torch.where(finite, good, torch.zeros_like(good))
         bad = (~finite).float()
         meters[SKIPPED] += bad

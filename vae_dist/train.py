@@ -29,7 +29,7 @@ from vae_dist import checkpoint as ckpt
 from vae_dist import step as meters
 from vae_dist.config import Config, dump_yaml, vae_config
 from vae_dist.data import unit_float
-from vae_dist.data.loaders import build_train_and_val, choose_cache, resolve_loader_kind
+from vae_dist.data.loaders import build_train_and_val, check_model_fits_shards, choose_cache, resolve_loader_kind
 from vae_dist.errors import ConfigError, UserError
 from vae_dist.flops import peak_flops, train_flops_per_image
 from vae_dist.hooks import make_hooks
@@ -43,7 +43,7 @@ from vae_dist.losses import (
 )
 from vae_dist.model import VAE
 from vae_dist.profiling import StepRangeProfiler
-from vae_dist.run_folder import RunFolderLock, choose_start, expand_out_dir
+from vae_dist.run_folder import RunFolderLock, choose_start, expand_out_dir, record_slurm_job
 from vae_dist.step import TrainStep
 
 
@@ -56,6 +56,12 @@ class TrainState:
     batch_in_epoch: int = 0  # batches of `epoch` already consumed: the data position
     bad_steps: int = 0  # consecutive non-finite steps (as of the last sync point)
     skipped_steps: int = 0  # non-finite steps in the whole run (as of the last sync point)
+    # The MSE decoder's sigma for val bits/dim: the train recon terms summed over the good
+    # steps since the last evaluation (each step's mean over ranks, as of the last sync
+    # point), so one value agreed by every rank whatever log.log_every is; and the last sigma.
+    sigma_recon: float = 0.0
+    sigma_steps: float = 0.0
+    sigma: float | None = None
 
 
 class DivergedError(UserError):
@@ -129,6 +135,7 @@ class Trainer:
         if acc.mixed_precision == "bf16" and not on_cuda:
             acc.print("vae-dist: warning: bf16 autocast on this CPU is many times slower than fp32")
 
+        check_model_fits_shards(cfg.model, cfg.data.shards)
         # Same weights on every rank (DDP also broadcasts them), then a per-rank stream for
         # the reparameterization noise.
         set_seed(cfg.train.seed)
@@ -147,7 +154,7 @@ class Trainer:
         self.cache, self.data_choice = choose_cache(cfg.data, self.device)
         self.train_loader, self.val_loader = build_train_and_val(
             cfg.data, self.batch_size, rank=self.rank, world=self.world, device=self.device, seed=cfg.train.seed,
-            cache=self.cache)
+            cache=self.cache, val_limit=cfg.train.eval_images)
         self.steps_per_epoch = self.train_loader.steps_per_epoch
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.beta_at = make_kl_schedule(cfg.loss, self.total_steps)
@@ -165,7 +172,6 @@ class Trainer:
         self.profiler = StepRangeProfiler(cfg.train.profile_steps, self.run_dir / "profile", self.device, self.rank)
         self._reset_window()
         self._last_eval_step = self._last_ckpt_step = -1
-        self._train_recon: float | None = None  # the mean train recon term of the last sync window
 
     # -- setup helpers -------------------------------------------------------------------
     def _per_process_batch(self) -> int:
@@ -200,7 +206,8 @@ class Trainer:
         saved = ckpt.load_checkpoint(self.accelerator, path, self.raw_model, self.optimizer)
         ckpt.match_state_layouts(self.step.raw_optimizer)  # e.g. a CPU checkpoint resumed channels_last
         self.step.bind_lr()  # the loaded param groups brought their own lr values
-        self.state = TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState)})
+        # fields a checkpoint of an older version lacks keep their defaults
+        self.state = TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState) if f.name in saved})
         self.step.meters[meters.CONSECUTIVE] = self.state.bad_steps
         if saved.get("world_size") != self.world or saved.get("batch_size") != self.batch_size:
             # a different split of the data: continue from the next epoch boundary instead
@@ -282,26 +289,28 @@ class Trainer:
         sums = self.accelerator.reduce(window[:meters.GOOD + 1], reduction="mean")  # collective: all ranks
         flags = torch.cat([window[meters.SKIPPED:], window.new_tensor([stop.received])])
         flags = self.accelerator.reduce(flags, reduction="max")  # collective: all ranks
-        loss, recon, kl, grad_norm, good, skipped, consecutive, max_consecutive, signum = \
+        loss, recon, kl, kl_objective, grad_norm, good, skipped, consecutive, max_consecutive, signum = \
             torch.cat([sums, flags]).tolist()  # SYNC: the only host read between sync points
         stop.agreed = int(signum)
-        if good:
-            self._train_recon = recon / good  # calibrates the MSE decoder's sigma at the next eval
+        self.state.sigma_recon += recon
+        self.state.sigma_steps += good
         self.state.bad_steps = int(consecutive)
         self.state.skipped_steps += int(skipped)
         if good or skipped:
-            self.log_window(loss / max(good, 1), recon / max(good, 1), kl / max(good, 1), grad_norm / max(good, 1))
+            n = max(good, 1)
+            self.log_window(loss / n, recon / n, kl / n, kl_objective / n, grad_norm / n)
         if max_consecutive >= self.cfg.train.max_bad_steps:
             raise DivergedError(
                 f"{int(max_consecutive)} non-finite steps in a row by step {self.state.step}: training diverged "
                 f"(lower optim.lr, set optim.grad_clip, or use fp32/bf16 instead of fp16)")
 
-    def log_window(self, loss: float, recon: float, kl: float, grad_norm: float) -> None:
+    def log_window(self, loss: float, recon: float, kl: float, kl_objective: float, grad_norm: float) -> None:
         elapsed = time.perf_counter() - self._t0 - self._side_time
         steps = self.state.step - self._window_start
         img_per_s = steps * self.batch_size * self.world / elapsed if elapsed > 0 else 0.0
         last = self.state.step - 1
         row = {
+            # kl is the real KL (elbo's); loss is the objective, whose KL free bits may clamp
             "step": self.state.step, "epoch": self.state.epoch, "loss": loss, "recon": recon, "kl": kl,
             "elbo": -(recon + kl), "beta": self.beta_at(last), "lr": lr_at(last, self.total_steps, self.cfg.optim),
             "grad_norm": grad_norm, "img_per_s": img_per_s, "img_per_s_per_process": img_per_s / self.world,
@@ -313,6 +322,8 @@ class Trainer:
             # model FLOP/s over all processes; mfu per device against its dense peak
             "tflop_per_s": img_per_s * self.flops_per_image / 1e12,
         }
+        if self.cfg.loss.free_bits > 0:
+            row["kl_objective"] = kl_objective  # the KL with each dim clamped at loss.free_bits
         if self.peak_flops:
             row["mfu"] = img_per_s / self.world * self.flops_per_image / self.peak_flops
         if self.device.type == "cuda":
@@ -346,21 +357,31 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self.hooks.close(weights=self.run_dir / ckpt.WEIGHTS)
 
+    def _window_recon(self) -> tuple[float, float]:
+        """(recon sum, good steps) of the current, unsynced window, averaged over ranks as at a
+        sync point. Collective: evaluations and checkpoints, where every rank is."""
+        window = self.accelerator.reduce(self.step.meters[[meters.RECON, meters.GOOD]], reduction="mean")
+        recon, good = window.tolist()  # SYNC: evaluations and checkpoints only
+        return recon, good
+
     def output_sigma(self) -> float | None:
         """The decoder's sigma for bits/dim: learned (loss.recon=gaussian), or for the seed's MSE
-        the maximum-likelihood shared sigma on training images: the root of their mean squared
-        error per subpixel, from the latest train window (Rybkin et al. 2021)."""
+        the maximum-likelihood shared sigma on training images (Rybkin et al. 2021): the root
+        of their mean squared error per subpixel over the train steps since the last evaluation
+        (all ranks', so every rank scores with the same sigma). Collective."""
         model = self.raw_model
         if model.log_sigma is not None:
             return float(model.log_sigma.detach().exp())  # SYNC: evaluation only
-        recon = self._train_recon
-        recon_sum, _, _, good = self.step.meters[meters.RECON:meters.GOOD + 1].tolist()  # SYNC: evaluation only
-        if good:  # the current window is the freshest
-            recon = recon_sum / good
-        if recon is None:
-            return None
-        pixels = model.cfg.in_channels * model.cfg.image_size**2
-        return math.sqrt(recon / pixels if self.cfg.loss.recon == "sum" else recon)
+        window_recon, window_good = self._window_recon()
+        recon, good = self.state.sigma_recon + window_recon, self.state.sigma_steps + window_good
+        if good > 0:
+            pixels = model.cfg.in_channels * model.cfg.image_size**2
+            mean = recon / good
+            self.state.sigma = math.sqrt(mean / pixels if self.cfg.loss.recon == "sum" else mean)
+            # the next sigma counts the steps after this one; the window's part so far is
+            # already counted, and the next sync point adds the whole window
+            self.state.sigma_recon, self.state.sigma_steps = -window_recon, -window_good
+        return self.state.sigma  # no train step since the last evaluation: the sigma it used
 
     @torch.no_grad()
     def evaluate(self) -> dict | None:
@@ -374,10 +395,7 @@ class Trainer:
         sigma = self.output_sigma()
         # recon (objective), kl, sq_err(decode(mu)), log p(x|z) discretized under sigma, images
         sums = torch.zeros(5, device=self.device, dtype=torch.float64)
-        limit = self.cfg.train.eval_batches
-        for i, (x, _) in enumerate(self.val_loader.epoch(0)):
-            if limit is not None and i >= limit:
-                break
+        for x, _ in self.val_loader.epoch(0):  # train.eval_images caps it (the loader's count)
             x = unit_float(x)
             with self.accelerator.autocast():
                 x_hat, mu, logvar = model(x)
@@ -413,8 +431,11 @@ class Trainer:
         self._last_ckpt_step = self.state.step
         m = self.step.meters  # the counters up to this very step, not the last sync point
         skipped, consecutive = m[meters.SKIPPED:meters.CONSECUTIVE + 1].tolist()  # SYNC: checkpoints only
+        window_recon, window_good = self._window_recon()  # collective: every rank checkpoints
         state = dict(dataclasses.asdict(self.state), batch_size=self.batch_size, bad_steps=int(consecutive),
-                     skipped_steps=self.state.skipped_steps + int(skipped))
+                     skipped_steps=self.state.skipped_steps + int(skipped),
+                     sigma_recon=self.state.sigma_recon + window_recon,
+                     sigma_steps=self.state.sigma_steps + window_good)
         path = ckpt.save_checkpoint(self.accelerator, self.run_dir, self.raw_model, self.optimizer, state,
                                     self.config_yaml, self.cfg.train.keep_last)
         self.hooks.on_checkpoint(path)
@@ -456,12 +477,19 @@ def train(cfg: Config) -> int:
 
     def claim_folder():
         lock.acquire()
-        return choose_start(run_dir, cfg.train.resume, cfg.train.overwrite)
+        start = choose_start(run_dir, cfg.train.resume, cfg.train.overwrite)
+        record_slurm_job(run_dir)
+        return start
 
     try:
         start = _rank_zero_decides(accelerator, claim_folder)
         if start.moved_to is not None:
             accelerator.print(f"moved the previous run in {run_dir} to {start.moved_to}")
+        if start.note is not None:
+            accelerator.print(f"vae-dist: {start.note}")
+        if start.set_aside is not None:
+            accelerator.print(f"set aside what lay beyond {start.checkpoint.name} (later checkpoints, metrics "
+                              f"rows) in {start.set_aside}: this run continues from {start.checkpoint.name}")
         code = Trainer(cfg, accelerator).fit(start.checkpoint)
         lock.release()
         # nobody exits before rank 0 has let go of the folder (srun --kill-on-bad-exit ends

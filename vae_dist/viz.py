@@ -155,9 +155,13 @@ def viz_checkpoint(ckpt_path: str, out: str, shards: str | None = None, num_imag
     from vae_dist.data.loaders import decode_split
     from vae_dist.data.shards import class_names, load_manifest
     from vae_dist.errors import UserError
+    from vae_dist.files import output_dir
 
+    if num_images < 1:
+        raise UserError(f"--num-images must be at least 1, got {num_images}")
     weights = find_weights(ckpt_path)
     model = load_weights(weights)
+    output_dir(out, "viz output folder")
     saved_config = weights.parent / "config.yaml"  # in every checkpoint and run folder
     if shards is None and saved_config.is_file():  # the run's own data
         shards = (yaml.safe_load(saved_config.read_text()) or {}).get("data", {}).get("shards")

@@ -47,9 +47,15 @@ class ShardIndex:
                 self.maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
             self.arrays.append(np.frombuffer(self.maps[-1], dtype=np.uint8))
             lines = Path(idx).read_text().splitlines()[1:]
-            for line in lines:
+            for n, line in enumerate(lines, start=2):
                 fields = line.split()
-                parts = {fields[k]: (int(fields[k + 1]), int(fields[k + 2])) for k in range(0, len(fields), 4)}
+                try:  # "ext offset size name" per component
+                    if len(fields) % 4:
+                        raise ValueError("not 4 fields per component")
+                    parts = {fields[k]: (int(fields[k + 1]), int(fields[k + 2])) for k in range(0, len(fields), 4)}
+                except ValueError:
+                    raise DataError(f"{idx} line {n} does not parse ({line[:80]!r}; a sample key with a space?): "
+                                    f"pack the data again with `vae-dist pack`") from None
                 if "jpg" not in parts or "label" not in parts:
                     raise DataError(f"{idx}: a sample without jpg or label ({line[:80]})")
                 (jpg_at, jpg_size), (label_at, label_size) = parts["jpg"], parts["label"]
@@ -120,18 +126,19 @@ class DaliLoader:
     train=True: a new global permutation every epoch, flipped, exactly `steps_per_epoch` full
     batches on every rank (the smallest rank part decides, so no rank waits in a collective).
     train=False: every sample of the rank's contiguous part once, in shard order, the last
-    batch partial.
+    batch partial. `limit`: only the split's first `limit` samples (the same ones for any world).
     """
 
     def __init__(self, paths, index_paths, count, batch_size, *, rank=0, world=1, train=True,
                  gpu_id: int | None = None, num_threads=4, prefetch=2, seed=0, flip=True,
-                 image_size=64, hw_decoder_load=0.65):
+                 image_size=64, hw_decoder_load=0.65, limit: int | None = None):
         if not HAVE_DALI:
             raise DataError("NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
         self.index = ShardIndex(paths, index_paths)
         if len(self.index) != count:
             raise DataError(f"the .idx files of {paths[0]}... list {len(self.index)} samples, manifest says {count}")
-        self.count, self.batch_size = count, batch_size
+        # limit: the first `limit` samples only (val's train.eval_images), divided among the ranks
+        self.count, self.batch_size = min(count, limit) if limit is not None else count, batch_size
         self.rank, self.world, self.train = rank, world, train
         self.gpu_id, self.num_threads, self.prefetch = gpu_id, num_threads, prefetch
         self.seed, self.flip, self.image_size = seed, flip and train, image_size

@@ -52,10 +52,12 @@ def resolve_decode(decode: str, device: torch.device) -> str:
 
 
 def build_loader(data_cfg, split: str, batch_size: int, *, rank: int, world: int, device: torch.device,
-                 train: bool, seed: int):
-    """The streaming loader for `split` as configured (DALI or webdataset)."""
+                 train: bool, seed: int, limit: int | None = None):
+    """The streaming loader for `split` as configured (DALI or webdataset); `limit`: only the
+    split's first `limit` samples, divided among the ranks (the same samples for any world)."""
     manifest = load_manifest(data_cfg.shards)
     tars, idxs, count = split_files(data_cfg.shards, manifest, split)
+    counts = [shard["count"] for shard in manifest["splits"][split]["shards"]]
     kind = resolve_loader_kind(data_cfg.loader)
     threads = data_cfg.num_threads if data_cfg.num_threads is not None else default_threads()
     if kind == "dali":
@@ -64,12 +66,12 @@ def build_loader(data_cfg, split: str, batch_size: int, *, rank: int, world: int
             tars, idxs, count, batch_size, rank=rank, world=world, train=train,
             gpu_id=gpu_id if resolve_decode(data_cfg.decode, device) == "gpu" else None,
             num_threads=threads, prefetch=data_cfg.prefetch, seed=seed, flip=data_cfg.flip,
-            image_size=manifest["image_size"], hw_decoder_load=data_cfg.hw_decoder_load,
+            image_size=manifest["image_size"], hw_decoder_load=data_cfg.hw_decoder_load, limit=limit,
         )
         return _OnDevice(loader, device)
-    return WebDatasetLoader(tars, count, batch_size, rank=rank, world=world, train=train,
+    return WebDatasetLoader(tars, counts, batch_size, rank=rank, world=world, train=train,
                             num_workers=threads, seed=seed, flip=data_cfg.flip,
-                            buffer=data_cfg.shuffle_buffer, device=device)
+                            buffer=data_cfg.shuffle_buffer, device=device, limit=limit)
 
 
 class _OnDevice:
@@ -162,16 +164,29 @@ def choose_cache(data_cfg, device: torch.device, free_bytes: int | None = None) 
 
 
 def build_train_and_val(data_cfg, batch_size: int, *, rank: int, world: int, device: torch.device, seed: int,
-                        cache: str = "none"):
-    """(train loader, val loader): streaming (cache='none'), or decoded once into RAM / GPU."""
+                        cache: str = "none", val_limit: int | None = None):
+    """(train loader, val loader): streaming (cache='none'), or decoded once into RAM / GPU.
+    `val_limit`: the val loader serves the split's first `val_limit` images only."""
     if cache == "none":
-        make = lambda split, train: build_loader(data_cfg, split, batch_size, rank=rank, world=world,  # noqa: E731
-                                                 device=device, train=train, seed=seed)
-        return make("train", True), make("val", False)
+        return tuple(build_loader(data_cfg, split, batch_size, rank=rank, world=world, device=device, train=train,
+                                  seed=seed, limit=limit)
+                     for split, train, limit in (("train", True, None), ("val", False, val_limit)))
     target = device if cache == "gpu" else torch.device("cpu")
     loaders = []
-    for split, train in (("train", True), ("val", False)):
+    for split, train, limit in (("train", True, None), ("val", False, val_limit)):
         images, labels = decode_split(data_cfg, split, target)
-        loaders.append(_OnDevice(CachedLoader(images, labels, batch_size, rank=rank, world=world, train=train,
-                                              seed=seed, flip=data_cfg.flip), device))
+        loaders.append(_OnDevice(CachedLoader(images[:limit], labels[:limit], batch_size, rank=rank, world=world,
+                                              train=train, seed=seed, flip=data_cfg.flip), device))
     return tuple(loaders)
+
+
+def check_model_fits_shards(model_cfg, shards: str) -> None:
+    """A model whose input shape is not the shards' is refused at start, in one line (not with
+    a shape error at the first step)."""
+    size = load_manifest(shards)["image_size"]
+    if model_cfg.image_size != size:
+        raise DataError(f"model.image_size={model_cfg.image_size} but the shards in {shards} hold {size}x{size} "
+                        f"images: set model.image_size={size} (or pack with --image-size {model_cfg.image_size})")
+    if model_cfg.in_channels != 3:
+        raise DataError(f"model.in_channels={model_cfg.in_channels} but the shards in {shards} hold RGB images: "
+                        f"set model.in_channels=3")

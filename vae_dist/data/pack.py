@@ -8,6 +8,7 @@ half-written shard that looks complete, and packing again replaces the old resul
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import random
@@ -23,6 +24,7 @@ from vae_dist.data.images import to_shard_jpeg
 from vae_dist.data.shards import MANIFEST, ShardWriter, shard_name, write_json_atomic
 from vae_dist.data.tinyimagenet import Record, Source, list_split, read_classes
 from vae_dist.errors import DataError
+from vae_dist.files import output_dir
 
 
 @dataclass
@@ -57,12 +59,15 @@ def _convert(record: Record):
 
 def pack(src_path: str | Path, out_dir: str | Path, opts: PackOptions | None = None) -> dict:
     opts = opts or PackOptions()
-    if opts.shard_size <= 0:
-        raise DataError(f"--shard-size must be positive, got {opts.shard_size}")
+    for name, value, ok, must in (("--shard-size", opts.shard_size, opts.shard_size > 0, "positive"),
+                                  ("--workers", opts.workers, opts.workers >= 0, "0 (all cores) or more"),
+                                  ("--image-size", opts.image_size, opts.image_size > 0, "positive"),
+                                  ("--quality", opts.quality, 1 <= opts.quality <= 100, "in 1..100")):
+        if not ok:
+            raise DataError(f"{name} must be {must}, got {value}")
     src = Source(src_path)
     wnids, words = read_classes(src)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_dir(out_dir, "pack output folder")
     staging = out_dir / f".pack-staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -90,6 +95,9 @@ def pack(src_path: str | Path, out_dir: str | Path, opts: PackOptions | None = N
                 records, unlabelled = list_split(src, split, wnids)
                 rejected += unlabelled
                 random.Random(f"{opts.seed}-{split}").shuffle(records)  # the global shuffle
+                # unique keys by construction: the position in the split, then the readable stem
+                # (one name in two classes, or x.y.JPEG beside x_y.JPEG, stay two samples)
+                records = [dataclasses.replace(r, key=f"{i:07d}_{r.key}") for i, r in enumerate(records)]
                 manifest["splits"][split] = _pack_split(pool, records, split, staging, opts, rejected)
                 total += len(records)
         seconds = time.perf_counter() - t0

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from vae_dist.files import output_dir
+
 # (file in skimage/data, class name). All ship in the scikit-image wheel.
 PHOTOS = [
     ("astronaut.png", "astronaut"),
@@ -52,7 +54,7 @@ def make_sample_dataset(
     image_size: int = 64,
     make_zip: bool = False,
 ) -> Path:
-    out = Path(out)
+    out = output_dir(out, "sample-data output folder")
     rng = random.Random(seed)
     photos = []
     for i, (fname, name) in enumerate(PHOTOS):

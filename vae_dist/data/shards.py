@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import struct
 import tarfile
 from pathlib import Path
@@ -51,7 +52,8 @@ class ShardWriter:
         return self._tar.offset - padded, len(data)  # where the member's data starts
 
     def write(self, key: str, jpeg: bytes, label: int) -> None:
-        assert "." not in key, key
+        if not _SAFE_KEY.match(key):  # a dot splits the WebDataset key, a space the .idx line
+            raise DataError(f"sample key {key!r} may hold only letters, digits, '_' and '-'")
         parts = []
         for ext, data in (("jpg", jpeg), ("label", encode_label(label))):
             offset, size = self._add(f"{key}.{ext}", data)
@@ -138,11 +140,17 @@ def _verify_shard(shard_dir: Path, shard: dict) -> list[str]:
         with tarfile.open(tar_path) as tar:
             for member in tar:
                 key, _, ext = member.name.partition(".")
+                if ext in components.get(key, ()):
+                    problems.append(f"{shard['file']}: sample key {key!r} appears twice (pack again: keys are unique)")
                 components.setdefault(key, set()).add(ext)
                 if ext == "jpg" and member.size == 0:
                     problems.append(f"{shard['file']}: sample {key} has an empty image")
     except (tarfile.TarError, OSError, EOFError) as e:
         problems.append(f"{shard['file']}: unreadable tar ({e})")
+    for key in components:
+        if not _SAFE_KEY.match(key):
+            problems.append(f"{shard['file']}: sample key {key!r} holds characters the .idx format cannot "
+                            f"carry (pack again)")
     if len(components) != shard["count"]:
         problems.append(f"{shard['file']}: {len(components)} samples, manifest says {shard['count']}")
     for key, exts in components.items():
@@ -153,10 +161,24 @@ def _verify_shard(shard_dir: Path, shard: dict) -> list[str]:
     if not idx_path.is_file():
         problems.append(f"{shard['index']}: missing")
     else:
-        header = idx_path.read_text().split("\n", 1)[0].split()
-        if len(header) != 2 or header[0] != "v1.2" or int(header[1]) != shard["count"]:
+        lines = idx_path.read_text().splitlines()
+        header = lines[0].split() if lines else []
+        if len(header) != 2 or header[0] != "v1.2" or header[1] != str(shard["count"]) \
+                or len(lines) - 1 != shard["count"]:
             problems.append(f"{shard['index']}: does not index {shard['count']} samples")
+        bad = [n for n, line in enumerate(lines[1:], start=2) if not _idx_line_ok(line)]
+        if bad:
+            problems.append(f"{shard['index']}: {len(bad)} lines do not parse as 'ext offset size name' "
+                            f"(first: line {bad[0]})")
     return problems
+
+
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _idx_line_ok(line: str) -> bool:
+    fields = line.split()
+    return len(fields) == 4 * len(EXTENSIONS) and all(f.isdigit() for f in fields[1::4] + fields[2::4])
 
 
 def class_names(manifest: dict) -> list[str]:

@@ -12,6 +12,7 @@ Nothing is extracted: files are read as bytes, so no archive member can write an
 from __future__ import annotations
 
 import posixpath
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ SPLITS = ("train", "val", "test")
 @dataclass(frozen=True)
 class Record:
     path: str  # relative to the dataset root, '/'-separated
-    key: str  # sample key in the shards: file stem without dots
+    key: str  # the file's stem made safe as a sample key (sample_key); pack makes it unique
     label: int  # index into wnids; -1 for test
 
 
@@ -110,9 +111,11 @@ class Source:
 
 
 def sample_key(rel: str) -> str:
-    """'train/n01443537/images/n01443537_12.JPEG' -> 'n01443537_12' (keys may hold no dots)."""
+    """'train/n01443537/images/n01443537_12.JPEG' -> 'n01443537_12': the file's stem with every
+    character but letters, digits, '_' and '-' made '_' (a dot would split the WebDataset key,
+    a space the .idx line). Not unique by itself: pack prefixes each sample's position."""
     stem = posixpath.basename(rel).rsplit(".", 1)[0]
-    return stem.replace(".", "_")
+    return re.sub(r"[^A-Za-z0-9_-]", "_", stem)
 
 
 def read_classes(src: Source) -> tuple[list[str], dict[str, str]]:

@@ -1,8 +1,8 @@
 """Plain-PyTorch loaders: the fallback where DALI is missing, and the benchmark baselines.
 
 - `WebDatasetLoader`: the same shards through the `webdataset` library, decoded by
-  torchvision.io in DataLoader workers, with the same per-rank split and step count as
-  the DALI loader.
+  torchvision.io in DataLoader workers, with the same samples per rank and epoch, and the
+  same step count, as the DALI loader.
 - `image_folder_loader`: the seed's way, torchvision ImageFolder + PIL + DataLoader over
   the extracted JPEG folder (benchmark baseline only).
 """
@@ -13,65 +13,103 @@ import importlib.util
 import random
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from vae_dist.data.partition import epoch_seed, rank_sample_range, steps_per_epoch
+from vae_dist.data.partition import epoch_order, epoch_seed, rank_seed, steps_per_epoch
 from vae_dist.data.shards import decode_label
 from vae_dist.errors import DataError
 
 
+def epoch_plan(counts: list[int], batch_size: int, steps: int, epoch: int, rank: int, world: int, train: bool,
+               seed: int, flip: bool, window: int) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
+    """(sample ids per batch, flips per batch, the epoch's shard order) of one rank, decided
+    before a byte is read, from (seed, epoch, rank) alone, so a resumed epoch is the same epoch.
+
+    train: the rank's slice of the epoch's global permutation, as in the DALI loader and the
+    cache (every sample every epoch but the remainder cut to whole batches, which moves between
+    epochs; a new mix of ranks each epoch), cut to `steps` batches. A stream reads the shards
+    in order, so these samples are taken in the epoch's shard order and shuffled within
+    windows of `window` samples (the shuffle buffer, made exact). val: the rank's contiguous
+    part in shard order, the last batch partial."""
+    count = sum(counts)
+    shards = list(range(len(counts)))
+    ids, flips = epoch_order(epoch, count, rank, world, train, seed, flip)
+    if train:
+        random.Random(epoch_seed(seed, epoch)).shuffle(shards)
+        ids, flips = ids[:steps * batch_size], flips[:steps * batch_size]
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        shard_of = np.repeat(np.arange(len(counts)), counts)
+        read_at = np.empty(len(counts), dtype=np.int64)  # where each shard starts in this epoch's stream
+        read_at[shards] = np.concatenate([[0], np.cumsum(np.asarray(counts)[shards])[:-1]])
+        order = np.argsort(read_at[shard_of[ids]] + ids - first[shard_of[ids]], kind="stable")
+        rng = np.random.default_rng(rank_seed(seed, epoch, rank))
+        for lo in range(0, len(order), window):
+            rng.shuffle(order[lo:lo + window])
+        ids, flips = ids[order], flips[order]
+    cuts = range(0, len(ids), batch_size)
+    return [ids[c:c + batch_size] for c in cuts], [flips[c:c + batch_size] for c in cuts], shards
+
+
 class _ShardBatches(IterableDataset):
-    """Batches of decoded (uint8 NCHW, labels) from one rank's part of a split, one epoch.
+    """One rank's batches of an epoch (from batch `skip` on), streamed from the tars.
 
-    Batch b of the rank goes to DataLoader worker b % num_workers, and the DataLoader takes
-    batches from its workers round-robin, so the rank gets exactly its batches: all of them
-    full for train (`steps` of them), every sample once for val."""
+    Batch b goes to DataLoader worker (b - skip) % num_workers, and the DataLoader takes
+    batches from its workers round-robin, so the rank gets its batches in order. Each worker
+    reads the stream (cheap), keeps the JPEG bytes of its own pending batches only, decodes a
+    batch once its last sample has been read and stops reading when it has them all."""
 
-    def __init__(self, paths, count, batch_size, steps, rank, world, epoch, train, seed, flip, buffer):
-        self.paths, self.count, self.batch_size, self.steps = paths, count, batch_size, steps
-        self.rank, self.world, self.epoch, self.train = rank, world, epoch, train
-        self.seed, self.flip, self.buffer = seed, flip, buffer
+    def __init__(self, paths, counts, batches, flips, shard_order, skip):
+        self.paths, self.counts, self.batches, self.flips = paths, counts, batches, flips
+        self.shard_order, self.skip = shard_order, skip
 
     def __iter__(self):
-        info = get_worker_info()
-        wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
-        bs = self.batch_size
-        order = list(self.paths)
-        if self.train:
-            random.Random(epoch_seed(self.seed, self.epoch)).shuffle(order)
-        lo, hi = rank_sample_range(self.count, self.rank, self.world)
-        limit = self.steps * bs if self.train else hi - lo
-        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{wid}")
         import webdataset as wds  # optional: WebDatasetLoader checks for it when it is built
 
-        # every process reads the tar stream (cheap) and decodes only its own samples
-        ds = wds.WebDataset(order, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
-        buf: list = []
-        for i, sample in enumerate(ds):
-            j = i - lo
-            if j >= limit:
-                break
-            if j < 0 or (j // bs) % nworkers != wid:
+        info = get_worker_info()
+        wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
+        mine = [b for b in range(self.skip, len(self.batches)) if (b - self.skip) % nworkers == wid]
+        if not mine:
+            return
+        slot_of = {int(i): (b, k) for b in mine for k, i in enumerate(self.batches[b])}  # sample id -> batch, place
+        pending = {b: [None] * len(self.batches[b]) for b in mine}
+        missing = {b: len(self.batches[b]) for b in mine}
+        first = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).tolist()
+        shard_at = {self.paths[s]: s for s in self.shard_order}
+        urls = [self.paths[s] for s in self.shard_order]
+        ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
+        url, position, ready, turn = None, 0, {}, 0
+        for sample in ds:
+            if sample["__url__"] != url:
+                url, position = sample["__url__"], 0
+            sample_id = first[shard_at[url]] + position
+            position += 1
+            if sample_id not in slot_of:
                 continue
             if "jpg" not in sample or "label" not in sample:
-                raise DataError(f"sample {sample.get('__key__')} in {sample.get('__url__')} lacks jpg or label")
-            img = decode_jpeg(torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8), mode=ImageReadMode.RGB)
-            if self.flip and rng.random() < 0.5:
-                img = img.flip(-1)
-            buf.append((img, decode_label(sample["label"])))
-            if len(buf) >= (self.buffer + bs if self.train else bs):
-                yield _collate([buf.pop(rng.randrange(len(buf))) for _ in range(bs)] if self.train else buf[:bs])
-                buf = buf if self.train else buf[bs:]
-        if self.train:
-            rng.shuffle(buf)
-        for k in range(0, len(buf), bs):
-            yield _collate(buf[k:k + bs])
+                raise DataError(f"sample {sample.get('__key__')} in {url} lacks jpg or label")
+            b, k = slot_of.pop(sample_id)
+            pending[b][k] = (sample["jpg"], decode_label(sample["label"]))
+            missing[b] -= 1
+            if missing[b] == 0:
+                ready[b] = _decode(pending.pop(b), self.flips[b])
+            while turn < len(mine) and mine[turn] in ready:
+                yield ready.pop(mine[turn])
+                turn += 1
+            if turn == len(mine):
+                return
+        if turn < len(mine):
+            raise DataError(f"the shards hold fewer samples than manifest.json lists ({len(slot_of)} not found)")
 
 
-def _collate(items):
-    return torch.stack([img for img, _ in items]), torch.tensor([label for _, label in items])
+def _decode(items, flips):
+    images = []
+    for (jpeg, _), flip in zip(items, flips):
+        img = decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        images.append(img.flip(-1) if flip else img)
+    return torch.stack(images), torch.tensor([label for _, label in items])
 
 
 def have_webdataset() -> bool:
@@ -79,31 +117,46 @@ def have_webdataset() -> bool:
 
 
 class WebDatasetLoader:
-    """Same contract as DaliLoader: epoch(e, skip) yields (uint8 NCHW, int64 labels)."""
+    """Same contract as DaliLoader: epoch(e, skip) yields (uint8 NCHW, int64 labels), the
+    same samples, partition and step count (train differs only in the order within an epoch).
+    `counts`: samples per tar; `limit`: only the first `limit` samples (val's train.eval_images)."""
 
-    def __init__(self, paths, count, batch_size, *, rank=0, world=1, train=True, num_workers=4,
-                 seed=0, flip=True, buffer=4096, device="cpu"):
+    def __init__(self, paths, counts, batch_size, *, rank=0, world=1, train=True, num_workers=4,
+                 seed=0, flip=True, buffer=4096, device="cpu", limit=None):
         if not have_webdataset():
             raise DataError("data.loader=webdataset but the webdataset package is not installed (pip install webdataset)")
-        self.paths, self.count, self.batch_size = list(paths), count, batch_size
+        counts = _cut(list(counts), limit)
+        used = sum(c > 0 for c in counts)  # the shards that hold any of the samples (a prefix)
+        self.paths, self.counts, self.batch_size = list(paths)[:used], counts[:used], batch_size
         self.rank, self.world, self.train = rank, world, train
         self.num_workers, self.seed, self.flip = num_workers, seed, flip and train
         self.buffer, self.device = buffer, torch.device(device)
-        self.steps_per_epoch = steps_per_epoch(count, batch_size, rank, world, train)
+        self.steps_per_epoch = steps_per_epoch(sum(self.counts), batch_size, rank, world, train)
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        ds = _ShardBatches(self.paths, self.count, self.batch_size, self.steps_per_epoch, self.rank, self.world,
-                           epoch, self.train, self.seed, self.flip, self.buffer)
+        batches, flips, shards = epoch_plan(self.counts, self.batch_size, self.steps_per_epoch, epoch, self.rank,
+                                            self.world, self.train, self.seed, self.flip, self.buffer)
+        ds = _ShardBatches(self.paths, self.counts, batches, flips, shards, skip)
+        # a generator of its own: starting the workers draws their base seed from it, not from
+        # the global torch RNG (the reparameterization noise that checkpoints save and restore)
         loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                            pin_memory=self.device.type == "cuda")
-        for i, (images, labels) in enumerate(loader):
-            if i < skip:
-                continue
-            images = images.to(self.device, non_blocking=True)
-            yield images, labels.long().to(self.device, non_blocking=True)
+                            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(epoch))
+        for images, labels in loader:
+            yield images.to(self.device, non_blocking=True), labels.long().to(self.device, non_blocking=True)
 
     def close(self) -> None:
         pass  # each epoch's DataLoader workers end with its iterator
+
+
+def _cut(counts: list[int], limit: int | None) -> list[int]:
+    """Per-shard counts of the first `limit` samples (all where limit is None)."""
+    if limit is None:
+        return counts
+    out, left = [], limit
+    for c in counts:
+        out.append(min(c, left))
+        left -= out[-1]
+    return out
 
 
 def image_folder_loader(train_dir: str, batch_size: int, num_workers: int) -> DataLoader:
