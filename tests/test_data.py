@@ -249,3 +249,89 @@ def test_partition_rules():
     assert [steps_per_epoch(130, 10, r, 3, train=False) for r in range(3)] == [5, 5, 5]
     with pytest.raises(DataError, match="fewer than one batch of 64"):
         steps_per_epoch(127, 64, 0, 2, train=True)
+
+
+def _ids(images: torch.Tensor, reference: dict) -> list[int]:
+    """Which samples a batch holds: each uint8 image looked up among the split's images."""
+    return [reference[img.numpy().tobytes()] for img in images]
+
+
+@pytest.fixture(scope="module")
+def one_shard(sample_root, tmp_path_factory):
+    """The train split in a single tar: no shard order to shuffle."""
+    out = tmp_path_factory.mktemp("one-shard")
+    pack(sample_root, out, PackOptions(shard_size=1000, workers=2, splits=("train",)))
+    return out
+
+
+@pytest.mark.parametrize("loader", with_loader("webdataset", "dali"))
+def test_train_epochs_cover_every_sample_and_mix_the_ranks(one_shard, loader):
+    """Each epoch every sample but the remainder cut to whole batches, none twice; the
+    remainder moves between epochs, and a rank's samples change with the epoch."""
+    shards = one_shard
+    cfg = DataConfig(shards=str(shards), loader=loader, num_threads=2, flip=False, shuffle_buffer=64)
+    in_order = build_loader(cfg, "train", 16, rank=0, world=1, device=CPU, train=False, seed=5)
+    images = torch.cat([x for x, _ in in_order.epoch(0)])
+    reference = {img.numpy().tobytes(): i for i, img in enumerate(images)}  # sample id: place in shard order
+    n = len(reference)
+    assert n == images.shape[0] == load_manifest(shards)["splits"]["train"]["count"] == 200  # all distinct
+    seen, by_rank = set(), []
+    for epoch in range(4):
+        parts = [_ids(x, reference) for x, _, _, _ in _collect(cfg, "train", 16, 2, train=True, epoch=epoch)]
+        assert [len(p) for p in parts] == [96, 96]  # 6 batches of 16 each
+        assert len(set(parts[0]) | set(parts[1])) == 192  # none twice within the epoch, across ranks too
+        seen |= set(parts[0]) | set(parts[1])
+        by_rank.append([set(p) for p in parts])
+    assert seen == set(range(n)), f"{n - len(seen)} samples never seen in 4 epochs"
+    assert by_rank[0][0] & by_rank[1][1]  # rank 0's samples of epoch 0 are partly rank 1's in epoch 1
+    assert by_rank[0][0] != by_rank[1][0]
+
+
+@pytest.fixture(scope="module")
+def awkward_pack(sample_root, tmp_path_factory):
+    """The sample tree plus names that clash as sample keys or break the .idx format."""
+    root = tmp_path_factory.mktemp("awkward") / "tiny"
+    shutil.copytree(sample_root, root)
+    first, second = (root / "wnids.txt").read_text().split()[:2]
+    a, b = root / "train" / first / "images", root / "train" / second / "images"
+    jpeg = (a / f"{first}_0.JPEG").read_bytes()
+    for path in (a / "dup.JPEG", b / "dup.JPEG", a / "x.y.JPEG", a / "x_y.JPEG", a / "with space.JPEG"):
+        path.write_bytes(jpeg)
+    out = tmp_path_factory.mktemp("awkward-shards")
+    return out, pack(root, out, PackOptions(shard_size=64, workers=2))
+
+
+@pytest.mark.parametrize("loader", with_loader("dali", "webdataset"))
+def test_clashing_and_spaced_names_pack_verify_and_load(awkward_pack, loader):
+    out, manifest = awkward_pack
+    assert manifest["splits"]["train"]["count"] == 205 and not manifest["rejected"]
+    assert verify(out) == []
+    cfg = DataConfig(shards=str(out), loader=loader, num_threads=1)
+    ((x, y, _, batches),) = _collect(cfg, "train", 16, 1, train=False)
+    assert x.shape[0] == 205 and batches == 13
+
+
+def test_verify_names_duplicate_and_spaced_keys(tmp_path):
+    from vae_dist.data.shards import ShardWriter, write_json_atomic
+
+    tar = tmp_path / "train-000000.tar"
+    writer = ShardWriter(tar)
+    writer.write("a", b"\xff\xd8jpeg", 0)
+    writer.write("a", b"\xff\xd8jpeg", 1)  # the same key twice
+    shard = writer.close()
+    write_json_atomic(tmp_path / "manifest.json", {"image_size": 64, "splits": {"train": {"count": 2, "shards": [shard]}}})
+    problems = verify(tmp_path)
+    assert any("sample key 'a' appears twice" in p for p in problems), problems
+    with pytest.raises(DataError, match="may hold only letters, digits"):
+        ShardWriter(tmp_path / "train-000001.tar").write("with space", b"\xff\xd8", 0)
+
+
+@pytest.mark.parametrize("loader", with_loader("dali", "webdataset"))
+def test_a_limit_takes_the_first_samples_for_any_number_of_ranks(shards, loader):
+    cfg = DataConfig(shards=str(shards), loader=loader, num_threads=1)
+    ref_x, ref_y = _packed_images(shards, "val")
+    for world in (1, 2, 3):
+        parts = [build_loader(cfg, "val", 8, rank=r, world=world, device=CPU, train=False, seed=0, limit=20)
+                 for r in range(world)]
+        labels = torch.cat([y for loader_ in parts for _, y in loader_.epoch(0)])
+        assert torch.equal(labels, ref_y[:20]), world  # the first 20, split among the ranks

@@ -312,3 +312,135 @@ def test_demo_with_two_steps(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert (tmp_path / "demo" / "run" / "model.safetensors").is_file()
     assert (tmp_path / "demo" / "pictures" / "samples.png").is_file()
+
+
+def _steps_logged(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if "split" not in line]
+
+
+@needs_loader
+def test_resuming_an_older_checkpoint_keeps_the_new_line_and_sets_the_abandoned_one_aside(shards, tmp_path):
+    run = tmp_path / "run"
+    assert _train(shards, run, "--train.checkpoint_every=2", "--train.max_steps=6", "--log.log_every=1").returncode == 0
+    old_rows = _steps_logged(run)
+    assert [p.name for p in list_checkpoints(run)] == ["step_0000002", "step_0000004", "step_0000006"]
+
+    # back to step 2, keeping two: the new checkpoints 3, 4, 5 must not lose to the old 4 and 6
+    r = _train(shards, run, f"--train.resume={run / 'checkpoints' / 'step_0000002'}", "--train.keep_last=2",
+               "--train.checkpoint_every=1", "--train.max_steps=5", "--log.log_every=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (aside,) = (run / "abandoned").iterdir()
+    assert aside.name.startswith("after-step_0000002-")
+    assert f"set aside what lay beyond step_0000002 (later checkpoints, metrics rows) in {aside}" in r.stdout
+    assert [p.name for p in list_checkpoints(run)] == ["step_0000004", "step_0000005"]  # the new line's newest
+    assert json.loads((run / "checkpoints" / "step_0000004" / "trainer_state.json").read_text())["batch_size"] == 16
+    assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "step_0000004", "step_0000006"]  # kept whole
+    assert [json.loads(x)["step"] for x in (aside / "metrics.jsonl").read_text().splitlines()
+            if "split" not in x] == [s for s in old_rows if s > 2]
+    assert _steps_logged(run) == [1, 2, 3, 4, 5]  # one line of rows: the old 3..6 are in the aside folder
+
+    r = _train(shards, run, "--train.max_steps=7", "--log.log_every=1")  # resume=auto follows the new line
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "at step 5 (epoch" in r.stdout and "set aside" not in r.stdout
+    assert _steps_logged(run) == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_two_runs_moving_aside_in_one_second_get_two_folders(tmp_path):
+    from vae_dist.files import new_dir_beside
+
+    base = tmp_path / "run.old-20261201-101500"
+    assert [new_dir_beside(base).name for _ in range(3)] == [base.name, f"{base.name}-2", f"{base.name}-3"]
+
+
+def test_two_takers_of_one_dead_lock_cannot_both_win(tmp_path):
+    """The second taker judged the same dead holder stale, but the first has taken the lock
+    over meanwhile: the second must see a live holder, not remove the first's lock."""
+    from vae_dist.errors import UserError
+    from vae_dist.run_folder import RunFolderLock
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = {"host": socket.gethostname(), "pid": dead.pid, "since": "yesterday"}
+    (tmp_path / ".lock").write_text(json.dumps(stale))
+    first, second = RunFolderLock(tmp_path), RunFolderLock(tmp_path)
+    first.acquire()  # took over the dead holder's lock
+    ours = json.loads((tmp_path / ".lock").read_text())
+    assert ours["pid"] == os.getpid() and first.held
+    assert second._remove_if_unchanged(stale) is False  # what it would have removed is the first's lock
+    assert json.loads((tmp_path / ".lock").read_text()) == ours  # put back
+    sleeper = subprocess.Popen(["sleep", "30"])  # a live holder on this host
+    try:
+        (tmp_path / ".lock").write_text(json.dumps({**ours, "pid": sleeper.pid}))
+        with pytest.raises(UserError, match=f"in use by pid {sleeper.pid}"):
+            second.acquire()
+    finally:
+        sleeper.kill()
+    assert not list(tmp_path.glob(".lock.stale-*"))
+
+
+def _main(capsys, *argv) -> str:
+    """The command in this process (no interpreter start per case): exit 2 and one line."""
+    from vae_dist.cli import main
+
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "Traceback" not in err[0], (code, err)
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def weights(shards, tmp_path_factory):
+    from vae_dist.checkpoint import save_weights
+    from vae_dist.model import VAE, VAEConfig
+
+    path = tmp_path_factory.mktemp("w") / "model.safetensors"
+    save_weights(VAE(VAEConfig(widths=(8, 16, 16, 32), latent_dim=8)), path)
+    return path
+
+
+@pytest.mark.parametrize("case, words", [
+    (["eval", "{w}", "--shards", "{s}", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["eval", "{w}", "--shards", "{s}", "--calib-images", "0"], "--calib-images must be at least 1, got 0"),
+    (["viz", "{w}", "{t}/v", "--shards", "{s}", "--num-images", "0"], "--num-images must be at least 1, got 0"),
+    (["sample", "{w}", "{f}"], "sample output folder {f} is a file"),
+    (["viz", "{w}", "{f}", "--shards", "{s}"], "viz output folder {f} is a file"),
+    (["pack", "{r}", "{f}"], "pack output folder {f} is a file"),
+    (["sample-data", "{f}"], "sample-data output folder {f} is a file"),
+    (["demo", "--out", "{f}"], "demo --out {f} is a file"),
+    (["train", "--data.shards={s}", "--train.out_dir={f}", *TINY_MODEL], "train.out_dir {f} is a file"),
+    (["pack", "{r}", "{t}/p", "--workers", "-1"], "--workers must be 0 (all cores) or more, got -1"),
+    (["pack", "{r}", "{t}/p", "--image-size", "0"], "--image-size must be positive, got 0"),
+    (["train", "--model.compile=true", "--model.compile_mode=foo"], "config key 'model.compile_mode' must be one of"),
+    (["train", "--optim.betas=1.5,0.999"], "config key 'optim.betas' must be two numbers in [0, 1), got [1.5, 0.999]"),
+    (["train", "--optim.min_lr_ratio=2"], "config key 'optim.min_lr_ratio' must be in [0, 1], got 2.0"),
+    (["train", "--optim.sigma_lr_scale=0"], "config key 'optim.sigma_lr_scale' must be positive, got 0.0"),
+    (["train", "--train.eval_batches=2"], "unknown config key 'train.eval_batches': it is now train.eval_images"),
+    (["train", "--data.shards={s}", "--train.out_dir={t}/r", "--model.image_size=32", *TINY_MODEL],
+     "model.image_size=32 but the shards in {s} hold 64x64 images: set model.image_size=64"),
+    (["train", "--data.shards={s}", "--train.out_dir={t}/r", "--model.in_channels=1", *TINY_MODEL],
+     "model.in_channels=1 but the shards in {s} hold RGB images"),
+    (["eval", "{w32}", "--shards", "{s}"], "model.image_size=32 but the shards"),
+    (["encode", "{w}", "--shards", "{s}", "--out", "{t}"], "encode --out {t} is a folder: name the .npz file"),
+])
+def test_bad_arguments_are_one_line(shards, sample_root, weights, tmp_path, capsys, case, words):
+    from vae_dist.checkpoint import save_weights
+    from vae_dist.model import VAE, VAEConfig
+
+    (tmp_path / "a-file").write_text("not a folder")
+    save_weights(VAE(VAEConfig(widths=(8, 16), latent_dim=8, image_size=32)), tmp_path / "w32.safetensors")
+    names = {"w": weights, "s": shards, "t": tmp_path, "f": tmp_path / "a-file", "r": sample_root,
+             "w32": tmp_path / "w32.safetensors"}
+    fill = lambda text: text.format(**{k: str(v) for k, v in names.items()})  # noqa: E731
+    line = _main(capsys, *map(fill, case))
+    assert fill(words) in line, line
+    assert (tmp_path / "a-file").read_text() == "not a folder"  # nothing written over it
+
+
+@needs_loader
+def test_encode_prints_the_file_it_writes(shards, weights, tmp_path, capsys):
+    from vae_dist.cli import main
+
+    assert main(["encode", str(weights), "--shards", str(shards), "--out", str(tmp_path / "latents")]) == 0
+    assert f"labels: {tmp_path / 'latents.npz'}" in capsys.readouterr().out
+    assert (tmp_path / "latents.npz").is_file() and not (tmp_path / "latents").exists()

@@ -10,7 +10,7 @@ import torch
 from vae_dist.config import build_config
 from vae_dist.train import StopSignal, Trainer
 
-from .conftest import TINY_MODEL, needs_dali, needs_loader
+from .conftest import TINY_MODEL, needs_dali, needs_loader, with_loader
 
 pytestmark = needs_loader
 
@@ -214,3 +214,36 @@ def test_grad_clip_scales_the_gradients_the_optimizer_sees(shards, tmp_path, com
         trainer.train_step(next(trainer.train_loader.epoch(0))[0])
         moved[clip] = torch.cat([(p.detach() - b).flatten() for p, b in zip(trainer.raw_model.parameters(), before)]).norm()
     assert moved[0.0] > 0 and moved[1e-3] < 0.1 * moved[0.0], moved
+
+
+def _train_rows(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "split" not in r]
+
+
+@pytest.mark.parametrize("loader", with_loader("webdataset", "dali"))
+def test_mid_epoch_resume_continues_exactly_with_every_streaming_loader(shards, tmp_path, loader):
+    """An unbroken run and one resumed from its mid-epoch checkpoint take the same steps: the
+    same batches, flips and reparameterization noise (the loader must not draw on the torch
+    RNG that checkpoints restore). 12 steps per epoch: 16 steps cross an epoch start."""
+    common = (f"--data.loader={loader}", "--data.cache=none", "--train.max_steps=16", "--log.log_every=1")
+    whole = _trainer(shards, tmp_path / "whole", *common, "--train.checkpoint_every=5", "--train.keep_last=9")
+    assert whole.fit() == 0
+    resumed = _trainer(shards, tmp_path / "resumed", *common)
+    from vae_dist.checkpoint import checkpoint_dir
+
+    assert resumed.fit(checkpoint_dir(tmp_path / "whole" / "run") / "step_0000005") == 0
+    a, b = _train_rows(tmp_path / "whole" / "run"), _train_rows(tmp_path / "resumed" / "run")
+    assert [r["step"] for r in b] == list(range(6, 17))
+    assert [r["loss"] for r in b] == [r["loss"] for r in a[5:]]  # exactly
+
+
+def test_free_bits_rows_log_the_real_kl_and_the_clamped_one_apart(shards, tmp_path):
+    trainer = _trainer(shards, tmp_path, "--loss.free_bits=20", "--train.max_steps=2", "--log.log_every=2",
+                       "--loss.kl_schedule=constant")
+    assert trainer.fit() == 0
+    (row,) = _train_rows(tmp_path / "run")
+    latent = trainer.raw_model.cfg.latent_dim
+    assert row["kl_objective"] == pytest.approx(20 * latent)  # every dim under the budget: clamped
+    assert 0 < row["kl"] < 20 * latent  # the real KL, which the elbo uses
+    assert row["elbo"] == pytest.approx(-(row["recon"] + row["kl"]))
+    assert row["loss"] == pytest.approx(row["recon"] + row["kl_objective"], rel=1e-5)  # beta = 1

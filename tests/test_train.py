@@ -140,3 +140,32 @@ def test_user_errors_are_one_line(shards, tmp_path, args, words):
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], r.stderr[-2000:]
+
+
+def test_eval_scores_the_same_images_with_one_sigma_whatever_the_launch(shards, tmp_path):
+    """train.eval_images caps the global count (the same val images for 1 and 2 processes);
+    the MSE decoder's sigma is one value agreed by the ranks: the root mean train recon per
+    subpixel over the steps since the last evaluation, whatever log.log_every is."""
+    base = ["train", f"--data.shards={shards}", *TINY_MODEL, "--data.cache=ram", "--log.wandb_mode=disabled",
+            "--train.max_steps=3", "--train.eval_every=3", "--train.eval_images=24", "--log.image_every=1000",
+            "--optim.lr=1e-30",  # the weights stay the initial ones: both launches score the same model
+            "--train.precision=no", "--model.channels_last=false"]
+    one = run_cli(*base, f"--train.out_dir={tmp_path / 'one'}", "--train.batch_size=16", "--log.log_every=1",
+                  env=CPU_ONLY)
+    assert one.returncode == 0, one.stderr[-3000:]
+    runs = {}
+    for every in (1, 2):
+        out = tmp_path / f"two-{every}"
+        r = accelerate_launch(2, *base, f"--train.out_dir={out}", "--train.global_batch_size=16",
+                              f"--log.log_every={every}")
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        runs[every] = out
+    (a,), (b,), (c,) = (_rows(run, "val") for run in (tmp_path / "one", runs[1], runs[2]))
+    assert a["images"] == b["images"] == c["images"] == 24
+    assert b["psnr"] == pytest.approx(a["psnr"], rel=1e-6)  # decode(mu) of the same images by the same weights
+    pixels = 3 * 64 * 64
+    recon = [row["recon"] for row in _rows(runs[1])]  # one row per step, averaged over the ranks
+    assert len(recon) == 3
+    assert b["sigma"] == pytest.approx((sum(recon) / 3 / pixels) ** 0.5, rel=1e-6)
+    assert c["sigma"] == pytest.approx(b["sigma"], rel=1e-6) and c["bpd"] == pytest.approx(b["bpd"], rel=1e-6)
+    assert a["sigma"] == pytest.approx(b["sigma"], rel=0.02)  # the same images, other noise

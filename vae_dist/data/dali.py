@@ -143,7 +143,7 @@ class DaliLoader:
         self.gpu_id, self.num_threads, self.prefetch = gpu_id, num_threads, prefetch
         self.seed, self.flip, self.image_size = seed, flip and train, image_size
         self.hw_decoder_load = hw_decoder_load
-        self.steps_per_epoch = steps_per_epoch(count, batch_size, rank, world, train)
+        self.steps_per_epoch = steps_per_epoch(self.count, batch_size, rank, world, train)
         self._it = None
         self._position = None  # (epoch, batch) the pipeline delivers next
         self.builds = 0  # pipelines built so far: one per run, more only on a jump
