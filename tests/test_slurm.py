@@ -79,7 +79,12 @@ def test_two_node_job_trains_to_max_steps(shards, tmp_path):
 
 @needs_slurm
 def test_signalled_job_requeues_once_resumes_and_completes(shards, tmp_path):
-    job = _sbatch(shards, tmp_path, "--train.max_steps=100")
+    """With train.overwrite=true over an older run: the first start moves that run aside, the
+    requeued start continues this job's own run (it does not move it aside and restart)."""
+    old_run = tmp_path / "run"
+    old_run.mkdir()
+    (old_run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    job = _sbatch(shards, tmp_path, "--train.max_steps=100", "--train.overwrite=true")
     out_file = tmp_path / f"slurm-{job}.out"
     deadline = time.time() + 180
     while time.time() < deadline and not (out_file.is_file() and "step      20" in out_file.read_text()):
@@ -100,6 +105,24 @@ def test_signalled_job_requeues_once_resumes_and_completes(shards, tmp_path):
     assert stopped >= 20 and f"at step {stopped} (epoch" in out  # resumed from there, not from 0
     steps = _steps(tmp_path / "run")
     assert steps[-1] == 100 and steps.count(5) == 1  # one start from 0, then a continuation
+    assert f"SLURM job {job} was requeued: it continues its own run" in out
+    (aside,) = tmp_path.glob("run.old-*")  # moved aside once, by the first start
+    assert (aside / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+
+
+@needs_slurm
+def test_job_without_training_arguments_trains_with_the_defaults(tmp_path):
+    """No arguments after the script: `vae-dist train` with its defaults, run in the submit
+    folder (here without a `shards` folder, so its one-line error, not an empty argument's)."""
+    env = {**os.environ, "GPUS_PER_NODE": "1", "PYTHON": sys.executable, "WANDB_SILENT": "true", **CPU_ONLY}
+    r = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1",
+                        f"--output={tmp_path}/slurm-%j.out", str(ROOT / "launch" / "train_slurm.sh")],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    job = r.stdout.strip().split(";")[0]
+    info = _wait(job)
+    out = (tmp_path / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "FAILED", out[-3000:]
+    assert "vae-dist: error: shard folder not found: shards" in out and "unexpected argument" not in out, out[-3000:]
 
 
 def test_plain_two_node_accelerate_launch_on_localhost(shards, tmp_path):
