@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vae_dist.step import GOOD, LOSS
 from vae_dist.train import StopSignal
 
 from .conftest import (
@@ -147,7 +148,7 @@ def test_twenty_steps_never_wait_for_the_device(shards, tmp_path, data, mode):
         finally:
             stop.restore()
         torch.cuda.synchronize()
-        loss_sum, good = trainer.step.meters[0].item(), trainer.step.meters[4].item()
+        loss_sum, good = trainer.step.meters[LOSS].item(), trainer.step.meters[GOOD].item()
         assert good == 23 and loss_sum == loss_sum
     finally:
         trainer.close_loaders()  # DALI's pipeline while CUDA is up, also when an assert failed

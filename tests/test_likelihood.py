@@ -52,9 +52,12 @@ def test_val_rows_report_the_discretized_elbo_and_sigma(tiny_run):
     rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if r.get("split") == "val"]
     assert val and all(1 < r["bpd"] < 9 and 0 < r["sigma"] < 1 for r in val), val
-    last_train = [r for r in rows if "split" not in r][-1]
-    # sigma is the root of the train MSE per subpixel of the latest window (seed objective: sum)
-    assert val[-1]["sigma"] == pytest.approx(math.sqrt(last_train["recon"] / (3 * 64 * 64)), rel=1e-6)
+    assert [r["step"] for r in val] == [12, 24]
+    # sigma is the root of the train MSE per subpixel (seed objective: sum) over the steps since
+    # the previous evaluation: 13..24, the rows at 16, 20 and 24, of 4 steps each
+    since = [r["recon"] for r in rows if "split" not in r and r["step"] > 12]
+    assert len(since) == 3
+    assert val[-1]["sigma"] == pytest.approx(math.sqrt(sum(since) / 3 / (3 * 64 * 64)), rel=1e-6)
 
 
 def test_iw_bound_is_never_looser_than_the_elbo_and_tightens_with_k(tiny_run, shards):
