@@ -109,12 +109,19 @@ def checkpoint_step(path: Path) -> int:
     return int(_STEP_DIR.match(Path(path).name).group(1))
 
 
-def saved_step(path: Path) -> int:
-    """The step a (verified) checkpoint was written at, from its trainer state."""
+def read_trainer_state(path: Path) -> dict:
+    """A checkpoint's trainer state (step, epoch, data position, ...)."""
     try:
-        return int(json.loads((Path(path) / STATE).read_text())["step"])
+        state = json.loads((Path(path) / STATE).read_text())
+        int(state["step"])
+        return state
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"checkpoint {path}: unreadable {STATE} ({first_line(e)})") from None
+
+
+def saved_step(path: Path) -> int:
+    """The step a checkpoint was written at."""
+    return int(read_trainer_state(path)["step"])
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -213,10 +220,7 @@ def load_checkpoint(accelerator, path: Path, model: VAE, optimizer) -> dict:
     """Restores model, optimizer, scaler and this rank's RNG; returns the trainer state.
     The caller has verified the folder (`verify_checkpoint`)."""
     path = Path(path)
-    try:
-        state = json.loads((path / STATE).read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"checkpoint {path}: unreadable {STATE} ({first_line(e)})") from None
+    state = read_trainer_state(path)
     ckpt_cfg = read_vae_config(path / WEIGHTS)
     if ckpt_cfg != model.cfg:
         raise UserError(f"checkpoint {path} holds a different architecture ({ckpt_cfg}) than model.* ({model.cfg})")

@@ -34,17 +34,14 @@ def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float = 0.0) -> torch.Tensor:
-    """KL to N(0, I) per image. With free_bits > 0 each dim's batch-mean KL is clamped from
-    below (Kingma et al. 2016), so dims under the budget get no gradient pushing them to 0."""
-    per_dim = kl_per_dim(mu, logvar)
-    if free_bits > 0:
-        per_dim = per_dim.clamp(min=free_bits)
-    return per_dim.sum()
+    """KL to N(0, I) per image, as the objective penalizes it (`kl_terms`' second)."""
+    return kl_terms(mu, logvar, free_bits)[1]
 
 
 def kl_terms(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the KL per image, the KL the objective penalizes): the same number without free bits;
-    with them, the second is `kl_divergence(..., free_bits)` and the first the real KL."""
+    """(the KL per image, the KL the objective penalizes): the same number without free bits.
+    With free_bits > 0 the second clamps each dim's batch-mean KL from below (Kingma et al.
+    2016), so dims under the budget get no gradient pushing them to 0; the first is the real KL."""
     per_dim = kl_per_dim(mu, logvar)
     kl = per_dim.sum()
     return kl, (per_dim.clamp(min=free_bits).sum() if free_bits > 0 else kl)

@@ -178,8 +178,9 @@ def _set_aside_beyond(run_dir: Path, resumed: Path) -> Path | None:
     beyond = [p for p in ckpt.list_checkpoints(run_dir)
               if ckpt.checkpoint_step(p) >= step and p.resolve() != resumed.resolve()]
     metrics = run_dir / METRICS
-    lines = metrics.read_text().splitlines(keepends=True) if metrics.is_file() else []
-    later = [line for line in lines if _row_step(line) > step]
+    kept, later = [], []
+    for line in metrics.read_text().splitlines(keepends=True) if metrics.is_file() else []:
+        (later if _row_step(line) > step else kept).append(line)
     if not beyond and not later:
         return None
     aside = new_dir_beside(run_dir / ABANDONED / f"after-step_{step:07d}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -187,7 +188,7 @@ def _set_aside_beyond(run_dir: Path, resumed: Path) -> Path | None:
         path.rename(aside / path.name)
     if later:
         write_atomic(aside / METRICS, "".join(later).encode())
-        write_atomic(metrics, "".join(line for line in lines if _row_step(line) <= step).encode())
+        write_atomic(metrics, "".join(kept).encode())
     return aside
 
 

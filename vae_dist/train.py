@@ -364,11 +364,12 @@ class Trainer:
         recon, good = window.tolist()  # SYNC: evaluations and checkpoints only
         return recon, good
 
-    def output_sigma(self) -> float | None:
+    def take_sigma(self) -> float | None:
         """The decoder's sigma for bits/dim: learned (loss.recon=gaussian), or for the seed's MSE
         the maximum-likelihood shared sigma on training images (Rybkin et al. 2021): the root
         of their mean squared error per subpixel over the train steps since the last evaluation
-        (all ranks', so every rank scores with the same sigma). Collective."""
+        (all ranks', so every rank scores with the same sigma); the next one counts the steps
+        after this call. Collective."""
         model = self.raw_model
         if model.log_sigma is not None:
             return float(model.log_sigma.detach().exp())  # SYNC: evaluation only
@@ -392,7 +393,7 @@ class Trainer:
         self._last_eval_step = self.state.step
         model = self.raw_model  # eager and unwrapped: ranks may run different batch counts here
         model.eval()
-        sigma = self.output_sigma()
+        sigma = self.take_sigma()
         # recon (objective), kl, sq_err(decode(mu)), log p(x|z) discretized under sigma, images
         sums = torch.zeros(5, device=self.device, dtype=torch.float64)
         for x, _ in self.val_loader.epoch(0):  # train.eval_images caps it (the loader's count)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from vae_dist.data.partition import epoch_order, rank_seed, steps_per_epoch
-from vae_dist.data.shards import decode_label
+from vae_dist.data.shards import decode_label, parse_index_line
 from vae_dist.errors import DataError
 
 try:
@@ -48,11 +48,8 @@ class ShardIndex:
             self.arrays.append(np.frombuffer(self.maps[-1], dtype=np.uint8))
             lines = Path(idx).read_text().splitlines()[1:]
             for n, line in enumerate(lines, start=2):
-                fields = line.split()
-                try:  # "ext offset size name" per component
-                    if len(fields) % 4:
-                        raise ValueError("not 4 fields per component")
-                    parts = {fields[k]: (int(fields[k + 1]), int(fields[k + 2])) for k in range(0, len(fields), 4)}
+                try:
+                    parts = parse_index_line(line)
                 except ValueError:
                     raise DataError(f"{idx} line {n} does not parse ({line[:80]!r}; a sample key with a space?): "
                                     f"pack the data again with `vae-dist pack`") from None

@@ -20,6 +20,26 @@ from vae_dist.files import sha256_file, write_atomic
 
 MANIFEST = "manifest.json"
 EXTENSIONS = ("jpg", "label")
+# what a sample key may hold: a dot would split the WebDataset key, a space the .idx line
+_KEY_CHARS = "A-Za-z0-9_-"
+_SAFE_KEY = re.compile(f"^[{_KEY_CHARS}]+$")
+
+
+def safe_key(text: str) -> str:
+    """`text` with every character a sample key may not hold made '_'."""
+    return re.sub(f"[^{_KEY_CHARS}]", "_", text)
+
+
+def parse_index_line(line: str) -> dict[str, tuple[int, int]]:
+    """{ext: (offset, size)} of one `.idx` line ("ext offset size name" per component);
+    ValueError where it does not parse (a key with a space splits it)."""
+    fields = line.split()
+    if not fields or len(fields) % 4:
+        raise ValueError("not 4 fields per component")
+    parts = {fields[k]: (int(fields[k + 1]), int(fields[k + 2])) for k in range(0, len(fields), 4)}
+    if any(offset < 0 or size < 0 for offset, size in parts.values()):
+        raise ValueError("a negative offset or size")
+    return parts
 
 
 def shard_name(split: str, index: int) -> str:
@@ -52,7 +72,7 @@ class ShardWriter:
         return self._tar.offset - padded, len(data)  # where the member's data starts
 
     def write(self, key: str, jpeg: bytes, label: int) -> None:
-        if not _SAFE_KEY.match(key):  # a dot splits the WebDataset key, a space the .idx line
+        if not _SAFE_KEY.match(key):
             raise DataError(f"sample key {key!r} may hold only letters, digits, '_' and '-'")
         parts = []
         for ext, data in (("jpg", jpeg), ("label", encode_label(label))):
@@ -173,12 +193,11 @@ def _verify_shard(shard_dir: Path, shard: dict) -> list[str]:
     return problems
 
 
-_SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
 def _idx_line_ok(line: str) -> bool:
-    fields = line.split()
-    return len(fields) == 4 * len(EXTENSIONS) and all(f.isdigit() for f in fields[1::4] + fields[2::4])
+    try:
+        return set(parse_index_line(line)) == set(EXTENSIONS)
+    except ValueError:
+        return False
 
 
 def class_names(manifest: dict) -> list[str]:

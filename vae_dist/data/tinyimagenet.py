@@ -12,11 +12,11 @@ Nothing is extracted: files are read as bytes, so no archive member can write an
 from __future__ import annotations
 
 import posixpath
-import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from vae_dist.data.shards import safe_key
 from vae_dist.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -114,8 +114,7 @@ def sample_key(rel: str) -> str:
     """'train/n01443537/images/n01443537_12.JPEG' -> 'n01443537_12': the file's stem with every
     character but letters, digits, '_' and '-' made '_' (a dot would split the WebDataset key,
     a space the .idx line). Not unique by itself: pack prefixes each sample's position."""
-    stem = posixpath.basename(rel).rsplit(".", 1)[0]
-    return re.sub(r"[^A-Za-z0-9_-]", "_", stem)
+    return safe_key(posixpath.basename(rel).rsplit(".", 1)[0])
 
 
 def read_classes(src: Source) -> tuple[list[str], dict[str, str]]:

@@ -23,6 +23,11 @@ from vae_dist.data.shards import decode_label
 from vae_dist.errors import DataError
 
 
+def _starts(sizes) -> np.ndarray:
+    """Where each of consecutive blocks of `sizes` starts: [0, s0, s0+s1, ...]."""
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+
+
 def epoch_plan(counts: list[int], batch_size: int, steps: int, epoch: int, rank: int, world: int, train: bool,
                seed: int, flip: bool, window: int) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
     """(sample ids per batch, flips per batch, the epoch's shard order) of one rank, decided
@@ -40,10 +45,10 @@ def epoch_plan(counts: list[int], batch_size: int, steps: int, epoch: int, rank:
     if train:
         random.Random(epoch_seed(seed, epoch)).shuffle(shards)
         ids, flips = ids[:steps * batch_size], flips[:steps * batch_size]
-        first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        first = _starts(counts)  # each shard's first sample id
         shard_of = np.repeat(np.arange(len(counts)), counts)
         read_at = np.empty(len(counts), dtype=np.int64)  # where each shard starts in this epoch's stream
-        read_at[shards] = np.concatenate([[0], np.cumsum(np.asarray(counts)[shards])[:-1]])
+        read_at[shards] = _starts(np.asarray(counts)[shards])
         order = np.argsort(read_at[shard_of[ids]] + ids - first[shard_of[ids]], kind="stable")
         rng = np.random.default_rng(rank_seed(seed, epoch, rank))
         for lo in range(0, len(order), window):
@@ -76,7 +81,7 @@ class _ShardBatches(IterableDataset):
         slot_of = {int(i): (b, k) for b in mine for k, i in enumerate(self.batches[b])}  # sample id -> batch, place
         pending = {b: [None] * len(self.batches[b]) for b in mine}
         missing = {b: len(self.batches[b]) for b in mine}
-        first = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).tolist()
+        first = _starts(self.counts).tolist()
         shard_at = {self.paths[s]: s for s in self.shard_order}
         urls = [self.paths[s] for s in self.shard_order]
         ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
