@@ -326,6 +326,22 @@ def test_verify_names_duplicate_and_spaced_keys(tmp_path):
         ShardWriter(tmp_path / "train-000001.tar").write("with space", b"\xff\xd8", 0)
 
 
+def test_an_index_line_split_by_a_spaced_key_is_named_by_verify_and_the_dali_index(tmp_path):
+    """What a pack from before keys were made safe leaves: 'x y.jpg' splits its .idx line."""
+    from vae_dist.data.dali import ShardIndex
+    from vae_dist.data.shards import ShardWriter, write_json_atomic
+
+    writer = ShardWriter(tmp_path / "train-000000.tar")
+    writer.write("xy", b"\xff\xd8jpeg", 0)
+    shard = writer.close()
+    idx = tmp_path / shard["index"]
+    idx.write_text(idx.read_text().replace("xy.", "x y."))
+    write_json_atomic(tmp_path / "manifest.json", {"image_size": 64, "splits": {"train": {"count": 1, "shards": [shard]}}})
+    assert any("1 lines do not parse as 'ext offset size name' (first: line 2)" in p for p in verify(tmp_path))
+    with pytest.raises(DataError, match="line 2 does not parse .*a sample key with a space.*pack the data again"):
+        ShardIndex([str(tmp_path / shard["file"])], [str(idx)])
+
+
 @pytest.mark.parametrize("loader", with_loader("dali", "webdataset"))
 def test_a_limit_takes_the_first_samples_for_any_number_of_ranks(shards, loader):
     cfg = DataConfig(shards=str(shards), loader=loader, num_threads=1)

@@ -411,6 +411,8 @@ def weights(shards, tmp_path_factory):
     (["train", "--data.shards={s}", "--train.out_dir={f}", *TINY_MODEL], "train.out_dir {f} is a file"),
     (["pack", "{r}", "{t}/p", "--workers", "-1"], "--workers must be 0 (all cores) or more, got -1"),
     (["pack", "{r}", "{t}/p", "--image-size", "0"], "--image-size must be positive, got 0"),
+    (["pack", "{r}", "{t}/p", "--quality", "101"], "--quality must be in 1..100, got 101"),
+    (["sample", "{w}", "{f}/sub"], "cannot make sample output folder {f}/sub: Not a directory"),
     (["train", "--model.compile=true", "--model.compile_mode=foo"], "config key 'model.compile_mode' must be one of"),
     (["train", "--optim.betas=1.5,0.999"], "config key 'optim.betas' must be two numbers in [0, 1), got [1.5, 0.999]"),
     (["train", "--optim.min_lr_ratio=2"], "config key 'optim.min_lr_ratio' must be in [0, 1], got 2.0"),
