@@ -135,11 +135,83 @@ def test_a_sweep_agents_command_line_parses(monkeypatch):
         assert expand_out_dir(cfg.train.out_dir) == "runs/sweep/abc123"
 
 
-def test_precision_no_reads_as_the_word_not_as_false(tmp_path):
-    """YAML 1.1 reads a bare `no` as false; `train.precision=no` (fp32) must still mean "no"."""
-    assert build_config(None, ["--train.precision=no"]).train.precision == "no"
-    cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text("train:\n  precision: no\n")
-    assert build_config(str(cfg_file), []).train.precision == "no"
+def _keys_of_type(pick):
+    """(dotted key, annotation) of every config field whose annotation `pick` accepts."""
+    import dataclasses
+
+    from vae_dist.config import _field_types
+
+    for section in dataclasses.fields(Config):
+        for name, tp in _field_types(type(getattr(Config(), section.name))).items():
+            if pick(tp):
+                yield f"{section.name}.{name}", tp
+
+
+def _choices(tp) -> tuple:
+    import typing
+
+    literals = [a for a in (typing.get_args(tp) if typing.get_origin(tp) is not typing.Literal else [tp])
+                if typing.get_origin(a) is typing.Literal]
+    return tuple(c for a in literals for c in typing.get_args(a))
+
+
+def _from_every_source(tmp_path, key: str, word: str) -> dict[str, object]:
+    """The value `key` gets when `word` is written on the command line (both spellings), in a
+    --config file, and by a W&B sweep agent (whose YAML 1.1 reader loads sweep.yaml's values;
+    its own code formats the argument)."""
+    import yaml
+
+    section, name = key.split(".")
+    got = {}
+    for source, args, text in [
+        ("--k=v", [f"--{key}={word}"], None),
+        ("--k v", [f"--{key}", word], None),
+        ("file", [], f"{section}:\n  {name}: {word}\n"),
+    ]:
+        cfg_file = None
+        if text is not None:
+            cfg_file = tmp_path / "c.yaml"
+            cfg_file.write_text(text)
+        cfg = build_config(str(cfg_file) if cfg_file else None, args)
+        got[source] = getattr(getattr(cfg, section), name)
+    try:
+        from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+    except ImportError:
+        return got
+    argv = create_sweep_command_args({"args": {key: {"value": yaml.safe_load(word)}}})["args"]
+    got["sweep agent"] = getattr(getattr(build_config(None, argv), section), name)
+    return got
+
+
+def test_every_choice_word_means_itself_from_every_source(tmp_path):
+    """Every documented word of every choice-valued key, from every source: YAML 1.1 reads a
+    bare `no` (train.precision's fp32) as false, which once refused the word itself."""
+    keys = list(_keys_of_type(lambda tp: bool(_choices(tp))))
+    assert len(keys) >= 9  # data.loader, data.decode, data.cache, train.precision, log.wandb_mode, ...
+    for key, tp in keys:
+        for word in _choices(tp):
+            got = _from_every_source(tmp_path, key, word)
+            assert set(got.values()) == {word}, (key, word, got)
+    for word in ("off", "on", "yes", "y", "n"):  # not choices: named in the error, as written
+        with pytest.raises(ConfigError, match=rf"'train.precision' must be one of .*got '{word}'"):
+            build_config(None, [f"--train.precision={word}"])
+
+
+def test_true_false_keys_take_yes_no_on_off_from_every_source(tmp_path):
+    keys = [k for k, tp in _keys_of_type(lambda tp: tp is bool or tp == (bool | None))
+            if k != "model.learned_sigma"]  # set by loss.recon, true only with gaussian
+    assert "train.overwrite" in keys and "model.compile" in keys
+    for key in keys:
+        for word, want in (("yes", True), ("no", False), ("on", True), ("off", False), ("True", True),
+                           ("false", False)):
+            got = _from_every_source(tmp_path, key, word)
+            assert set(got.values()) == {want}, (key, word, got)
+    with pytest.raises(ConfigError, match="'train.overwrite' must be true or false"):
+        build_config(None, ["--train.overwrite=maybe"])
+
+
+def test_a_word_for_a_text_key_stays_text():
+    cfg = build_config(None, ["--log.name=no", "--log.tags=yes,off", "--log.group", "on"])
+    assert (cfg.log.name, cfg.log.tags, cfg.log.group) == ("no", ("yes", "off"), "on")
     r = run_cli("train", "--print-config", "--train.precision=false")
     assert r.returncode == 0 and "precision: 'no'" in r.stdout  # false is fp32 too

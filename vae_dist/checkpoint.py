@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save
 
-from vae_dist.errors import UserError, first_line
+from vae_dist.errors import SharedError, UserError, first_line
 from vae_dist.files import fsync_dir, replace_durable, sha256_file, write_atomic, write_bytes_durable
 from vae_dist.model import VAE, VAEConfig
 
@@ -174,31 +174,79 @@ def newest_verified_checkpoint(run_dir: Path, on_skip=None) -> Path | None:
     return None
 
 
+def _size(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def _free_bytes(path: Path) -> int:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _agree(accelerator, error: str | None) -> str | None:
+    """The first failing rank's error (None: every rank succeeded), known to every rank, so a
+    write that fails on one rank ends the run on all of them instead of leaving the others
+    waiting at the next barrier."""
+    if accelerator.num_processes == 1:
+        return error
+    from accelerate.utils import gather_object
+
+    return next((e for e in gather_object([error]) if e), None)
+
+
 def save_checkpoint(accelerator, run_dir: Path, model: VAE, optimizer, trainer_state: dict,
                     config_yaml: str, keep_last: int) -> Path:
-    """Collective: every rank must call it. Rank 0 writes the shared files; every rank its RNG."""
+    """Collective: every rank must call it. Rank 0 writes the shared files; every rank its RNG.
+
+    A checkpoint that cannot be written (a full disk, a quota, a read-only or foreign folder)
+    ends the run on every rank with one line: which checkpoint, the space free against what it
+    needs, and the newest complete checkpoint, which `train.resume=auto` continues from. The
+    half-written folder is removed at once; older checkpoints are untouched."""
     step = trainer_state["step"]
-    final = checkpoint_dir(run_dir) / f"step_{step:07d}"
-    tmp = checkpoint_dir(run_dir) / f".tmp-step_{step:07d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    write_bytes_durable(tmp / f"rng_rank{accelerator.process_index}.pt", _torch_bytes(rng))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    root = checkpoint_dir(run_dir)
+    final, tmp = root / f"step_{step:07d}", root / f".tmp-step_{step:07d}"
+    main = accelerator.is_main_process
+    payload = {}
+    if main:  # serialized before a byte is written: its size is what the checkpoint needs
         scaler = accelerator.scaler
         state = dict(trainer_state, world_size=accelerator.num_processes,
                      scaler=scaler.state_dict() if scaler is not None else None)
-        files = {
-            WEIGHTS: write_bytes_durable(tmp / WEIGHTS, _weights_bytes(model)),
-            "optimizer.pt": write_bytes_durable(tmp / "optimizer.pt", _torch_bytes(optimizer.state_dict())),
-            "config.yaml": write_bytes_durable(tmp / "config.yaml", config_yaml.encode()),
-            STATE: write_bytes_durable(tmp / STATE, json.dumps(state, indent=1).encode()),
-        }
+        payload = {WEIGHTS: _weights_bytes(model), "optimizer.pt": _torch_bytes(optimizer.state_dict()),
+                   "config.yaml": config_yaml.encode(), STATE: json.dumps(state, indent=1).encode()}
+
+    def phase(write, everyone: bool = False) -> None:
+        error = None
+        if everyone or main:
+            try:
+                write()
+            except OSError as e:
+                error = e.strerror or str(e)
+        error = _agree(accelerator, error)
+        if error is not None:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            need = sum(map(len, payload.values())) or None
+            newest = newest_verified_checkpoint(run_dir)
+            raise SharedError(
+                f"cannot write checkpoint {final.name} in {root}: {error}; "
+                f"{_size(_free_bytes(root))} free" + (f", a checkpoint needs {_size(need)}" if need else "")
+                + (f"; the newest complete checkpoint is {newest.name}, which train.resume=auto continues from"
+                   if newest is not None else "; no complete checkpoint yet: a new start begins at step 0")
+                + " (free space or choose another train.out_dir)")
+
+    def make_tmp():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+
+    def write_rng():
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        write_bytes_durable(tmp / f"rng_rank{accelerator.process_index}.pt", _torch_bytes(rng))
+
+    def write_rest():
+        files = {name: write_bytes_durable(tmp / name, data) for name, data in payload.items()}
         for rank in range(accelerator.num_processes):
             name = f"rng_rank{rank}.pt"
             files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
@@ -212,7 +260,10 @@ def save_checkpoint(accelerator, run_dir: Path, model: VAE, optimizer, trainer_s
         older = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) < step]
         for old in older[:max(0, len(older) - (keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+
+    phase(make_tmp)
+    phase(write_rng, everyone=True)
+    phase(write_rest)
     return final
 
 

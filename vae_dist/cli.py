@@ -6,9 +6,10 @@ Every failure a user can cause ends in one line on stderr naming the cause, exit
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from vae_dist.errors import UserError
+from vae_dist.errors import SharedError, UserError
 
 
 def _sample_data(args) -> int:
@@ -228,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args, rest) if getattr(args, "takes_overrides", False) else args.run(args)
     except UserError as e:
-        print(f"vae-dist: error: {e}", file=sys.stderr)
+        if not (isinstance(e, SharedError) and os.environ.get("RANK", "0") != "0"):  # once per run
+            print(f"vae-dist: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vae-dist: interrupted", file=sys.stderr)

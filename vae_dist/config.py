@@ -8,6 +8,7 @@ run folder and checkpoint, and loaded back from there.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -93,6 +94,7 @@ class LogConfig:
     image_every: int = 1000  # steps between picture sets; they are also made at the end
     num_images: int = 8  # images in reconstruction / interpolation grids
     wandb_mode: Literal["online", "offline", "disabled"] | None = None  # None: offline w/o key
+    wandb_resume: Literal["allow", "rewind"] = "allow"  # rewind: an online resume cuts the W&B run back to its checkpoint
     project: str = "vae-dist"  # W&B project
     entity: str | None = None  # W&B entity (user or team); None: your default
     name: str | None = None  # W&B run name; None: the run folder's name
@@ -108,6 +110,31 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+
+# ---------------------------------------------------------------------------------------
+# reading values
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans: only true/false (any case) are booleans. PyYAML reads
+    YAML 1.1, where `no`, `off`, `yes`, `on` are booleans too, so `train.precision: no` (a
+    choice word) would arrive as False; here every word stays the word the user wrote, and a
+    true/false key takes the yes/no/on/off words itself (`_coerce`)."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def load_yaml_text(text: str) -> Any:
+    """A YAML document as the config reads it (every source: files, the command line, run folders)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 # ---------------------------------------------------------------------------------------
@@ -133,7 +160,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if isinstance(value, bool) and ("no" if value is False else "yes") in choices:
-            value = "no" if value is False else "yes"  # YAML 1.1 reads a bare `no` as false
+            # a W&B sweep agent passes str() of values its YAML 1.1 reader made booleans
+            # (`values: [no, bf16]` arrives as --train.precision=False)
+            value = "no" if value is False else "yes"
         if value not in choices:
             raise ConfigError(f"config key '{key}' must be one of {list(choices)}, got {value!r}")
         return value
@@ -151,7 +180,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.lower()]
+        raise ConfigError(f"config key '{key}' must be true or false (or yes/no, on/off), got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -183,7 +214,7 @@ def _parse_cli_value(text: str) -> Any:
     if text == "None":
         return None
     try:
-        return yaml.safe_load(text)
+        return load_yaml_text(text)
     except yaml.YAMLError:
         return text
 
@@ -232,7 +263,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = load_yaml_text(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {first_line(e)}") from None
     if not isinstance(tree, dict):

@@ -5,6 +5,11 @@ class UserError(Exception):
     """A failure with a cause the user can fix; its message is the whole report."""
 
 
+class SharedError(UserError):
+    """Raised alike by every rank of a run (decided on one, shared with all): the main
+    process reports it, the others exit with its code in silence."""
+
+
 class ConfigError(UserError):
     pass
 

@@ -41,7 +41,13 @@ class Hooks:
 
     def on_checkpoint(self, path: Path) -> None: ...
 
-    def close(self, weights: Path | None = None, failed: bool = False) -> None: ...
+    def checkpoint_state(self) -> dict:
+        """What a checkpoint keeps of the hooks' own state (rank 0 writes the trainer state)."""
+        return {}
+
+    def say(self, text: str) -> None: ...
+
+    def close(self, weights: Path | None = None, failed: bool = False, stopped_by: int = 0) -> None: ...
 
 
 def make_hooks(accelerator, cfg, run_dir: Path, val_loader) -> Hooks:
@@ -68,6 +74,7 @@ class RankZeroHooks(Hooks):
         self._scatter = None
         self._bar = None  # tqdm, on a terminal only
         self.wandb = None
+        self._resumes = 0
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._metrics = open(self.metrics_path, "a", buffering=1)
 
@@ -84,7 +91,7 @@ class RankZeroHooks(Hooks):
             return None
 
     # -- hooks ---------------------------------------------------------------------------
-    def _say(self, text: str) -> None:
+    def say(self, text: str) -> None:
         """A line for the person watching: above the live bar on a terminal, plain elsewhere."""
         if self._bar is not None:
             self._bar.write(text)
@@ -115,11 +122,20 @@ class RankZeroHooks(Hooks):
                                                      else secrets.token_hex(4))
         in_sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
         log = self.cfg.log
+        # A resume replays the steps after its checkpoint. Online, log.wandb_resume=rewind cuts
+        # the W&B run's history back to the checkpoint (W&B's run rewind, `resume_from`: a
+        # server-side feature in preview, so opt-in); otherwise the run continues and its rows
+        # carry `resumes` (this start's count), so where two rows share a step, the higher
+        # `resumes` is the one that counts, as in metrics.jsonl.
+        resume = {"id": run_id, "resume": "allow"}
+        if log.wandb_resume == "rewind" and mode == "online" and info.get("wandb_step") is not None:
+            resume = {"resume_from": f"{run_id}?_step={info['wandb_step']}"}
+        self._resumes = info.get("resumes", 0)
         self.wandb = wandb.init(
             project=None if in_sweep else log.project, entity=None if in_sweep else log.entity,
             name=log.name or self.run_dir.name, group=log.group,
             tags=list(log.tags), config={**to_dict(self.cfg), "launch": info}, dir=str(self.run_dir),
-            mode=mode, id=run_id, resume="allow", settings=wandb.Settings(console="off", silent=True),
+            mode=mode, settings=wandb.Settings(console="off", silent=True), **resume,
         )
         id_file.write_text(run_id)
         self.wandb.define_metric("step")
@@ -128,13 +144,13 @@ class RankZeroHooks(Hooks):
 
     def _wandb_log(self, data: dict) -> None:
         if self.wandb is not None:
-            self.wandb.log(data)
+            self.wandb.log({**data, "resumes": self._resumes})
 
     def log_scalars(self, row: dict) -> None:
         self._guard("metrics.jsonl", self._write_row, row)
         self._guard("wandb", self._wandb_log,
                     {"step": row["step"], **{f"train/{k}": v for k, v in row.items() if k != "step"}})
-        self._say(f"step {row['step']:>7d}/{row['total_steps']} ({row['progress']:.1%}) | epoch {row['epoch']} "
+        self.say(f"step {row['step']:>7d}/{row['total_steps']} ({row['progress']:.1%}) | epoch {row['epoch']} "
                   f"| loss {row['loss']:9.3f} | recon {row['recon']:9.3f} | kl {row['kl']:7.3f} "
                   f"| beta {row['beta']:.3f} | {row['img_per_s']:8.1f} img/s | ETA {_duration(row['eta_s'])} "
                   f"| data wait {row['data_wait']:.0%}" + (f" | MFU {row['mfu']:.1%}" if "mfu" in row else ""))
@@ -146,7 +162,7 @@ class RankZeroHooks(Hooks):
         self._guard("metrics.jsonl", self._write_row, row)
         self._guard("wandb", self._wandb_log, {"step": row["step"], **{f"val/{k}": v for k, v in row.items()
                                                                        if k not in ("step", "split")}})
-        self._say(f"eval {row['step']:>7d} | loss {row['loss']:9.3f} | recon {row['recon']:9.3f} | kl {row['kl']:7.3f} "
+        self.say(f"eval {row['step']:>7d} | loss {row['loss']:9.3f} | recon {row['recon']:9.3f} | kl {row['kl']:7.3f} "
               + (f"| {row['bpd']:.3f} bits/dim (σ {row['sigma']:.4f}) " if "bpd" in row else "")
               + f"| PSNR {row['psnr']:.2f} dB")
 
@@ -189,10 +205,15 @@ class RankZeroHooks(Hooks):
                         {"step": step, **{f"images/{k}": wandb.Image(str(p)) for k, p in paths.items()}})
 
     def on_checkpoint(self, path: Path) -> None:
-        self._say(f"checkpoint: {path}")
+        self.say(f"checkpoint: {path}")
 
-    def close(self, weights: Path | None = None, failed: bool = False) -> None:
-        """Flushes metrics.jsonl and finishes the W&B run (marked failed after an error); once."""
+    def checkpoint_state(self) -> dict:
+        # the W&B step the next row gets: where log.wandb_resume=rewind cuts the run back to
+        return {"wandb_step": self.wandb.step} if self.wandb is not None else {}
+
+    def close(self, weights: Path | None = None, failed: bool = False, stopped_by: int = 0) -> None:
+        """Flushes metrics.jsonl and finishes the W&B run, once: marked failed after an error,
+        preempted after a stop signal (its requeued start resumes it under the same id)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -200,5 +221,8 @@ class RankZeroHooks(Hooks):
         if weights is not None:
             print(f"weights: {weights}", flush=True)
         if self.wandb is not None:
-            self._guard("wandb", self.wandb.finish, exit_code=1 if failed else 0)
+            if stopped_by:
+                self._guard("wandb", self.wandb.mark_preempting)
+            code = 128 + stopped_by if stopped_by else 1 if failed else 0
+            self._guard("wandb", self.wandb.finish, exit_code=code)
             self.wandb = None

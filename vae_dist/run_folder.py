@@ -21,10 +21,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vae_dist import checkpoint as ckpt
@@ -147,7 +148,7 @@ class Start:
     checkpoint: Path | None = None
     moved_to: Path | None = None
     set_aside: Path | None = None
-    note: str | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def _old_run_files(run_dir: Path) -> list[str]:
@@ -212,15 +213,26 @@ def _skip_warning(path: Path, problem: str) -> None:
     _warn(f"skipping checkpoint {path}: {problem}")
 
 
+def _remove_partial_checkpoints(run_dir: Path) -> list[str]:
+    """Removes the `.tmp-step_*` folders a crash (or a full disk) left half-written: no
+    checkpoint is ever read from one, and they hold the space the next checkpoint needs."""
+    notes = []
+    for tmp in sorted(ckpt.checkpoint_dir(run_dir).glob(".tmp-step_*")) if ckpt.checkpoint_dir(run_dir).is_dir() else []:
+        shutil.rmtree(tmp, ignore_errors=True)
+        notes.append(f"removed {tmp}, a checkpoint left half-written by an earlier start")
+    return notes
+
+
 def choose_start(run_dir: Path, resume: str, overwrite: bool) -> Start:
     """Decided on rank 0 while it holds the lock; raises UserError with the one-line reason."""
     run_dir = Path(run_dir)
-    start = Start()
+    start = Start(notes=_remove_partial_checkpoints(run_dir))
     job = own_slurm_job(run_dir)
     if job is not None:
         newest = ckpt.newest_verified_checkpoint(run_dir, on_skip=_skip_warning)
         if newest is not None:
-            start.checkpoint, start.note = newest, f"SLURM job {job} was requeued: it continues its own run"
+            start.checkpoint = newest
+            start.notes.append(f"SLURM job {job} was requeued: it continues its own run")
             start.set_aside = _set_aside_beyond(run_dir, newest)
             return start
     if overwrite and _old_run_files(run_dir):

@@ -30,7 +30,7 @@ from vae_dist import step as meters
 from vae_dist.config import Config, dump_yaml, vae_config
 from vae_dist.data import unit_float
 from vae_dist.data.loaders import build_train_and_val, check_model_fits_shards, choose_cache, resolve_loader_kind
-from vae_dist.errors import ConfigError, UserError
+from vae_dist.errors import ConfigError, SharedError, UserError
 from vae_dist.flops import peak_flops, train_flops_per_image
 from vae_dist.hooks import make_hooks
 from vae_dist.losses import (
@@ -62,6 +62,8 @@ class TrainState:
     sigma_recon: float = 0.0
     sigma_steps: float = 0.0
     sigma: float | None = None
+    last_eval_step: int = -1  # the step last evaluated: a resume there does not evaluate it again
+    resumes: int = 0  # starts of this run after its first: marks the W&B rows each start logged
 
 
 class DivergedError(UserError):
@@ -133,7 +135,7 @@ class Trainer:
         self.batch_size = self._per_process_batch()
         self.compile_mode = self._compile_mode()
         if acc.mixed_precision == "bf16" and not on_cuda:
-            acc.print("vae-dist: warning: bf16 autocast on this CPU is many times slower than fp32")
+            print_once(acc, "vae-dist: warning: bf16 autocast on this CPU is many times slower than fp32")
 
         check_model_fits_shards(cfg.model, cfg.data.shards)
         # Same weights on every rank (DDP also broadcasts them), then a per-rank stream for
@@ -171,7 +173,7 @@ class Trainer:
         self.peak_flops = peak_flops(self.device, acc.mixed_precision, cfg.log.peak_tflops)
         self.profiler = StepRangeProfiler(cfg.train.profile_steps, self.run_dir / "profile", self.device, self.rank)
         self._reset_window()
-        self._last_eval_step = self._last_ckpt_step = -1
+        self._last_ckpt_step = -1
 
     # -- setup helpers -------------------------------------------------------------------
     def _per_process_batch(self) -> int:
@@ -208,28 +210,46 @@ class Trainer:
         self.step.bind_lr()  # the loaded param groups brought their own lr values
         # fields a checkpoint of an older version lacks keep their defaults
         self.state = TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState) if f.name in saved})
+        self.state.resumes += 1
         self.step.meters[meters.CONSECUTIVE] = self.state.bad_steps
-        if saved.get("world_size") != self.world or saved.get("batch_size") != self.batch_size:
-            # a different split of the data: continue from the next epoch boundary instead
+        if saved.get("world_size") != self.world or saved.get("batch_size") != self.batch_size \
+                or self.state.batch_in_epoch >= self.steps_per_epoch:
+            # a different split of the data (or an older checkpoint written at an epoch's last
+            # batch): continue from the next epoch boundary
             self.state.epoch += self.state.batch_in_epoch > 0
             self.state.batch_in_epoch = 0
         self._last_ckpt_step = self.state.step
+        self._wandb_step = saved.get("wandb_step")
         self._reset_window()
-        self.accelerator.print(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch})")
+
+    def finished(self) -> bool:
+        """The run resumed at its last step with its final weights written: nothing is left to do."""
+        return self.state.step >= self.total_steps and (self.run_dir / ckpt.WEIGHTS).is_file()
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self, checkpoint: Path | None = None) -> int:
+        self._wandb_step = None
         self.maybe_resume(checkpoint)
+        if self.finished():  # the same command run again: it says so and writes nothing
+            print_once(self.accelerator, (
+                f"the run in {self.run_dir} already reached its last step ({self.state.step} of {self.total_steps}) "
+                f"and wrote its weights: nothing to do (a larger train.max_steps or train.epochs trains on from "
+                f"{checkpoint.name}; train.overwrite=true starts over)"))
+            self.hooks.close()
+            self.close_loaders()
+            return 0
         self.hooks.on_train_start(self.config_yaml, self.describe())
+        if checkpoint is not None:
+            self.hooks.say(f"resumed from {checkpoint} at step {self.state.step} (epoch {self.state.epoch})")
         stop = StopSignal()
         try:
             while self.state.step < self.total_steps and not stop.agreed:
                 self.run_epoch(stop)
             if stop.agreed:
                 self.checkpoint()
-                self.accelerator.print(f"stopped by signal {stop.agreed} at step {self.state.step}; "
-                                       f"checkpoint saved; continue with train.resume=auto")
-                self.hooks.close()
+                self.hooks.say(f"stopped by signal {stop.agreed} at step {self.state.step}; "
+                               f"checkpoint saved; continue with train.resume=auto")
+                self.hooks.close(stopped_by=stop.agreed)
                 return 128 + stop.agreed
             self.finish()
             return 0
@@ -247,25 +267,33 @@ class Trainer:
             loader.close()
 
     def run_epoch(self, stop: StopSignal) -> None:
-        batches = self.train_loader.epoch(self.state.epoch, skip=self.state.batch_in_epoch)
+        epoch = self.state.epoch
+        batches = self.train_loader.epoch(epoch, skip=self.state.batch_in_epoch)
         try:
-            while self.state.step < self.total_steps and not stop.agreed:
+            while self.state.epoch == epoch and self.state.step < self.total_steps and not stop.agreed:
                 t_wait = time.perf_counter()
                 batch = next(batches, None)
                 self._data_wait += time.perf_counter() - t_wait
-                if batch is None:
-                    break
+                if batch is None:  # every loader yields steps_per_epoch batches; never here
+                    raise RuntimeError(f"the train loader ended epoch {epoch} after {self.state.batch_in_epoch} "
+                                       f"of {self.steps_per_epoch} batches")
                 self.train_step(batch[0])
                 self.maybe_sync(stop)
-                t_side = time.perf_counter()
-                self.maybe_eval()
-                self.maybe_checkpoint()
-                self.hooks.maybe_images(self.state.step, self.raw_model)
-                self._side_time += time.perf_counter() - t_side
+                self.side_work()
         finally:
             batches.close()
-        if self.state.batch_in_epoch >= self.steps_per_epoch:
+
+    def side_work(self) -> None:
+        """What follows a step, in an order a resume relies on: the epoch's end and the
+        evaluation of a step come before its checkpoint, so a run resumed from that checkpoint
+        neither evaluates the step again nor misses it."""
+        t_side = time.perf_counter()
+        if self.state.batch_in_epoch == self.steps_per_epoch:
             self.end_epoch()
+        self.maybe_eval()
+        self.maybe_checkpoint()
+        self.hooks.maybe_images(self.state.step, self.raw_model)
+        self._side_time += time.perf_counter() - t_side
 
     def train_step(self, images: torch.Tensor) -> None:
         """One optimizer step; never waits for the device (the entry the benchmarks time)."""
@@ -344,9 +372,7 @@ class Trainer:
     def end_epoch(self) -> None:
         self.state.epoch += 1
         self.state.batch_in_epoch = 0
-        t_side = time.perf_counter()
         self.evaluate()
-        self._side_time += time.perf_counter() - t_side
 
     def finish(self) -> None:
         self.evaluate()
@@ -388,9 +414,9 @@ class Trainer:
     def evaluate(self) -> dict | None:
         """Val metrics over every val sample once (each rank its own part), summed over ranks:
         the training objective, and the ELBO as a discretized likelihood in bits/dim."""
-        if self._last_eval_step == self.state.step:
+        if self.state.last_eval_step == self.state.step:
             return None
-        self._last_eval_step = self.state.step
+        self.state.last_eval_step = self.state.step
         model = self.raw_model  # eager and unwrapped: ranks may run different batch counts here
         model.eval()
         sigma = self.take_sigma()
@@ -436,7 +462,7 @@ class Trainer:
         state = dict(dataclasses.asdict(self.state), batch_size=self.batch_size, bad_steps=int(consecutive),
                      skipped_steps=self.state.skipped_steps + int(skipped),
                      sigma_recon=self.state.sigma_recon + window_recon,
-                     sigma_steps=self.state.sigma_steps + window_good)
+                     sigma_steps=self.state.sigma_steps + window_good, **self.hooks.checkpoint_state())
         path = ckpt.save_checkpoint(self.accelerator, self.run_dir, self.raw_model, self.optimizer, state,
                                     self.config_yaml, self.cfg.train.keep_last)
         self.hooks.on_checkpoint(path)
@@ -452,7 +478,14 @@ class Trainer:
             "batch_per_process": self.batch_size, "global_batch": self.batch_size * self.world,
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
             "loader": self._loader_name(), "start_step": self.state.step, "data": self.data_choice,
+            "resumes": self.state.resumes, "wandb_step": self._wandb_step,
         }
+
+
+def print_once(accelerator: Accelerator, text: str) -> None:
+    """A line from the main process only (accelerator.print prints once per node)."""
+    if accelerator.is_main_process:
+        print(text, flush=True)
 
 
 def _rank_zero_decides(accelerator: Accelerator, decide):
@@ -466,7 +499,7 @@ def _rank_zero_decides(accelerator: Accelerator, decide):
     if accelerator.num_processes > 1:
         result, error = broadcast_object_list([result, error])
     if error is not None:
-        raise UserError(error)
+        raise SharedError(error)
     return result
 
 
@@ -485,12 +518,12 @@ def train(cfg: Config) -> int:
     try:
         start = _rank_zero_decides(accelerator, claim_folder)
         if start.moved_to is not None:
-            accelerator.print(f"moved the previous run in {run_dir} to {start.moved_to}")
-        if start.note is not None:
-            accelerator.print(f"vae-dist: {start.note}")
+            print_once(accelerator, f"moved the previous run in {run_dir} to {start.moved_to}")
+        for note in start.notes:
+            print_once(accelerator, f"vae-dist: {note}")
         if start.set_aside is not None:
-            accelerator.print(f"set aside what lay beyond {start.checkpoint.name} (later checkpoints, metrics "
-                              f"rows) in {start.set_aside}: this run continues from {start.checkpoint.name}")
+            print_once(accelerator, f"set aside what lay beyond {start.checkpoint.name} (later checkpoints, metrics "
+                                    f"rows) in {start.set_aside}: this run continues from {start.checkpoint.name}")
         code = Trainer(cfg, accelerator).fit(start.checkpoint)
         lock.release()
         # nobody exits before rank 0 has let go of the folder (srun --kill-on-bad-exit ends

@@ -148,10 +148,9 @@ def picture_set(model: VAE, images: torch.Tensor, out_dir: Path, suffix: str = "
 
 def viz_checkpoint(ckpt_path: str, out: str, shards: str | None = None, num_images: int = 8) -> list[Path]:
     """`vae-dist viz`: the pictures from a checkpoint folder, run folder or weights file."""
-    import yaml
 
     from vae_dist.checkpoint import find_weights, load_weights
-    from vae_dist.config import DataConfig
+    from vae_dist.config import DataConfig, load_yaml_text
     from vae_dist.data.loaders import decode_split
     from vae_dist.data.shards import class_names, load_manifest
     from vae_dist.errors import UserError
@@ -164,7 +163,7 @@ def viz_checkpoint(ckpt_path: str, out: str, shards: str | None = None, num_imag
     output_dir(out, "viz output folder")
     saved_config = weights.parent / "config.yaml"  # in every checkpoint and run folder
     if shards is None and saved_config.is_file():  # the run's own data
-        shards = (yaml.safe_load(saved_config.read_text()) or {}).get("data", {}).get("shards")
+        shards = (load_yaml_text(saved_config.read_text()) or {}).get("data", {}).get("shards")
     if shards is None:
         raise UserError("no shard folder known for real images: pass --shards DIR")
     manifest = load_manifest(shards)
