@@ -8,6 +8,7 @@
 # MIXED_PRECISION (no|bf16|fp16; default: bf16 on GPUs, fp32 on CPUs), MAX_REQUEUES (3),
 # MAIN_PORT, PYTHON (default: the project's .venv if there is one, else python3; nothing is
 # installed here), STAGE_SHARDS=1 (copy the shards to node-local disk, $SLURM_TMPDIR or /tmp).
+# Where wandb is installed, its service runs in this batch shell (see below) for the job's start.
 #
 # Preemption and time limits: SLURM sends SIGTERM 120 s ahead (--signal=TERM@120, or
 # `scancel --signal=TERM JOB`); the ranks agree on a step, checkpoint it and exit 143; this
@@ -25,7 +26,7 @@
 #SBATCH --output=slurm-%j.out
 set -uo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "${BASH_SOURCE[0]}")/..}"
-if [ -z "${SLURM_JOB_ID:-}" ]; then echo "train_slurm.sh: run it with sbatch" >&2; exit 2; fi
+if [ -z "${SLURM_JOB_ID:-}" ]; then echo "vae-dist: error: train_slurm.sh runs under SLURM: submit it with sbatch (launch/train_single_node.sh runs on this machine)" >&2; exit 2; fi
 
 PROCS=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
 [ "$PROCS" -ge 1 ] 2>/dev/null || PROCS=1
@@ -42,7 +43,7 @@ echo "vae-dist: job $SLURM_JOB_ID start $((RESTARTS + 1)) on $SLURM_JOB_NODELIST
 
 if [ "${STAGE_SHARDS:-0}" = 1 ]; then
   src=$(printf '%s\n' "${ARGS[@]}" | sed -n 's/^--data.shards=//p' | tail -n 1)
-  [ -n "$src" ] || { echo "STAGE_SHARDS=1 needs --data.shards=DIR" >&2; exit 2; }
+  [ -n "$src" ] || { echo "vae-dist: error: STAGE_SHARDS=1 needs --data.shards=DIR" >&2; exit 2; }
   local_dir="${SLURM_TMPDIR:-/tmp}/vae-dist-shards-$SLURM_JOB_ID"
   srun --ntasks-per-node=1 bash -c "mkdir -p '$local_dir' && cp -r '$src'/. '$local_dir'/" || exit 1
   ARGS+=("--data.shards=$local_dir")  # the last override wins
@@ -52,6 +53,15 @@ fi
 QUOTED=""
 [ ${#ARGS[@]} -gt 0 ] && QUOTED=$(printf '%q ' "${ARGS[@]}")
 
+# W&B's service process (wandb-core), started by rank 0 inside the job step, would get the
+# step's TERM with the training processes and exit at once, before they have logged their
+# last rows and finished the run. One started here, in the batch shell (which SLURM's TERM
+# does not reach: it signals the job steps), serves rank 0, which runs on this same node.
+WANDB_OURS=""
+if [ -z "${WANDB_SERVICE:-}" ] && token=$("$PYTHON" -m wandb beta core start --idle-timeout 0 2>/dev/null); then
+  export WANDB_SERVICE=$token WANDB_OURS=1
+fi
+
 # One task per process, launched by SLURM itself (no launcher in between to die of the
 # signal): each task turns SLURM's numbering into torch.distributed's environment.
 srun --ntasks-per-node="$PROCS" --ntasks=$((SLURM_NNODES * PROCS)) --cpus-per-task="$CPUS" --overcommit \
@@ -59,6 +69,7 @@ srun --ntasks-per-node="$PROCS" --ntasks=$((SLURM_NNODES * PROCS)) --cpus-per-ta
     LOCAL_WORLD_SIZE=$PROCS MASTER_ADDR=$MAIN_ADDR MASTER_PORT=$MAIN_PORT; \
     exec $PYTHON -m vae_dist train $QUOTED"
 code=$?
+[ -n "$WANDB_OURS" ] && "$PYTHON" -m wandb beta core stop >/dev/null 2>&1
 
 if [ "$code" = 143 ] || [ "$code" = 130 ]; then
   if [ "$RESTARTS" -lt "${MAX_REQUEUES:-3}" ]; then

@@ -206,11 +206,16 @@ def test_verify_catches_truncated_and_missing_shards(shards, tmp_path):
     problems = verify(bad)
     assert any("train-000000.tar" in p and "sha256" in p for p in problems)
     assert any(p == "train-000001.tar: missing" for p in problems)
-    r = run_cli("verify", str(bad))
-    assert r.returncode == 1 and "train-000001.tar: missing" in r.stdout
+    r = run_cli("verify", str(bad))  # each problem on stdout, then one error line; exit 2 (1 is a crash)
+    assert r.returncode == 2 and "train-000001.tar: missing" in r.stdout, r.stderr
+    assert r.stderr.strip().splitlines() == [f"vae-dist: error: {bad}: {len(problems)} problems with the shards "
+                                             f"(listed above): pack them again from the source images"]
     assert run_cli("verify", str(shards)).returncode == 0
     r = run_cli("verify", str(tmp_path))  # a folder without a manifest
-    assert r.returncode == 1 and r.stdout.strip() == f"no manifest.json in {tmp_path} (make shards with `vae-dist pack`)"
+    assert r.returncode == 2 and r.stderr.strip() == \
+        f"vae-dist: error: no manifest.json in {tmp_path} (make shards with `vae-dist pack`)"
+    r = run_cli("verify", str(tmp_path / "missing"))
+    assert r.returncode == 2 and r.stderr.strip() == f"vae-dist: error: shard folder not found: {tmp_path / 'missing'}"
     # and training refuses the corrupt folder up front, in one line
     with pytest.raises(DataError, match="train-000000.tar"):
         build_loader(DataConfig(shards=str(bad)), "train", 8, rank=0, world=1, device=CPU, train=True, seed=0)

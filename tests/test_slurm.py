@@ -13,7 +13,7 @@ import pytest
 
 from vae_dist.checkpoint import latest_checkpoint
 
-from .conftest import CPU_ONLY, ROOT, TINY_MODEL, _free_port, needs_loader
+from .conftest import CPU_ONLY, HAVE_WANDB, ROOT, TINY_MODEL, _free_port, needs_loader
 
 ARGS = [*TINY_MODEL, "--train.batch_size=16", "--data.num_threads=1", "--log.wandb_mode=disabled",
         "--log.log_every=5", "--train.eval_every=0", "--train.checkpoint_every=0"]
@@ -33,8 +33,9 @@ needs_slurm = pytest.mark.skipif(_cluster_up() is not None, reason=str(_cluster_
 pytestmark = needs_loader
 
 
-def _sbatch(shards, out: Path, *extra) -> str:
-    env = {**os.environ, "GPUS_PER_NODE": "1", "PYTHON": sys.executable, "WANDB_SILENT": "true", **CPU_ONLY}
+def _sbatch(shards, out: Path, *extra, env=None) -> str:
+    env = {**os.environ, "GPUS_PER_NODE": "1", "PYTHON": sys.executable, "WANDB_SILENT": "true", **CPU_ONLY,
+           **(env or {})}
     r = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1",
                         f"--output={out}/slurm-%j.out", "launch/train_slurm.sh", f"--data.shards={shards}",
                         f"--train.out_dir={out / 'run'}", *ARGS, *extra],
@@ -67,11 +68,12 @@ def _steps(run: Path) -> list[int]:
 
 @needs_slurm
 def test_two_node_job_trains_to_max_steps(shards, tmp_path):
-    job = _sbatch(shards, tmp_path, "--train.max_steps=20")
+    job = _sbatch(shards, tmp_path, "--train.max_steps=20", env={"MIXED_PRECISION": "no"})  # a word YAML 1.1 reads as false
     info = _wait(job)
     out = (tmp_path / f"slurm-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", out[-3000:]
-    assert "processes=2" in out and "2 nodes x 1 processes" in out
+    assert "processes=2" in out and "2 nodes x 1 processes" in out and "mixed_precision=no" in out
+    assert "precision: 'no'" in (tmp_path / "run" / "config.yaml").read_text()
     assert _steps(tmp_path / "run")[-1] == 20
     ckpt = latest_checkpoint(tmp_path / "run")
     assert sorted(p.name for p in ckpt.glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]
@@ -84,7 +86,8 @@ def test_signalled_job_requeues_once_resumes_and_completes(shards, tmp_path):
     old_run = tmp_path / "run"
     old_run.mkdir()
     (old_run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
-    job = _sbatch(shards, tmp_path, "--train.max_steps=100", "--train.overwrite=true")
+    job = _sbatch(shards, tmp_path, "--train.max_steps=100", "--train.overwrite=true",
+                  *(["--log.wandb_mode=offline"] if HAVE_WANDB else []))
     out_file = tmp_path / f"slurm-{job}.out"
     deadline = time.time() + 180
     while time.time() < deadline and not (out_file.is_file() and "step      20" in out_file.read_text()):
@@ -99,15 +102,24 @@ def test_signalled_job_requeues_once_resumes_and_completes(shards, tmp_path):
     info = _wait(job, timeout=400)
     out = out_file.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", out[-3000:]
-    assert "Traceback" not in out, out[-3000:]
+    assert "Traceback" not in out and "wandb failed" not in out, out[-3000:]
     assert "requeueing job" in out and "start 2 on" in out
     stopped = int(re.search(r"stopped by signal 15 at step (\d+)", out).group(1))
     assert stopped >= 20 and f"at step {stopped} (epoch" in out  # resumed from there, not from 0
+    assert out.count("stopped by signal") == 1 and out.count("resumed from") == 1, out[-3000:]  # rank 0's lines once
     steps = _steps(tmp_path / "run")
     assert steps[-1] == 100 and steps.count(5) == 1  # one start from 0, then a continuation
     assert f"SLURM job {job} was requeued: it continues its own run" in out
     (aside,) = tmp_path.glob("run.old-*")  # moved aside once, by the first start
     assert (aside / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+    if HAVE_WANDB:  # the first start's W&B run (offline, read back) recorded every row to its stop
+        from .wandb_reader import exit_code, history_rows, preempting
+
+        first, second = sorted((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+        logged = [r["step"] for r in history_rows(first) if "train/loss" in r]
+        assert logged == list(range(5, stopped + 1, 5)), logged
+        assert preempting(first) and exit_code(first) == 143
+        assert {r["resumes"] for r in history_rows(second)} == {1} and exit_code(second) == 0
 
 
 @needs_slurm

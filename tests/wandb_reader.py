@@ -56,3 +56,19 @@ def exit_code(path: Path) -> int | None:
         if rec.WhichOneof("record_type") == "exit":
             return rec.exit.exit_code
     return None
+
+
+def history_rows(path: Path) -> list[dict]:
+    """Every logged row, as {key: value}."""
+    import json
+
+    rows = []
+    for rec in read_records(path):
+        if rec.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item})
+    return rows
+
+
+def preempting(path: Path) -> bool:
+    """Whether the run was marked preempting (`run.mark_preempting()`)."""
+    return any(rec.WhichOneof("record_type") == "preempting" for rec in read_records(path))

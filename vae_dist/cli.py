@@ -35,13 +35,17 @@ def _pack(args) -> int:
 
 def _verify(args) -> int:
     from vae_dist.data.shards import verify
+    from vae_dist.errors import DataError
 
     problems = verify(args.dir)
     for line in problems:
         print(line)
-    if not problems:
-        print(f"{args.dir}: all shards match manifest.json")
-    return 1 if problems else 0
+    if problems:
+        n = len(problems)
+        raise DataError(f"{args.dir}: {n} problem{'s' * (n > 1)} with the shards (listed above): "
+                        f"pack them again from the source images")
+    print(f"{args.dir}: all shards match manifest.json")
+    return 0
 
 
 def _train(args, rest: list[str]) -> int:

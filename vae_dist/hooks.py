@@ -209,7 +209,8 @@ class RankZeroHooks(Hooks):
 
     def checkpoint_state(self) -> dict:
         # the W&B step the next row gets: where log.wandb_resume=rewind cuts the run back to
-        return {"wandb_step": self.wandb.step} if self.wandb is not None else {}
+        step = self._guard("wandb", lambda: self.wandb.step) if self.wandb is not None else None
+        return {"wandb_step": step} if step is not None else {}
 
     def close(self, weights: Path | None = None, failed: bool = False, stopped_by: int = 0) -> None:
         """Flushes metrics.jsonl and finishes the W&B run, once: marked failed after an error,

@@ -29,7 +29,13 @@ from vae_dist import checkpoint as ckpt
 from vae_dist import step as meters
 from vae_dist.config import Config, dump_yaml, vae_config
 from vae_dist.data import unit_float
-from vae_dist.data.loaders import build_train_and_val, check_model_fits_shards, choose_cache, resolve_loader_kind
+from vae_dist.data.loaders import (
+    build_train_and_val,
+    check_model_fits_shards,
+    choose_cache,
+    resolve_loader_kind,
+    verify_shards,
+)
 from vae_dist.errors import ConfigError, SharedError, UserError
 from vae_dist.flops import peak_flops, train_flops_per_image
 from vae_dist.hooks import make_hooks
@@ -516,6 +522,8 @@ def train(cfg: Config) -> int:
         return start
 
     try:
+        if cfg.data.verify:  # before the run folder is touched: damaged shards change nothing there
+            print_once(accelerator, _rank_zero_decides(accelerator, lambda: verify_shards(cfg.data.shards)))
         start = _rank_zero_decides(accelerator, claim_folder)
         if start.moved_to is not None:
             print_once(accelerator, f"moved the previous run in {run_dir} to {start.moved_to}")

@@ -15,6 +15,7 @@ pipeline could not give together:
 
 from __future__ import annotations
 
+import collections
 import functools
 import mmap
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from vae_dist.data.partition import epoch_order, rank_seed, steps_per_epoch
-from vae_dist.data.shards import decode_label, parse_index_line
+from vae_dist.data.shards import damaged_sample, decode_label, parse_index_line, undecodable
 from vae_dist.errors import DataError
 
 try:
@@ -40,6 +41,7 @@ class ShardIndex:
     """Where each sample's JPEG lies (tar, offset, size), read from the `.idx` files, and its label."""
 
     def __init__(self, tar_paths, idx_paths):
+        self.tar_paths, self.idx_paths = list(tar_paths), list(idx_paths)
         self.maps, self.arrays = [], []  # the mmaps, and a uint8 view of each (slicing a view is cheap)
         tars, offsets, sizes, labels = [], [], [], []
         for t, (tar, idx) in enumerate(zip(tar_paths, idx_paths)):
@@ -66,6 +68,13 @@ class ShardIndex:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def where(self, sample_id: int) -> tuple[str, str]:
+        """(tar path, sample key) of one sample, read from its .idx line (only to name it)."""
+        t = int(self.tar[sample_id])
+        line = int(sample_id - np.searchsorted(self.tar, t))  # its line in the tar's .idx, after the header
+        name = Path(self.idx_paths[t]).read_text().splitlines()[1 + line].split()[3]
+        return self.tar_paths[t], name.rpartition(".")[0]
+
     def jpegs(self, ids: np.ndarray) -> list[np.ndarray]:
         arrays = self.arrays
         return [arrays[t][a:b] for t, a, b in zip(self.tar[ids].tolist(), self.offset[ids].tolist(),
@@ -77,10 +86,12 @@ class _BatchStream:
     external_source wants it: (jpeg bytes, labels, mirror flags), one list each. It holds no
     reference to its loader, so a dropped loader frees its pipeline (and DALI's threads) at once."""
 
-    def __init__(self, index: ShardIndex, order, batch_size: int, steps: int, epoch: int, batch: int):
+    def __init__(self, index: ShardIndex, order, batch_size: int, steps: int, epoch: int, batch: int,
+                 fed: collections.deque):
         self.index, self.order, self.batch_size, self.steps = index, order, batch_size, steps
         self.epoch, self.batch = epoch, batch
         self._ids, self._flips = order(epoch)
+        self.fed = fed  # the sample ids of the last batches handed to DALI: where a decode error lies
 
     def __iter__(self):
         return self
@@ -92,6 +103,7 @@ class _BatchStream:
         rows = slice(self.batch * self.batch_size, (self.batch + 1) * self.batch_size)
         self.batch += 1
         ids = self._ids[rows]
+        self.fed.append(ids)
         # labels and flags as one dense (n, 1) array each; the JPEGs as views into the tars
         return (self.index.jpegs(ids), self.index.labels[ids].reshape(-1, 1),
                 self._flips[rows].astype(np.int32).reshape(-1, 1))
@@ -143,6 +155,7 @@ class DaliLoader:
         self.steps_per_epoch = steps_per_epoch(self.count, batch_size, rank, world, train)
         self._it = None
         self._position = None  # (epoch, batch) the pipeline delivers next
+        self._fed = collections.deque(maxlen=prefetch + 4)  # DALI reads at most `prefetch` batches ahead
         self.builds = 0  # pipelines built so far: one per run, more only on a jump
 
     def _build(self, epoch: int, batch: int):
@@ -151,7 +164,7 @@ class DaliLoader:
             _BatchStream(self.index, functools.partial(epoch_order, count=self.count, rank=self.rank,
                                                        world=self.world, train=self.train, seed=self.seed,
                                                        flip=self.flip),
-                         self.batch_size, self.steps_per_epoch, epoch, batch), decode, self.image_size,
+                         self.batch_size, self.steps_per_epoch, epoch, batch, self._fed), decode, self.image_size,
             self.hw_decoder_load, batch_size=self.batch_size, num_threads=self.num_threads,
             device_id=self.gpu_id,  # None: a CPU-only pipeline
             prefetch_queue_depth=self.prefetch, seed=rank_seed(self.seed, epoch, self.rank),
@@ -184,6 +197,20 @@ class DaliLoader:
             self.close()
             self._it = self._build(*start)
         for b in range(skip, self.steps_per_epoch):
-            out = next(self._it)[0]
+            try:
+                out = next(self._it)[0]
+            except RuntimeError as e:  # DALI's pipeline error; the pipeline is no longer usable
+                self._raise_if_a_sample_is_damaged(e)
+                raise
             self._position = self._normal(epoch, b + 1)
             yield out["images"], out["labels"].long()
+
+    def _raise_if_a_sample_is_damaged(self, error: RuntimeError) -> None:
+        """After DALI failed, decodes the JPEGs of the batches it was given last, one by one on
+        the host, and names the first that does not decode (the hot path pays nothing for this)."""
+        self.close()
+        for ids in self._fed:
+            for sample_id in ids.tolist():
+                reason = undecodable(bytes(self.index.jpegs(np.array([sample_id]))[0]))
+                if reason is not None:
+                    raise damaged_sample(*self.index.where(sample_id), reason) from None

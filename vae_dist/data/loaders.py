@@ -15,7 +15,7 @@ import torch
 
 from vae_dist.data import dali
 from vae_dist.data.partition import epoch_order, steps_per_epoch
-from vae_dist.data.shards import load_manifest, split_files
+from vae_dist.data.shards import load_manifest, split_files, verify
 from vae_dist.data.torch_loaders import WebDatasetLoader, have_webdataset
 from vae_dist.errors import DataError
 
@@ -190,3 +190,18 @@ def check_model_fits_shards(model_cfg, shards: str) -> None:
     if model_cfg.in_channels != 3:
         raise DataError(f"model.in_channels={model_cfg.in_channels} but the shards in {shards} hold RGB images: "
                         f"set model.in_channels=3")
+
+
+def verify_shards(shards: str) -> str:
+    """data.verify=true: `vae-dist verify` before training (sha256 of every shard, every sample
+    complete); the first problem is a one-line error. Returns the line that reports success."""
+    import time
+
+    t0 = time.perf_counter()
+    problems = verify(shards)
+    if problems:
+        n = len(problems)
+        raise DataError(f"data.verify: {n} problem{'s' * (n > 1)} with the shards in {shards}, the first: "
+                        f"{problems[0]} (`vae-dist verify {shards}` lists them all; pack again to fix them)")
+    count = sum(len(split.get("shards", [])) for split in load_manifest(shards).get("splits", {}).values())
+    return f"data.verify: all {count} shards in {shards} match manifest.json ({time.perf_counter() - t0:.1f} s)"

@@ -7,11 +7,13 @@ DALI's wds2idx writes (v1.2), produced here from the offsets we write.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
 import struct
+import sys
 import tarfile
 from pathlib import Path
 
@@ -40,6 +42,42 @@ def parse_index_line(line: str) -> dict[str, tuple[int, int]]:
     if any(offset < 0 or size < 0 for offset, size in parts.values()):
         raise ValueError("a negative offset or size")
     return parts
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def undecodable(jpeg: bytes) -> str | None:
+    """Why a sample's JPEG does not decode (None: it does), by the strictest decoder at hand
+    (torchvision's libjpeg-turbo refuses what DALI's decoders refuse)."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        with _quiet_stderr():  # libjpeg prints its warnings there; the reason is in the error
+            decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError as e:  # "decode_jpeg, FILE.cpp:LINE, the reason'a warning"
+        text = str(e).strip()
+        found = re.search(r"\.cpp:\d+, ([^']+)", text)
+        return (found.group(1) if found else text.splitlines()[0] if text else "not a JPEG")[:120]
+    return None
+
+
+def damaged_sample(tar: str, key: str, reason: str) -> DataError:
+    """The one-line error of a sample that does not decode, for either loader."""
+    split = Path(tar).name.rsplit("-", 1)[0]  # shards are SPLIT-NNNNNN.tar
+    return DataError(f"{split} sample {key} in {tar} does not decode ({reason}): the shard is damaged; "
+                     f"`vae-dist verify {Path(tar).parent}` checks every shard, and packing again replaces it")
 
 
 def shard_name(split: str, index: int) -> str:
@@ -131,12 +169,10 @@ def split_files(shard_dir: str | Path, manifest: dict, split: str) -> tuple[list
 
 
 def verify(shard_dir: str | Path) -> list[str]:
-    """Every problem with the shards against their manifest, one line each ([] = all good)."""
+    """Every problem with the shards against their manifest, one line each ([] = all good); a
+    missing folder or manifest is a DataError."""
     shard_dir = Path(shard_dir)
-    try:
-        manifest = load_manifest(shard_dir)
-    except DataError as e:
-        return [str(e)]
+    manifest = load_manifest(shard_dir)
     problems = []
     for split, info in manifest.get("splits", {}).items():
         total = 0

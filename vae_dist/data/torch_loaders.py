@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from vae_dist.data.partition import epoch_order, epoch_seed, rank_seed, steps_per_epoch
-from vae_dist.data.shards import decode_label
+from vae_dist.data.shards import damaged_sample, decode_label, undecodable
 from vae_dist.errors import DataError
 
 
@@ -96,10 +96,13 @@ class _ShardBatches(IterableDataset):
             if "jpg" not in sample or "label" not in sample:
                 raise DataError(f"sample {sample.get('__key__')} in {url} lacks jpg or label")
             b, k = slot_of.pop(sample_id)
-            pending[b][k] = (sample["jpg"], decode_label(sample["label"]))
+            pending[b][k] = (sample["jpg"], decode_label(sample["label"]), sample["__key__"], url)
             missing[b] -= 1
             if missing[b] == 0:
                 ready[b] = _decode(pending.pop(b), self.flips[b])
+                if isinstance(ready[b], Undecodable):  # the main process raises it (one line)
+                    yield ready[b]
+                    return
             while turn < len(mine) and mine[turn] in ready:
                 yield ready.pop(mine[turn])
                 turn += 1
@@ -109,12 +112,24 @@ class _ShardBatches(IterableDataset):
             raise DataError(f"the shards hold fewer samples than manifest.json lists ({len(slot_of)} not found)")
 
 
+class Undecodable:
+    """A sample that did not decode: what a worker hands the main process in place of its batch
+    (an exception would cross the process line as a traceback). Not a tuple, so the
+    DataLoader's convert and pin-memory steps pass it through as it is."""
+
+    def __init__(self, tar: str, key: str, reason: str):
+        self.tar, self.key, self.reason = tar, key, reason
+
+
 def _decode(items, flips):
     images = []
-    for (jpeg, _), flip in zip(items, flips):
-        img = decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    for (jpeg, _, key, url), flip in zip(items, flips):
+        try:
+            img = decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError:
+            return Undecodable(url, key, undecodable(jpeg) or "not a JPEG")
         images.append(img.flip(-1) if flip else img)
-    return torch.stack(images), torch.tensor([label for _, label in items])
+    return torch.stack(images), torch.tensor([item[1] for item in items])
 
 
 def have_webdataset() -> bool:
@@ -146,7 +161,10 @@ class WebDatasetLoader:
         # the global torch RNG (the reparameterization noise that checkpoints save and restore)
         loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                             pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(epoch))
-        for images, labels in loader:
+        for batch in loader:
+            if isinstance(batch, Undecodable):
+                raise damaged_sample(batch.tar, batch.key, batch.reason)
+            images, labels = batch
             yield images.to(self.device, non_blocking=True), labels.long().to(self.device, non_blocking=True)
 
     def close(self) -> None:
