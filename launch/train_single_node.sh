@@ -13,7 +13,7 @@ elif command -v nvidia-smi >/dev/null 2>&1; then
 else
   fail "no GPU found: nvidia-smi is not installed (NUM_GPUS=N sets the count; launch/train_cpu_dev.sh trains on CPUs)"
 fi
-[ "$ngpu" -ge 1 ] || fail "no GPU found: nvidia-smi -L lists none (launch/train_cpu_dev.sh trains on CPUs)"
+[ "$ngpu" -ge 1 ] || fail "no GPU found: ${NUM_GPUS:+NUM_GPUS=0}${NUM_GPUS:-nvidia-smi -L lists none} (launch/train_cpu_dev.sh trains on CPUs)"
 case "${MIXED_PRECISION:-bf16}" in
   no|bf16|fp16) ;;
   *) fail "MIXED_PRECISION must be one of no, bf16, fp16, got '$MIXED_PRECISION'" ;;

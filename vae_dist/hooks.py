@@ -31,7 +31,9 @@ def _duration(seconds: float) -> str:
 class Hooks:
     """The no-op hooks of ranks other than zero; also the interface."""
 
-    def on_train_start(self, config_yaml: str, info: dict) -> None: ...
+    def on_train_start(self, config_yaml: str, info: dict, wandb_step: int | None = None) -> None:
+        """`info`: the run's launch facts; `wandb_step`: where a resumed run's W&B history was
+        at its checkpoint (for log.wandb_resume=rewind)."""
 
     def log_scalars(self, row: dict) -> None: ...
 
@@ -98,7 +100,7 @@ class RankZeroHooks(Hooks):
         else:
             print(text, flush=True)
 
-    def on_train_start(self, config_yaml: str, info: dict) -> None:
+    def on_train_start(self, config_yaml: str, info: dict, wandb_step: int | None = None) -> None:
         (self.run_dir / "config.yaml").write_text(config_yaml)
         print("training: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
         if sys.stdout.isatty():  # a live bar for a person; a cluster log keeps plain lines
@@ -106,9 +108,9 @@ class RankZeroHooks(Hooks):
 
             self._bar = tqdm(total=info["total_steps"], initial=info["start_step"], unit="step",
                              dynamic_ncols=True, leave=True)
-        self._guard("wandb", self._init_wandb, info)
+        self._guard("wandb", self._init_wandb, info, wandb_step)
 
-    def _init_wandb(self, info: dict) -> None:
+    def _init_wandb(self, info: dict, wandb_step: int | None) -> None:
         mode = wandb_mode(self.cfg.log.wandb_mode)
         if mode == "disabled":
             return
@@ -128,8 +130,8 @@ class RankZeroHooks(Hooks):
         # carry `resumes` (this start's count), so where two rows share a step, the higher
         # `resumes` is the one that counts, as in metrics.jsonl.
         resume = {"id": run_id, "resume": "allow"}
-        if log.wandb_resume == "rewind" and mode == "online" and info.get("wandb_step") is not None:
-            resume = {"resume_from": f"{run_id}?_step={info['wandb_step']}"}
+        if log.wandb_resume == "rewind" and mode == "online" and wandb_step is not None:
+            resume = {"resume_from": f"{run_id}?_step={wandb_step}"}
         self._resumes = info.get("resumes", 0)
         self.wandb = wandb.init(
             project=None if in_sweep else log.project, entity=None if in_sweep else log.entity,

@@ -244,7 +244,7 @@ class Trainer:
             self.hooks.close()
             self.close_loaders()
             return 0
-        self.hooks.on_train_start(self.config_yaml, self.describe())
+        self.hooks.on_train_start(self.config_yaml, self.describe(), wandb_step=self._wandb_step)
         if checkpoint is not None:
             self.hooks.say(f"resumed from {checkpoint} at step {self.state.step} (epoch {self.state.epoch})")
         stop = StopSignal()
@@ -484,7 +484,7 @@ class Trainer:
             "batch_per_process": self.batch_size, "global_batch": self.batch_size * self.world,
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
             "loader": self._loader_name(), "start_step": self.state.step, "data": self.data_choice,
-            "resumes": self.state.resumes, "wandb_step": self._wandb_step,
+            "resumes": self.state.resumes,
         }
 
 
