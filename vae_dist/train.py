@@ -180,6 +180,7 @@ class Trainer:
         self.profiler = StepRangeProfiler(cfg.train.profile_steps, self.run_dir / "profile", self.device, self.rank)
         self._reset_window()
         self._last_ckpt_step = -1
+        self._wandb_step = None  # a resumed checkpoint's W&B step (log.wandb_resume=rewind)
 
     # -- setup helpers -------------------------------------------------------------------
     def _per_process_batch(self) -> int:
@@ -234,7 +235,6 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self, checkpoint: Path | None = None) -> int:
-        self._wandb_step = None
         self.maybe_resume(checkpoint)
         if self.finished():  # the same command run again: it says so and writes nothing
             print_once(self.accelerator, (
