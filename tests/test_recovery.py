@@ -140,7 +140,7 @@ def test_a_truncated_shard_is_refused_before_step_1_and_data_verify_finds_a_dama
     r = _train(tmp_path / "bad", tmp_path / "run2", "--data.verify=true")
     _one_line(r, f"data.verify: 1 problem with the shards in {bad.parent}, the first: {bad.name}: sha256 mismatch")
     assert not (tmp_path / "run2").exists()  # checked before the run folder is made
-    r = _train(shards, tmp_path / "run3", "--data.verify=yes", "--train.max_steps=2")
+    r = _train(shards, tmp_path / "run3", "--data.verify=yes", "--train.max_steps=1")
     assert r.returncode == 0 and f"data.verify: all 5 shards in {shards} match manifest.json (" in r.stdout
 
 
@@ -185,29 +185,23 @@ def test_a_killed_run_resumed_reads_as_one_run(shards, tmp_path):
         assert replayed[0] == ckpt_step + 1 and {row["resumes"] for row in history_rows(second)} == {1}
 
 
-def test_a_finished_run_started_again_says_so_and_writes_nothing(shards, tmp_path):
+def test_a_finished_run_started_again_writes_nothing_and_its_epoch_end_is_evaluated_once(shards, tmp_path):
+    """The same command after the last step: one line, exit 0, not a file touched. The epoch's
+    end (12 steps here) is evaluated before it is checkpointed, so a run resumed there (to
+    train further) neither evaluates it again nor skips it."""
     run = tmp_path / "run"
-    args = ["--train.checkpoint_every=0", "--train.max_steps=4"]
+    args = ["--train.checkpoint_every=12", "--train.max_steps=12"]
     assert _train(shards, run, *args).returncode == 0
+    state = json.loads((run / "checkpoints" / "step_0000012" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["batch_in_epoch"], state["last_eval_step"]) == (1, 0, 12)
     before = _snapshot(run)
     r = _train(shards, run, *args)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines() == [
-        f"the run in {run} already reached its last step (4 of 4) and wrote its weights: nothing to do (a larger "
-        f"train.max_steps or train.epochs trains on from step_0000004; train.overwrite=true starts over)"]
+        f"the run in {run} already reached its last step (12 of 12) and wrote its weights: nothing to do (a larger "
+        f"train.max_steps or train.epochs trains on from step_0000012; train.overwrite=true starts over)"]
     assert _snapshot(run) == before
-    assert sum(row.get("split") == "val" for row in _rows(run)) == 1  # one val row for step 4, not two
-
-
-def test_a_resume_at_an_epochs_end_evaluates_that_step_once(shards, tmp_path):
-    """The epoch's end (12 steps here) is evaluated before it is checkpointed: a run resumed
-    there neither evaluates it again nor skips it."""
-    run = tmp_path / "run"
-    assert _train(shards, run, "--train.checkpoint_every=12", "--train.max_steps=12").returncode == 0
-    (row,) = [row for row in _rows(run) if row.get("split") == "val"]
-    assert row["step"] == 12 and row["epoch"] == 1
-    state = json.loads((run / "checkpoints" / "step_0000012" / "trainer_state.json").read_text())
-    assert (state["epoch"], state["batch_in_epoch"], state["last_eval_step"]) == (1, 0, 12)
+    assert [(row["step"], row["epoch"]) for row in _rows(run) if row.get("split") == "val"] == [(12, 1)]
     assert _train(shards, run, "--train.checkpoint_every=12", "--train.max_steps=24").returncode == 0
     assert [row["step"] for row in _rows(run) if row.get("split") == "val"] == [12, 24]
 
