@@ -6,6 +6,7 @@
 - Compiled bf16 channels_last: no recompiles as lr and beta change, loss close to eager.
 - A CPU checkpoint resumes on CUDA (layouts differ); a streaming run exits 0, memory flat.
 - Every compiled bench row really compiled; on 2+ GPUs, DDP replicas stay identical.
+- A damaged JPEG under mixed decode is the same one line as on the CPU.
 """
 
 from __future__ import annotations
@@ -207,6 +208,19 @@ def test_streaming_run_exits_zero_with_flat_gpu_memory_over_twenty_evaluations(s
     assert len(evals) >= 20
     used = [e["gpu_mem_used_gib"] for e in evals]
     assert used[-1] - used[2] < 0.0625, used  # 64 MiB: nothing grows per evaluation
+
+
+@needs_dali
+def test_a_damaged_sample_under_dali_mixed_decode_is_one_line(shards, tmp_path):
+    """nvImageCodec's failure on the GPU becomes the same one line as on the CPU: split, shard, key."""
+    from .test_recovery import _damage_a_jpeg
+
+    bad, key = _damage_a_jpeg(shards, tmp_path / "bad", "train")
+    r = run_cli("train", f"--data.shards={tmp_path / 'bad'}", f"--train.out_dir={tmp_path / 'run'}", *COMMON,
+                "--data.loader=dali", "--data.decode=gpu", "--data.cache=none", "--train.max_steps=40")
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert last.startswith(f"vae-dist: error: train sample {key} in {bad} does not decode ("), last
 
 
 def test_every_compiled_bench_row_really_compiled(tmp_path):
