@@ -153,9 +153,9 @@ class RankZeroHooks(Hooks):
         self._guard("wandb", self._wandb_log,
                     {"step": row["step"], **{f"train/{k}": v for k, v in row.items() if k != "step"}})
         self.say(f"step {row['step']:>7d}/{row['total_steps']} ({row['progress']:.1%}) | epoch {row['epoch']} "
-                  f"| loss {row['loss']:9.3f} | recon {row['recon']:9.3f} | kl {row['kl']:7.3f} "
-                  f"| beta {row['beta']:.3f} | {row['img_per_s']:8.1f} img/s | ETA {_duration(row['eta_s'])} "
-                  f"| data wait {row['data_wait']:.0%}" + (f" | MFU {row['mfu']:.1%}" if "mfu" in row else ""))
+                 f"| loss {row['loss']:9.3f} | recon {row['recon']:9.3f} | kl {row['kl']:7.3f} "
+                 f"| beta {row['beta']:.3f} | {row['img_per_s']:8.1f} img/s | ETA {_duration(row['eta_s'])} "
+                 f"| data wait {row['data_wait']:.0%}" + (f" | MFU {row['mfu']:.1%}" if "mfu" in row else ""))
         if self._bar is not None:
             self._bar.update(row["step"] - self._bar.n)
             self._bar.set_postfix(loss=f"{row['loss']:.1f}", img_s=f"{row['img_per_s']:.0f}", refresh=False)
@@ -165,8 +165,8 @@ class RankZeroHooks(Hooks):
         self._guard("wandb", self._wandb_log, {"step": row["step"], **{f"val/{k}": v for k, v in row.items()
                                                                        if k not in ("step", "split")}})
         self.say(f"eval {row['step']:>7d} | loss {row['loss']:9.3f} | recon {row['recon']:9.3f} | kl {row['kl']:7.3f} "
-              + (f"| {row['bpd']:.3f} bits/dim (σ {row['sigma']:.4f}) " if "bpd" in row else "")
-              + f"| PSNR {row['psnr']:.2f} dB")
+                 + (f"| {row['bpd']:.3f} bits/dim (σ {row['sigma']:.4f}) " if "bpd" in row else "")
+                 + f"| PSNR {row['psnr']:.2f} dB")
 
     def _write_row(self, row: dict) -> None:
         self._metrics.write(json.dumps({**row, "time": round(time.time(), 3)}) + "\n")
