@@ -211,10 +211,12 @@ def test_bench_row_that_cannot_be_measured_says_why_and_the_others_are_measured(
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {row["name"]: row for row in json.loads(out.read_text())["results"]}
     seed = rows["seed: ImageFolder+PIL DataLoader"]
-    assert seed["unavailable"].startswith("failed: ") and "stack expects each tensor to be equal size" in \
-        seed["unavailable"], seed
+    # collate's own words for the odd-sized image: which depends on where in the (shuffled)
+    # batch it falls, since a worker stacks into a preallocated shared-memory tensor
+    why = ("stack expects each tensor to be equal size", "Trying to resize storage that is not resizable")
+    assert seed["unavailable"].startswith("failed: ") and any(w in seed["unavailable"] for w in why), seed
     assert rows["dali-cpu"]["img_per_s"] > 0 and rows["webdataset+torchvision (PyTorch)"]["img_per_s"] > 0
-    assert "stack expects" in r.stdout  # the printed table says it too
+    assert "stack expects" in r.stdout or "Trying to resize" in r.stdout  # the printed table says it too
 
 
 @needs_loader
