@@ -25,7 +25,7 @@ from .conftest import (
     needs_webdataset,
     run_cli,
 )
-from .test_faults import COMMON, _one_line, _train
+from .test_faults import COMMON, _one_line, _steps_logged, _train
 
 pytestmark = needs_loader
 
@@ -163,7 +163,7 @@ def test_a_killed_run_resumed_reads_as_one_run(shards, tmp_path):
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)  # no handler, no checkpoint: the rows after step 4 are orphans
     proc.wait()
-    killed = [row["step"] for row in _rows(run) if "split" not in row]
+    killed = _steps_logged(run)
     newest = list_checkpoints(run)[-1].name
     ckpt_step = int(newest.split("_")[1])
     assert killed[-1] > ckpt_step
@@ -171,8 +171,7 @@ def test_a_killed_run_resumed_reads_as_one_run(shards, tmp_path):
     r = _train(shards, run, *wandb, "--train.checkpoint_every=4", f"--train.max_steps={killed[-1] + 3}",
                "--log.log_every=1")
     assert r.returncode == 0, r.stderr[-2000:]
-    steps = [row["step"] for row in _rows(run) if "split" not in row]
-    assert steps == list(range(1, killed[-1] + 4))  # strictly increasing, no step twice
+    assert _steps_logged(run) == list(range(1, killed[-1] + 4))  # strictly increasing, no step twice
     (aside,) = (run / "abandoned").iterdir()
     assert aside.name.startswith(f"after-step_{ckpt_step:07d}-")
     assert [json.loads(x)["step"] for x in (aside / "metrics.jsonl").read_text().splitlines()

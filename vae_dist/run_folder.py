@@ -217,7 +217,7 @@ def _remove_partial_checkpoints(run_dir: Path) -> list[str]:
     """Removes the `.tmp-step_*` folders a crash (or a full disk) left half-written: no
     checkpoint is ever read from one, and they hold the space the next checkpoint needs."""
     notes = []
-    for tmp in sorted(ckpt.checkpoint_dir(run_dir).glob(".tmp-step_*")) if ckpt.checkpoint_dir(run_dir).is_dir() else []:
+    for tmp in sorted(ckpt.checkpoint_dir(run_dir).glob(".tmp-step_*")):  # none where the folder is not
         shutil.rmtree(tmp, ignore_errors=True)
         notes.append(f"removed {tmp}, a checkpoint left half-written by an earlier start")
     return notes

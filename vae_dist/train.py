@@ -237,10 +237,10 @@ class Trainer:
     def fit(self, checkpoint: Path | None = None) -> int:
         self.maybe_resume(checkpoint)
         if self.finished():  # the same command run again: it says so and writes nothing
-            print_once(self.accelerator, (
+            self.hooks.say(
                 f"the run in {self.run_dir} already reached its last step ({self.state.step} of {self.total_steps}) "
                 f"and wrote its weights: nothing to do (a larger train.max_steps or train.epochs trains on from "
-                f"{checkpoint.name}; train.overwrite=true starts over)"))
+                f"{checkpoint.name}; train.overwrite=true starts over)")
             self.hooks.close()
             self.close_loaders()
             return 0

@@ -199,13 +199,13 @@ class DaliLoader:
         for b in range(skip, self.steps_per_epoch):
             try:
                 out = next(self._it)[0]
-            except RuntimeError as e:  # DALI's pipeline error; the pipeline is no longer usable
-                self._raise_if_a_sample_is_damaged(e)
-                raise
+            except RuntimeError:  # DALI's pipeline error; the pipeline is no longer usable
+                self._raise_if_a_sample_is_damaged()
+                raise  # every JPEG decodes on the host: not a damaged sample
             self._position = self._normal(epoch, b + 1)
             yield out["images"], out["labels"].long()
 
-    def _raise_if_a_sample_is_damaged(self, error: RuntimeError) -> None:
+    def _raise_if_a_sample_is_damaged(self) -> None:
         """After DALI failed, decodes the JPEGs of the batches it was given last, one by one on
         the host, and names the first that does not decode (the hot path pays nothing for this)."""
         self.close()

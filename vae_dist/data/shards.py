@@ -57,19 +57,29 @@ def _quiet_stderr():
         os.close(null)
 
 
-def undecodable(jpeg: bytes) -> str | None:
-    """Why a sample's JPEG does not decode (None: it does), by the strictest decoder at hand
-    (torchvision's libjpeg-turbo refuses what DALI's decoders refuse)."""
+def decode_rgb(jpeg):
+    """A sample's JPEG as uint8 (3, S, S), by torchvision's libjpeg-turbo: the webdataset loader's
+    decoder, and the strictest at hand (it refuses what DALI's decoders refuse)."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    return decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def decode_failure(error: RuntimeError) -> str:
+    """The reason in a `decode_rgb` error: "decode_jpeg, FILE.cpp:LINE, the reason'a warning"."""
+    text = str(error).strip()
+    found = re.search(r"\.cpp:\d+, ([^']+)", text)
+    return (found.group(1) if found else text.splitlines()[0] if text else "not a JPEG")[:120]
+
+
+def undecodable(jpeg: bytes) -> str | None:
+    """Why a sample's JPEG does not decode (None: it does)."""
     try:
         with _quiet_stderr():  # libjpeg prints its warnings there; the reason is in the error
-            decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except RuntimeError as e:  # "decode_jpeg, FILE.cpp:LINE, the reason'a warning"
-        text = str(e).strip()
-        found = re.search(r"\.cpp:\d+, ([^']+)", text)
-        return (found.group(1) if found else text.splitlines()[0] if text else "not a JPEG")[:120]
+            decode_rgb(jpeg)
+    except RuntimeError as e:
+        return decode_failure(e)
     return None
 
 

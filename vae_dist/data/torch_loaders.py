@@ -16,10 +16,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from vae_dist.data.partition import epoch_order, epoch_seed, rank_seed, steps_per_epoch
-from vae_dist.data.shards import damaged_sample, decode_label, undecodable
+from vae_dist.data.shards import damaged_sample, decode_failure, decode_label, decode_rgb
 from vae_dist.errors import DataError
 
 
@@ -125,9 +124,9 @@ def _decode(items, flips):
     images = []
     for (jpeg, _, key, url), flip in zip(items, flips):
         try:
-            img = decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except RuntimeError:
-            return Undecodable(url, key, undecodable(jpeg) or "not a JPEG")
+            img = decode_rgb(jpeg)
+        except RuntimeError as e:  # its reason is in the error: no second decode
+            return Undecodable(url, key, decode_failure(e))
         images.append(img.flip(-1) if flip else img)
     return torch.stack(images), torch.tensor([item[1] for item in items])
 
