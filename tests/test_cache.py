@@ -7,6 +7,7 @@ import torch
 
 from vae_dist.config import DataConfig
 from vae_dist.data.loaders import CachedLoader, build_loader, choose_cache
+from vae_dist.data.shards import ShardSet
 
 from .conftest import CUDA, TINY_MODEL, needs_dali, needs_loader, run_cli
 
@@ -49,14 +50,15 @@ def test_flip_applies_to_about_half_and_only_on_train():
 
 def test_auto_caches_what_fits_and_streams_what_does_not(shards):
     gpu, gib = torch.device("cuda"), 2**30  # the decision only; the free memory is given
-    kind, why = choose_cache(DataConfig(shards=str(shards)), gpu, free_bytes=80 * gib)
+    shard_set = ShardSet.open(shards)
+    kind, why = choose_cache(shard_set, DataConfig(shards=str(shards)), gpu, free_bytes=80 * gib)
     assert kind == "gpu" and why.startswith("260 decoded images (0.00 GiB) fit in 50% of 80.0 GiB free GPU memory")
-    kind, why = choose_cache(DataConfig(shards=str(shards), cache_budget=0.0), gpu, free_bytes=80 * gib)
+    kind, why = choose_cache(shard_set, DataConfig(shards=str(shards), cache_budget=0.0), gpu, free_bytes=80 * gib)
     assert kind == "none" and why.endswith("do not fit in 0% of 80.0 GiB free GPU memory: streaming"), why
-    kind, why = choose_cache(DataConfig(shards=str(shards)), gpu, free_bytes=1000)  # 260 x 12 KiB > 500 bytes
+    kind, why = choose_cache(shard_set, DataConfig(shards=str(shards)), gpu, free_bytes=1000)  # 260 x 12 KiB > 500 bytes
     assert kind == "none" and "streaming" in why
-    assert choose_cache(DataConfig(shards=str(shards)), torch.device("cpu"))[0] == "none"
-    assert choose_cache(DataConfig(shards=str(shards), cache="ram"), torch.device("cpu")) == ("ram", "data.cache=ram")
+    assert choose_cache(shard_set, DataConfig(shards=str(shards)), torch.device("cpu"))[0] == "none"
+    assert choose_cache(shard_set, DataConfig(shards=str(shards), cache="ram"), torch.device("cpu")) == ("ram", "data.cache=ram")
 
 
 @needs_loader
@@ -79,8 +81,9 @@ def _rss_mib() -> float:
 @needs_dali
 @pytest.mark.parametrize("train", [True, False])
 def test_dali_loader_memory_stays_flat_over_many_epochs(shards, train):
-    loader = build_loader(DataConfig(shards=str(shards), loader="dali", num_threads=1), "train" if train else "val",
-                          16, rank=0, world=1, device=torch.device("cpu"), train=train, seed=0)
+    cfg = DataConfig(shards=str(shards), loader="dali", num_threads=1)
+    loader = build_loader(ShardSet.open(shards), cfg, "train" if train else "val", 16, rank=0, world=1,
+                          device=torch.device("cpu"), train=train, seed=0)
     usage = []
     for epoch in range(60):
         for _ in loader.epoch(epoch):

@@ -17,8 +17,9 @@ from PIL import Image
 from vae_dist.config import DataConfig
 from vae_dist.data.loaders import build_loader
 from vae_dist.data.pack import PackOptions, pack
-from vae_dist.data.shards import decode_label, load_manifest, verify
+from vae_dist.data.shards import ShardSet, decode_label, load_manifest
 from vae_dist.data.tinyimagenet import Source
+from vae_dist.data.verify import verify
 from vae_dist.errors import DataError
 
 from .conftest import needs_dali, run_cli, with_loader
@@ -96,7 +97,8 @@ def test_index_matches_dalis_wds2idx(messy_pack, tmp_path):
 def _collect(cfg, split, batch, world, train, epoch=0):
     keys = []
     for rank in range(world):
-        loader = build_loader(cfg, split, batch, rank=rank, world=world, device=CPU, train=train, seed=5)
+        loader = build_loader(ShardSet.open(cfg.shards), cfg, split, batch, rank=rank, world=world, device=CPU,
+                              train=train, seed=5)
         imgs, labels = [], []
         for x, y in loader.epoch(epoch):
             imgs.append(x.clone())
@@ -165,7 +167,7 @@ def test_train_equal_steps_per_rank_and_reshuffled_each_epoch(shards, loader):
 @needs_dali
 def test_resume_position_skips_batches(shards):
     cfg = DataConfig(shards=str(shards), loader="dali", num_threads=1, flip=False)
-    loader = build_loader(cfg, "train", 16, rank=0, world=1, device=CPU, train=True, seed=2)
+    loader = build_loader(ShardSet.open(cfg.shards), cfg, "train", 16, rank=0, world=1, device=CPU, train=True, seed=2)
     full = [y.clone() for _, y in loader.epoch(4)]
     tail = [y.clone() for _, y in loader.epoch(4, skip=3)]
     assert len(tail) == len(full) - 3
@@ -218,7 +220,7 @@ def test_verify_catches_truncated_and_missing_shards(shards, tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == f"vae-dist: error: shard folder not found: {tmp_path / 'missing'}"
     # and training refuses the corrupt folder up front, in one line
     with pytest.raises(DataError, match="train-000000.tar"):
-        build_loader(DataConfig(shards=str(bad)), "train", 8, rank=0, world=1, device=CPU, train=True, seed=0)
+        build_loader(ShardSet.open(bad), DataConfig(shards=str(bad)), "train", 8, rank=0, world=1, device=CPU, train=True, seed=0)
 
 
 def test_bad_sources_give_one_line_errors(tmp_path):
@@ -275,7 +277,7 @@ def test_train_epochs_cover_every_sample_and_mix_the_ranks(one_shard, loader):
     remainder moves between epochs, and a rank's samples change with the epoch."""
     shards = one_shard
     cfg = DataConfig(shards=str(shards), loader=loader, num_threads=2, flip=False, shuffle_buffer=64)
-    in_order = build_loader(cfg, "train", 16, rank=0, world=1, device=CPU, train=False, seed=5)
+    in_order = build_loader(ShardSet.open(cfg.shards), cfg, "train", 16, rank=0, world=1, device=CPU, train=False, seed=5)
     images = torch.cat([x for x, _ in in_order.epoch(0)])
     reference = {img.numpy().tobytes(): i for i, img in enumerate(images)}  # sample id: place in shard order
     n = len(reference)
@@ -352,7 +354,8 @@ def test_a_limit_takes_the_first_samples_for_any_number_of_ranks(shards, loader)
     cfg = DataConfig(shards=str(shards), loader=loader, num_threads=1)
     ref_x, ref_y = _packed_images(shards, "val")
     for world in (1, 2, 3):
-        parts = [build_loader(cfg, "val", 8, rank=r, world=world, device=CPU, train=False, seed=0, limit=20)
+        parts = [build_loader(ShardSet.open(cfg.shards), cfg, "val", 8, rank=r, world=world, device=CPU, train=False,
+                              seed=0, limit=20)
                  for r in range(world)]
         labels = torch.cat([y for loader_ in parts for _, y in loader_.epoch(0)])
         assert torch.equal(labels, ref_y[:20]), world  # the first 20, split among the ranks

@@ -74,13 +74,14 @@ def _trainer(shards, tmp_path, *extra):
 def test_dali_mixed_decode_matches_the_cpu_decode(shards, train):
     from vae_dist.config import DataConfig
     from vae_dist.data.loaders import build_loader
+    from vae_dist.data.shards import ShardSet
 
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     out = {}
     for decode, device in (("gpu", gpu), ("cpu", cpu)):
         cfg = DataConfig(shards=str(shards), loader="dali", decode=decode, num_threads=2)
-        loader = build_loader(cfg, "train" if train else "val", 16, rank=0, world=1, device=device, train=train,
-                              seed=3)
+        loader = build_loader(ShardSet.open(cfg.shards), cfg, "train" if train else "val", 16, rank=0, world=1,
+                              device=device, train=train, seed=3)
         batches = list(loader.epoch(1))  # all held at once: a reused output buffer would show below
         loader.close()
         assert all(x.device == device and x.dtype == torch.uint8 for x, _ in batches)

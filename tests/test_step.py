@@ -97,7 +97,7 @@ def test_nonfinite_batch_is_skipped_on_the_device_and_counted_at_the_next_log(sh
 
 
 def test_max_bad_steps_stops_at_the_next_sync_point(shards, tmp_path):
-    from vae_dist.train import DivergedError
+    from vae_dist.metrics import DivergedError
 
     trainer = _trainer(shards, tmp_path, "--log.log_every=4", "--train.max_bad_steps=3", "--train.max_steps=100")
     bad = torch.full_like(next(trainer.train_loader.epoch(0))[0], float("nan"), dtype=torch.float32)
@@ -142,7 +142,7 @@ def test_checkpoint_without_channels_last_resumes_with_it_and_moments_follow_the
 
     ckpt = latest_checkpoint(tmp_path / "run")
     again = _trainer(shards, tmp_path, "--train.max_steps=4", "--log.log_every=2", "--model.channels_last=true")
-    again.maybe_resume(ckpt)
+    again.resume(ckpt)
     opt = again.step.raw_optimizer
     four_d = [p for p in again.raw_model.parameters() if p.dim() == 4]
     assert four_d and all(p.is_contiguous(memory_format=torch.channels_last) for p in four_d)
@@ -163,12 +163,12 @@ def test_train_rows_carry_model_flops_and_mfu_against_the_configured_peak(shards
     train_rows = [r for r in rows if "split" not in r]
     assert len(train_rows) == 2
     for row in train_rows:
-        assert row["tflop_per_s"] == pytest.approx(row["img_per_s"] * trainer.flops_per_image / 1e12)
+        assert row["tflop_per_s"] == pytest.approx(row["img_per_s"] * trainer.window.flops_per_image / 1e12)
         assert row["mfu"] == pytest.approx(row["tflop_per_s"] / 0.5) and row["mfu"] > 0
     trainer = _trainer(shards, tmp_path / "b", "--train.max_steps=2", "--log.log_every=2")
     if not torch.cuda.is_available():
-        assert trainer.peak_flops is None  # a CPU: no known peak, no mfu
-    assert trainer.flops_per_image > 0
+        assert trainer.window.peak_flops is None  # a CPU: no known peak, no mfu
+    assert trainer.window.flops_per_image > 0
 
 
 def test_profile_steps_writes_a_trace_and_says_what_bounds_the_step(shards, tmp_path):
@@ -192,8 +192,8 @@ def test_dali_val_pipeline_is_built_once_for_many_evaluations_and_released_at_th
                        "--data.loader=dali", "--data.cache=none")
     val = trainer.val_loader.loader
     evals = []
-    original = trainer.evaluate
-    trainer.evaluate = lambda: evals.append(original())
+    original = trainer.evaluator.evaluate
+    trainer.evaluator.evaluate = lambda state: evals.append(original(state))
     assert trainer.fit() == 0
     done = [e for e in evals if e is not None]
     assert len(done) >= 6 and all(e["images"] == 60 for e in done)
@@ -247,3 +247,38 @@ def test_free_bits_rows_log_the_real_kl_and_the_clamped_one_apart(shards, tmp_pa
     assert 0 < row["kl"] < 20 * latent  # the real KL, which the elbo uses
     assert row["elbo"] == pytest.approx(-(row["recon"] + row["kl"]))
     assert row["loss"] == pytest.approx(row["recon"] + row["kl_objective"], rel=1e-5)  # beta = 1
+
+
+@pytest.mark.parametrize("verify", ["false", "true"])
+def test_a_run_reads_manifest_json_once(shards, tmp_path, monkeypatch, verify):
+    """The shard set is opened once per process (train's ShardSet) and handed to the loaders,
+    the cache decision, the hooks and data.verify: every open of manifest.json is counted."""
+    import builtins
+    import io
+    import os
+    import traceback
+
+    from accelerate.state import AcceleratorState
+
+    from vae_dist.train import train
+
+    real_open, reads = io.open, []
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(file).name == "manifest.json":
+            reads.append("".join(traceback.format_stack(limit=6)))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", counting_open)  # pathlib's read_text opens through io.open
+    monkeypatch.setattr(builtins, "open", counting_open)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    cfg = build_config(None, [f"--data.shards={shards}", f"--train.out_dir={tmp_path / 'run'}", *TINY_MODEL,
+                              "--train.batch_size=16", "--data.num_threads=1", "--log.wandb_mode=disabled",
+                              "--train.max_steps=4", "--train.eval_every=2", "--train.checkpoint_every=2",
+                              "--log.log_every=2", "--log.image_every=2", "--model.compile=false",
+                              f"--data.verify={verify}"])
+    assert train(cfg) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("split") == "val"] == [2, 4]  # steps, evals, pictures all ran
+    assert (tmp_path / "run" / "images").is_dir()
+    assert len(reads) == 1, "manifest.json was opened more than once:\n" + "\n---\n".join(reads)

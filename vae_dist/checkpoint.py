@@ -291,19 +291,6 @@ def load_checkpoint(accelerator, path: Path, model: VAE, optimizer) -> dict:
     return state
 
 
-def match_state_layouts(optimizer) -> None:
-    """Gives every optimizer state tensor (Adam's moments) its parameter's memory layout.
-    `load_state_dict` keeps the saved strides, so a checkpoint written without channels_last
-    (any CPU run) and resumed with it (the CUDA default) would hand fused Adam moments whose
-    strides differ from their parameters'; its kernels want them alike."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state.get(p, {})
-            for key, value in state.items():
-                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
-                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)  # empty_like keeps p's strides
-
-
 def _torch_bytes(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)

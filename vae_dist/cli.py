@@ -34,7 +34,7 @@ def _pack(args) -> int:
 
 
 def _verify(args) -> int:
-    from vae_dist.data.shards import verify
+    from vae_dist.data.verify import verify
     from vae_dist.errors import DataError
 
     problems = verify(args.dir)

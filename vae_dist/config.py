@@ -430,3 +430,13 @@ def vae_config(model: ModelConfig) -> VAEConfig:
     """The architecture part of the model section (what a weights file needs)."""
     names = {f.name for f in dataclasses.fields(VAEConfig)}
     return VAEConfig(**{k: v for k, v in dataclasses.asdict(model).items() if k in names})
+
+
+def per_process_batch(train: TrainConfig, world: int) -> int:
+    """Each process's batch: train.global_batch_size split over the processes when set, else
+    train.batch_size (already per process)."""
+    if train.global_batch_size is None:
+        return train.batch_size
+    if train.global_batch_size % world:
+        raise ConfigError(f"train.global_batch_size={train.global_batch_size} does not divide by {world} processes")
+    return train.global_batch_size // world

@@ -13,7 +13,7 @@ import torch
 from vae_dist.config import build_config
 from vae_dist.data.pack import PackOptions, pack, summary
 from vae_dist.data.sample import make_sample_dataset
-from vae_dist.data.shards import verify
+from vae_dist.data.verify import verify
 from vae_dist.errors import DataError, UserError
 from vae_dist.files import output_dir
 from vae_dist.train import train

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 # Dense peak FLOP/s by device name fragment: (bf16/fp16, tf32). H100/H200 are the SXM figures;
-# fp32 training runs TF32 matmuls/convolutions (train.configure_cuda_math), so its peak is TF32's.
+# fp32 training runs TF32 matmuls/convolutions (distributed.configure_cuda_math), so its peak is TF32's.
 PEAK_FLOPS = {"H200": (989e12, 494e12), "H100": (989e12, 494e12), "A100": (312e12, 156e12)}
 
 

@@ -19,7 +19,6 @@ import torch
 
 from vae_dist import viz
 from vae_dist.data import unit_float
-from vae_dist.data.shards import class_names, load_manifest
 
 
 def _duration(seconds: float) -> str:
@@ -52,8 +51,9 @@ class Hooks:
     def close(self, weights: Path | None = None, failed: bool = False, stopped_by: int = 0) -> None: ...
 
 
-def make_hooks(accelerator, cfg, run_dir: Path, val_loader) -> Hooks:
-    return RankZeroHooks(cfg, run_dir, val_loader) if accelerator.is_main_process else Hooks()
+def make_hooks(accelerator, cfg, run_dir: Path, val_loader, class_names: list[str]) -> Hooks:
+    """`class_names`: the labels' names in order (the run's ShardSet), for the latent-space picture."""
+    return RankZeroHooks(cfg, run_dir, val_loader, class_names) if accelerator.is_main_process else Hooks()
 
 
 def wandb_mode(configured: str | None) -> str:
@@ -64,15 +64,14 @@ def wandb_mode(configured: str | None) -> str:
 
 
 class RankZeroHooks(Hooks):
-    def __init__(self, cfg, run_dir: Path, val_loader):
+    def __init__(self, cfg, run_dir: Path, val_loader, class_names: list[str]):
         self.cfg, self.run_dir, self.val_loader = cfg, Path(run_dir), val_loader
         self.image_dir = self.run_dir / "images"
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._failed: set[str] = set()
         self._fixed: torch.Tensor | None = None
         self._last_image_step = -1
-        # the trainer's loaders have read this manifest already, so it is there and valid
-        self.class_names = class_names(load_manifest(cfg.data.shards))
+        self.class_names = list(class_names)
         self._scatter = None
         self._bar = None  # tqdm, on a terminal only
         self.wandb = None

@@ -27,6 +27,7 @@ from vae_dist.checkpoint import find_weights, load_weights
 from vae_dist.config import DataConfig
 from vae_dist.data import unit_float
 from vae_dist.data.loaders import build_loader, check_model_fits_shards
+from vae_dist.data.shards import ShardSet
 from vae_dist.errors import UserError
 from vae_dist.files import output_dir
 from vae_dist.losses import bits_per_dim, discretized_gaussian_log_likelihood, psnr
@@ -39,11 +40,11 @@ def _accelerator():
     return Accelerator(cpu=not torch.cuda.is_available())
 
 
-def _batches(shards: str, split: str, batch_size: int, acc, limit: int | None = None):
+def _batches(shards: ShardSet, split: str, batch_size: int, acc, limit: int | None = None):
     """Every image of the split (or its first `limit`) once across ranks: this rank's part,
     as float batches. The same images for any number of processes."""
-    cfg = DataConfig(shards=str(shards), cache="none")
-    loader = build_loader(cfg, split, batch_size, rank=acc.process_index, world=acc.num_processes,
+    cfg = DataConfig(shards=shards.root, cache="none")
+    loader = build_loader(shards, cfg, split, batch_size, rank=acc.process_index, world=acc.num_processes,
                           device=acc.device, train=False, seed=0, limit=limit)
     try:
         for x, y in loader.epoch(0):
@@ -57,7 +58,7 @@ def _log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torc
 
 
 @torch.no_grad()
-def calibrate_sigma(model: VAE, shards: str, acc, images: int, batch_size: int) -> float:
+def calibrate_sigma(model: VAE, shards: ShardSet, acc, images: int, batch_size: int) -> float:
     """The ML shared sigma of a Gaussian decoder on training images: sqrt(mean squared error
     per subpixel) with z ~ q(z|x), as for the σ-VAE's 'optimal sigma'."""
     sums = torch.zeros(2, device=acc.device, dtype=torch.float64)
@@ -77,15 +78,16 @@ def evaluate_checkpoint(ckpt: str, shards: str, split: str = "val", iw: int = 1,
     acc = _accelerator()
     weights = find_weights(ckpt)
     model = load_weights(weights, acc.device)
-    check_model_fits_shards(model.cfg, shards)
+    shard_set = ShardSet.open(shards)
+    check_model_fits_shards(model.cfg, shard_set)
     torch.manual_seed(seed + acc.process_index)
     if model.log_sigma is not None:
         sigma, source = float(model.log_sigma.exp()), "learned (loss.recon=gaussian)"
     else:
-        sigma = calibrate_sigma(model, shards, acc, calib_images, batch_size)
+        sigma = calibrate_sigma(model, shard_set, acc, calib_images, batch_size)
         source = f"maximum likelihood on up to {calib_images} train images"
     sums = torch.zeros(4, device=acc.device, dtype=torch.float64)  # elbo, iw, sq_err(decode(mu)), images
-    for x, _ in _batches(shards, split, batch_size, acc):
+    for x, _ in _batches(shard_set, split, batch_size, acc):
         mu, logvar = model.encode(x)
         log_w = []
         for _ in range(iw):
@@ -151,7 +153,7 @@ def encode_split(ckpt: str, shards: str, out: str, split: str = "val", batch_siz
     output_dir(path.parent, "encode --out folder")
     model = load_weights(find_weights(ckpt), acc.device)
     mus, logvars, labels = [], [], []
-    for x, y in _batches(shards, split, batch_size, acc):
+    for x, y in _batches(ShardSet.open(shards), split, batch_size, acc):
         mu, logvar = model.encode(x)
         mus.append(mu.float().cpu())
         logvars.append(logvar.float().cpu())

@@ -150,6 +150,16 @@ class Start:
     set_aside: Path | None = None
     notes: list[str] = field(default_factory=list)
 
+    def report(self, run_dir: Path) -> list[str]:
+        """The lines that tell the user what this start did to the run folder."""
+        lines = [f"moved the previous run in {run_dir} to {self.moved_to}"] if self.moved_to is not None else []
+        lines += [f"vae-dist: {note}" for note in self.notes]
+        if self.set_aside is not None:
+            name = self.checkpoint.name
+            lines.append(f"set aside what lay beyond {name} (later checkpoints, metrics rows) in {self.set_aside}: "
+                         f"this run continues from {name}")
+        return lines
+
 
 def _old_run_files(run_dir: Path) -> list[str]:
     found = [name for name in RUN_FILES if (run_dir / name).exists()]

@@ -7,7 +7,7 @@ never wait for the device inside a step:
 - A non-finite gradient is skipped on the device: fused Adam's `found_inf` input leaves the
   weights, moments and step count untouched (the same path the fp16 GradScaler uses).
 - The meters (loss sums, good/skipped steps, consecutive non-finite steps) are device
-  tensors; the Trainer reads them only at its sync points (`read_meters`).
+  tensors; they are read only at sync points (`metrics.read_window`).
 The forward and the loss terms are one `torch.compile`d function (under DDP it breaks at
 DDP's forward, whose inner module is compiled with DDP's bucket-aware optimizer); the tail
 (gradient norm, finite check, clip, meters) is a second one, so the ~20 tiny kernels it
@@ -24,6 +24,7 @@ import torch
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from vae_dist.data import unit_float
+from vae_dist.errors import ConfigError
 from vae_dist.losses import kl_terms, recon_loss
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -31,6 +32,18 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # penalizes (clamped by loss.free_bits), grad_norm; then good steps, skipped steps in the
 # window, consecutive non-finite steps now, their maximum in the window
 LOSS, RECON, KL, KL_OBJECTIVE, GRAD_NORM, GOOD, SKIPPED, CONSECUTIVE, MAX_CONSECUTIVE = range(9)
+
+
+def compile_mode_for(model_cfg, device: torch.device, world: int) -> str | None:
+    """The torch.compile mode (None: eager; model.compile unset compiles on CUDA); refuses the
+    modes known to break under DDP."""
+    if not (model_cfg.compile if model_cfg.compile is not None else device.type == "cuda"):
+        return None
+    if world > 1 and model_cfg.compile_mode in ("reduce-overhead", "max-autotune"):
+        raise ConfigError(
+            f"model.compile_mode={model_cfg.compile_mode} with {world} processes: its CUDA graphs split at DDP's "
+            f"buckets and are overwritten by the next replay; use default or max-autotune-no-cudagraphs")
+    return model_cfg.compile_mode
 
 
 class TrainStep:

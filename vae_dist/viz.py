@@ -152,7 +152,7 @@ def viz_checkpoint(ckpt_path: str, out: str, shards: str | None = None, num_imag
     from vae_dist.checkpoint import find_weights, load_weights
     from vae_dist.config import DataConfig, load_yaml_text
     from vae_dist.data.loaders import decode_split
-    from vae_dist.data.shards import class_names, load_manifest
+    from vae_dist.data.shards import ShardSet
     from vae_dist.errors import UserError
     from vae_dist.files import output_dir
 
@@ -166,15 +166,14 @@ def viz_checkpoint(ckpt_path: str, out: str, shards: str | None = None, num_imag
         shards = (load_yaml_text(saved_config.read_text()) or {}).get("data", {}).get("shards")
     if shards is None:
         raise UserError("no shard folder known for real images: pass --shards DIR")
-    manifest = load_manifest(shards)
-    split = "val" if "val" in manifest["splits"] else "train"
-    images, labels = decode_split(DataConfig(shards=shards, num_threads=1), split,
-                                  torch.device("cpu"))
+    shard_set = ShardSet.open(shards)
+    split = "val" if shard_set.count("val") else "train"
+    images, labels = decode_split(shard_set, DataConfig(shards=shards, num_threads=1), split, torch.device("cpu"))
     n = min(num_images * 2, images.shape[0])
     x = images[:n].float() / 255
     keep = min(2000, images.shape[0])
     xs = images[:keep].float() / 255
-    paths = picture_set(model, x, Path(out), scatter=(xs, labels[:keep], class_names(manifest)))
+    paths = picture_set(model, x, Path(out), scatter=(xs, labels[:keep], list(shard_set.class_names)))
     run_metrics = weights.parent / "metrics.jsonl"
     if run_metrics.is_file():
         curve = loss_curves(run_metrics, Path(out) / "loss_curves.png")

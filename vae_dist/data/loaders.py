@@ -1,5 +1,6 @@
 """Choosing and building the loader a training run uses.
 
+Every function here takes the run's `ShardSet` (the manifest and split files, read once).
 All loaders share one contract: `steps_per_epoch`, `epoch(e, skip=0)` yielding
 (images uint8 NCHW on the training device, labels int64 on the host or that device), the same number of
 batches on every rank for train, each sample once across ranks for val; and `close()`,
@@ -15,8 +16,9 @@ import torch
 
 from vae_dist.data import dali
 from vae_dist.data.partition import epoch_order, steps_per_epoch
-from vae_dist.data.shards import load_manifest, split_files, verify
+from vae_dist.data.shards import ShardSet
 from vae_dist.data.torch_loaders import WebDatasetLoader, have_webdataset
+from vae_dist.data.verify import verify
 from vae_dist.errors import DataError
 
 
@@ -51,25 +53,23 @@ def resolve_decode(decode: str, device: torch.device) -> str:
     return decode
 
 
-def build_loader(data_cfg, split: str, batch_size: int, *, rank: int, world: int, device: torch.device,
-                 train: bool, seed: int, limit: int | None = None):
+def build_loader(shards: ShardSet, data_cfg, split: str, batch_size: int, *, rank: int, world: int,
+                 device: torch.device, train: bool, seed: int, limit: int | None = None):
     """The streaming loader for `split` as configured (DALI or webdataset); `limit`: only the
     split's first `limit` samples, divided among the ranks (the same samples for any world)."""
-    manifest = load_manifest(data_cfg.shards)
-    tars, idxs, count = split_files(data_cfg.shards, manifest, split)
-    counts = [shard["count"] for shard in manifest["splits"][split]["shards"]]
+    files = shards.files(split)
     kind = resolve_loader_kind(data_cfg.loader)
     threads = data_cfg.num_threads if data_cfg.num_threads is not None else default_threads()
     if kind == "dali":
         gpu_id = device.index if device.index is not None else 0
         loader = dali.DaliLoader(
-            tars, idxs, count, batch_size, rank=rank, world=world, train=train,
+            list(files.tars), list(files.idxs), files.count, batch_size, rank=rank, world=world, train=train,
             gpu_id=gpu_id if resolve_decode(data_cfg.decode, device) == "gpu" else None,
             num_threads=threads, prefetch=data_cfg.prefetch, seed=seed, flip=data_cfg.flip,
-            image_size=manifest["image_size"], hw_decoder_load=data_cfg.hw_decoder_load, limit=limit,
+            image_size=shards.image_size, hw_decoder_load=data_cfg.hw_decoder_load, limit=limit,
         )
         return _OnDevice(loader, device)
-    return WebDatasetLoader(tars, counts, batch_size, rank=rank, world=world, train=train,
+    return WebDatasetLoader(list(files.tars), list(files.counts), batch_size, rank=rank, world=world, train=train,
                             num_workers=threads, seed=seed, flip=data_cfg.flip,
                             buffer=data_cfg.shuffle_buffer, device=device, limit=limit)
 
@@ -122,13 +122,12 @@ class CachedLoader:
         pass  # plain tensors: freed with the loader
 
 
-def decode_split(data_cfg, split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_split(shards: ShardSet, data_cfg, split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of a split as uint8 (N, 3, S, S) on `device`, in shard order."""
-    manifest = load_manifest(data_cfg.shards)
-    count = manifest["splits"][split]["count"] if split in manifest.get("splits", {}) else 0
-    loader = build_loader(data_cfg, split, min(256, max(1, count)), rank=0, world=1, device=device,
+    count = shards.count(split)
+    loader = build_loader(shards, data_cfg, split, min(256, max(1, count)), rank=0, world=1, device=device,
                           train=False, seed=0)
-    size = manifest["image_size"]
+    size = shards.image_size
     images = torch.empty(count, 3, size, size, dtype=torch.uint8, device=device)
     labels = torch.empty(count, dtype=torch.long, device=device)
     pos = 0
@@ -141,7 +140,7 @@ def decode_split(data_cfg, split: str, device: torch.device) -> tuple[torch.Tens
     return images, labels
 
 
-def choose_cache(data_cfg, device: torch.device, free_bytes: int | None = None) -> tuple[str, str]:
+def choose_cache(shards: ShardSet, data_cfg, device: torch.device, free_bytes: int | None = None) -> tuple[str, str]:
     """('gpu' | 'ram' | 'none', why) for data.cache. `auto` on CUDA: decode train+val once into
     GPU memory when they fit in `data.cache_budget` of the free GPU memory (`free_bytes`, else
     measured), otherwise stream. `auto` on a CPU streams: there the step, not decoding, bounds
@@ -152,10 +151,8 @@ def choose_cache(data_cfg, device: torch.device, free_bytes: int | None = None) 
         return data_cfg.cache, f"data.cache={data_cfg.cache}"
     if device.type != "cuda":
         return "none", "no CUDA: streaming (a RAM cache is data.cache=ram)"
-    manifest = load_manifest(data_cfg.shards)
-    splits = manifest.get("splits", {})
-    count = sum(splits.get(s, {}).get("count", 0) for s in ("train", "val"))
-    need = count * 3 * manifest["image_size"] ** 2  # uint8
+    count = shards.count("train") + shards.count("val")
+    need = count * 3 * shards.image_size**2  # uint8
     free = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
     fits = need <= data_cfg.cache_budget * free
     why = (f"{count} decoded images ({need / 2**30:.2f} GiB) {'fit' if fits else 'do not fit'} in "
@@ -163,45 +160,45 @@ def choose_cache(data_cfg, device: torch.device, free_bytes: int | None = None) 
     return ("gpu", why) if fits else ("none", why + ": streaming")
 
 
-def build_train_and_val(data_cfg, batch_size: int, *, rank: int, world: int, device: torch.device, seed: int,
+def build_train_and_val(shards: ShardSet, data_cfg, batch_size: int, *, rank: int, world: int, device: torch.device, seed: int,
                         cache: str = "none", val_limit: int | None = None):
     """(train loader, val loader): streaming (cache='none'), or decoded once into RAM / GPU.
     `val_limit`: the val loader serves the split's first `val_limit` images only."""
     if cache == "none":
-        return tuple(build_loader(data_cfg, split, batch_size, rank=rank, world=world, device=device, train=train,
+        return tuple(build_loader(shards, data_cfg, split, batch_size, rank=rank, world=world, device=device, train=train,
                                   seed=seed, limit=limit)
                      for split, train, limit in (("train", True, None), ("val", False, val_limit)))
     target = device if cache == "gpu" else torch.device("cpu")
     loaders = []
     for split, train, limit in (("train", True, None), ("val", False, val_limit)):
-        images, labels = decode_split(data_cfg, split, target)
+        images, labels = decode_split(shards, data_cfg, split, target)
         loaders.append(_OnDevice(CachedLoader(images[:limit], labels[:limit], batch_size, rank=rank, world=world,
                                               train=train, seed=seed, flip=data_cfg.flip), device))
     return tuple(loaders)
 
 
-def check_model_fits_shards(model_cfg, shards: str) -> None:
+def check_model_fits_shards(model_cfg, shards: ShardSet) -> None:
     """A model whose input shape is not the shards' is refused at start, in one line (not with
     a shape error at the first step)."""
-    size = load_manifest(shards)["image_size"]
+    size = shards.image_size
     if model_cfg.image_size != size:
-        raise DataError(f"model.image_size={model_cfg.image_size} but the shards in {shards} hold {size}x{size} "
+        raise DataError(f"model.image_size={model_cfg.image_size} but the shards in {shards.root} hold {size}x{size} "
                         f"images: set model.image_size={size} (or pack with --image-size {model_cfg.image_size})")
     if model_cfg.in_channels != 3:
-        raise DataError(f"model.in_channels={model_cfg.in_channels} but the shards in {shards} hold RGB images: "
+        raise DataError(f"model.in_channels={model_cfg.in_channels} but the shards in {shards.root} hold RGB images: "
                         f"set model.in_channels=3")
 
 
-def verify_shards(shards: str) -> str:
+def verify_shards(shards: ShardSet) -> str:
     """data.verify=true: `vae-dist verify` before training (sha256 of every shard, every sample
     complete); the first problem is a one-line error. Returns the line that reports success."""
     import time
 
     t0 = time.perf_counter()
-    problems = verify(shards)
+    problems = verify(shards.root, shards.manifest)
     if problems:
         n = len(problems)
-        raise DataError(f"data.verify: {n} problem{'s' * (n > 1)} with the shards in {shards}, the first: "
-                        f"{problems[0]} (`vae-dist verify {shards}` lists them all; pack again to fix them)")
-    count = sum(len(split.get("shards", [])) for split in load_manifest(shards).get("splits", {}).values())
-    return f"data.verify: all {count} shards in {shards} match manifest.json ({time.perf_counter() - t0:.1f} s)"
+        raise DataError(f"data.verify: {n} problem{'s' * (n > 1)} with the shards in {shards.root}, the first: "
+                        f"{problems[0]} (`vae-dist verify {shards.root}` lists them all; pack again to fix them)")
+    count = sum(len(split.get("shards", [])) for split in shards.manifest.get("splits", {}).values())
+    return f"data.verify: all {count} shards in {shards.root} match manifest.json ({time.perf_counter() - t0:.1f} s)"

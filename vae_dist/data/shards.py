@@ -15,6 +15,7 @@ import re
 import struct
 import sys
 import tarfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vae_dist.errors import DataError
@@ -30,6 +31,10 @@ _SAFE_KEY = re.compile(f"^[{_KEY_CHARS}]+$")
 def safe_key(text: str) -> str:
     """`text` with every character a sample key may not hold made '_'."""
     return re.sub(f"[^{_KEY_CHARS}]", "_", text)
+
+
+def is_safe_key(key: str) -> bool:
+    return bool(_SAFE_KEY.match(key))
 
 
 def parse_index_line(line: str) -> dict[str, tuple[int, int]]:
@@ -157,96 +162,63 @@ def load_manifest(shard_dir: str | Path) -> dict:
         raise DataError(f"corrupt {path}: {e}") from None
 
 
-def split_files(shard_dir: str | Path, manifest: dict, split: str) -> tuple[list[str], list[str], int]:
-    """(tar paths, idx paths, sample count) of a split, after a cheap presence/size check.
+@dataclass(frozen=True)
+class SplitFiles:
+    """One split's shards as the loaders take them (paths as strings, as DALI's reader wants)."""
 
-    The full sha256 check is `vae-dist verify`; this one catches a missing or truncated
-    shard before DALI would fail on it deep inside a worker thread."""
-    info = manifest.get("splits", {}).get(split)
-    if info is None or not info.get("shards"):
-        raise DataError(f"split '{split}' is not in {Path(shard_dir) / MANIFEST}")
-    tars, idxs = [], []
-    for shard in info["shards"]:
-        tar = Path(shard_dir) / shard["file"]
-        idx = Path(shard_dir) / shard["index"]
-        if not tar.is_file() or not idx.is_file():
-            raise DataError(f"missing shard {tar.name if not tar.is_file() else idx.name} in {shard_dir}")
-        if tar.stat().st_size != shard["bytes"]:
-            raise DataError(f"corrupt shard {tar}: {tar.stat().st_size} bytes, manifest says {shard['bytes']}")
-        tars.append(str(tar))
-        idxs.append(str(idx))
-    return tars, idxs, int(info["count"])
+    tars: tuple[str, ...]
+    idxs: tuple[str, ...]
+    counts: tuple[int, ...]  # samples per shard
+    count: int
 
 
-def verify(shard_dir: str | Path) -> list[str]:
-    """Every problem with the shards against their manifest, one line each ([] = all good); a
-    missing folder or manifest is a DataError."""
-    shard_dir = Path(shard_dir)
-    manifest = load_manifest(shard_dir)
-    problems = []
-    for split, info in manifest.get("splits", {}).items():
-        total = 0
-        for shard in info.get("shards", []):
-            problems += _verify_shard(shard_dir, shard)
-            total += shard.get("count", 0)
-        if total != info.get("count"):
-            problems.append(f"{split}: shard counts add up to {total}, manifest says {info.get('count')}")
-    return problems
+@dataclass(frozen=True)
+class ShardSet:
+    """A shard folder read once: manifest.json's facts and each split's files. A run opens it
+    once and hands it to the loaders, the cache decision, the hooks, viz, eval and encode, so
+    nothing re-reads the manifest or looks the files up again."""
 
+    root: str
+    manifest: dict  # as read, for `vae-dist verify`, which checks every field
+    image_size: int
+    class_names: tuple[str, ...]  # readable names in label order (words.txt text, else the wnid)
+    counts: dict[str, int]  # images per split, for the splits the manifest holds
+    _files: dict[str, SplitFiles] = field(default_factory=dict, compare=False, repr=False)
 
-def _verify_shard(shard_dir: Path, shard: dict) -> list[str]:
-    tar_path = shard_dir / shard["file"]
-    if not tar_path.is_file():
-        return [f"{shard['file']}: missing"]
-    problems = []
-    if sha256_file(tar_path) != shard["sha256"]:
-        problems.append(f"{shard['file']}: sha256 mismatch (corrupt or truncated)")
-    components: dict[str, set[str]] = {}
-    try:
-        with tarfile.open(tar_path) as tar:
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                if ext in components.get(key, ()):
-                    problems.append(f"{shard['file']}: sample key {key!r} appears twice (pack again: keys are unique)")
-                components.setdefault(key, set()).add(ext)
-                if ext == "jpg" and member.size == 0:
-                    problems.append(f"{shard['file']}: sample {key} has an empty image")
-    except (tarfile.TarError, OSError, EOFError) as e:
-        problems.append(f"{shard['file']}: unreadable tar ({e})")
-    for key in components:
-        if not _SAFE_KEY.match(key):
-            problems.append(f"{shard['file']}: sample key {key!r} holds characters the .idx format cannot "
-                            f"carry (pack again)")
-    if len(components) != shard["count"]:
-        problems.append(f"{shard['file']}: {len(components)} samples, manifest says {shard['count']}")
-    for key, exts in components.items():
-        missing = set(EXTENSIONS) - exts
-        if missing:
-            problems.append(f"{shard['file']}: sample {key} lacks {', '.join(sorted(missing))}")
-    idx_path = shard_dir / shard["index"]
-    if not idx_path.is_file():
-        problems.append(f"{shard['index']}: missing")
-    else:
-        lines = idx_path.read_text().splitlines()
-        header = lines[0].split() if lines else []
-        if len(header) != 2 or header[0] != "v1.2" or header[1] != str(shard["count"]) \
-                or len(lines) - 1 != shard["count"]:
-            problems.append(f"{shard['index']}: does not index {shard['count']} samples")
-        bad = [n for n, line in enumerate(lines[1:], start=2) if not _idx_line_ok(line)]
-        if bad:
-            problems.append(f"{shard['index']}: {len(bad)} lines do not parse as 'ext offset size name' "
-                            f"(first: line {bad[0]})")
-    return problems
+    @classmethod
+    def open(cls, root: str | Path) -> ShardSet:
+        manifest = load_manifest(root)
+        try:
+            words = manifest.get("words", {})
+            return cls(root=str(root), manifest=manifest, image_size=int(manifest["image_size"]),
+                       class_names=tuple(words.get(w, w) for w in manifest.get("classes", [])),
+                       counts={name: int(info["count"]) for name, info in manifest.get("splits", {}).items()})
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise DataError(f"corrupt {Path(root) / MANIFEST}: no valid {e} (pack the shards again)") from None
 
+    def count(self, split: str) -> int:
+        return self.counts.get(split, 0)
 
-def _idx_line_ok(line: str) -> bool:
-    try:
-        return set(parse_index_line(line)) == set(EXTENSIONS)
-    except ValueError:
-        return False
+    def files(self, split: str) -> SplitFiles:
+        """The split's tars and indexes, after a cheap presence/size check, made once per split.
 
+        The full sha256 check is `vae-dist verify`; this one catches a missing or truncated
+        shard before DALI would fail on it deep inside a worker thread."""
+        if split not in self._files:
+            self._files[split] = self._check(split)
+        return self._files[split]
 
-def class_names(manifest: dict) -> list[str]:
-    """Readable class names in label order (words.txt text, else the wnid)."""
-    words = manifest.get("words", {})
-    return [words.get(w, w) for w in manifest.get("classes", [])]
+    def _check(self, split: str) -> SplitFiles:
+        info = self.manifest.get("splits", {}).get(split)
+        if info is None or not info.get("shards"):
+            raise DataError(f"split '{split}' is not in {Path(self.root) / MANIFEST}")
+        tars, idxs = [], []
+        for shard in info["shards"]:
+            tar, idx = Path(self.root) / shard["file"], Path(self.root) / shard["index"]
+            if not tar.is_file() or not idx.is_file():
+                raise DataError(f"missing shard {tar.name if not tar.is_file() else idx.name} in {self.root}")
+            if tar.stat().st_size != shard["bytes"]:
+                raise DataError(f"corrupt shard {tar}: {tar.stat().st_size} bytes, manifest says {shard['bytes']}")
+            tars.append(str(tar))
+            idxs.append(str(idx))
+        return SplitFiles(tuple(tars), tuple(idxs), tuple(int(s["count"]) for s in info["shards"]), int(info["count"]))

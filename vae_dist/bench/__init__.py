@@ -1,0 +1,30 @@
+"""`vae-dist bench data|step|e2e`: throughput in images/second, measured side by side.
+
+One module per benchmark (data.py, step.py, e2e.py) and one for what they share
+(common.py: the timing method, the environment, the table, the plot, the JSON).
+"""
+
+from __future__ import annotations
+
+
+def run_bench(args) -> int:
+    from vae_dist.bench.common import sample_shards, write_report
+
+    shards, images_root = args.shards, args.images
+    if args.what in ("data", "e2e") and shards is None:
+        shards, made_root = sample_shards(args.tiny)
+        images_root = images_root or made_root
+    if args.what == "data":
+        from vae_dist.bench.data import bench_data
+
+        results = bench_data(args, shards, images_root)
+    elif args.what == "step":
+        from vae_dist.bench.step import bench_step
+
+        results = bench_step(args)
+    else:
+        from vae_dist.bench.e2e import bench_e2e
+
+        results = bench_e2e(args, shards, images_root)
+    write_report(args.what, shards, results, args.json, args.plot)
+    return 0

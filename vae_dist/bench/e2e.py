@@ -1,0 +1,125 @@
+"""`vae-dist bench e2e`: the real Trainer.train_step fed from the shards (the fraction of
+time waiting on data), next to the seed's own loop (ImageFolder loader, eager, fp32, batch
+64) in the same run, and the GPU cache where there is a GPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vae_dist.bench.common import model_cfg, row_or_reason, sync, timed
+from vae_dist.errors import UserError
+
+
+def bench_e2e(args, shards: str, images_root: str | None) -> list[dict]:
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    on_gpu = device.type == "cuda"
+    bs = args.batch_size or (16 if args.tiny else 64)
+    steps = args.steps or (4 if args.tiny else 60 if on_gpu else 20)
+    warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 20 if on_gpu else 5)
+    variants = (args.variants or ("seed,fast,cache" if on_gpu else "seed,fast")).split(",")
+    results = []
+    for variant in variants:
+        if variant == "seed":
+            if not (images_root and Path(images_root, "train").is_dir()):
+                results.append({"name": "seed", "unavailable": "pass --images (extracted root)"})
+                continue
+            results.append(row_or_reason("seed", lambda: _e2e_seed(args, images_root, bs, steps, warmup, device)))
+        elif variant in ("fast", "cache"):
+            if variant == "cache" and not on_gpu:
+                results.append({"name": "fast+gpu-cache", "unavailable": "no CUDA GPU"})
+                continue
+            results.append(row_or_reason(variant, lambda v=variant: _e2e_trainer(args, shards, v, bs, steps, warmup,
+                                                                                 device)))
+        else:
+            raise UserError(f"unknown e2e variant '{variant}' (choose from seed, fast, cache)")
+    return results
+
+
+def _e2e_seed(args, images_root, bs, steps, warmup, device) -> dict:
+    """The seed coursework's loop: ImageFolder loader, eager fp32 model, Adam."""
+    from vae_dist.data.torch_loaders import image_folder_loader
+    from vae_dist.model import VAE
+
+    threads = args.threads or os.cpu_count() or 1
+    dl = image_folder_loader(str(Path(images_root) / "train"), bs, threads)
+    torch.manual_seed(0)
+    model = VAE(model_cfg(args.tiny)).to(device)
+    step = _seed_step_fn(model, torch.optim.Adam(model.parameters(), lr=1e-3), device)
+    it = itertools.chain.from_iterable(iter(dl) for _ in itertools.count())
+    return _measure_training("seed: ImageFolder, eager fp32", it, step, bs, steps, warmup, args.repeats, device)
+
+
+def _e2e_trainer(args, shards, variant, bs, steps, warmup, device) -> dict:
+    """The real Trainer (Accelerate, DALI, compile, channels_last, bf16 on GPU)."""
+    from accelerate.state import AcceleratorState
+
+    from vae_dist.config import build_config
+    from vae_dist.train import Trainer
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # one Accelerator per variant
+    out = tempfile.mkdtemp(prefix="vae-dist-bench-run-")
+    threads = args.threads or os.cpu_count() or 1
+    arch = [] if not args.tiny else ["--model.widths=[8,16,16,32]", "--model.latent_dim=16"]
+    cfg = build_config(overrides=[
+        f"--data.shards={shards}", f"--train.out_dir={out}", f"--train.batch_size={bs}",
+        f"--data.num_threads={threads}", "--log.wandb_mode=disabled", "--model.compile=true",
+        f"--model.compile_mode={args.compile_mode}", "--model.channels_last=true",
+        f"--data.cache={'gpu' if variant == 'cache' else 'none'}", *arch,
+    ])
+    trainer = Trainer(cfg)
+    loader = trainer.train_loader
+    it = itertools.chain.from_iterable(loader.epoch(e) for e in itertools.count())
+    info = trainer.describe()  # what really runs: the loader DALI or its fallback, the precision
+    precision = info["mixed_precision"] if info["mixed_precision"] != "no" else "fp32"
+    name = f"{'fast+gpu-cache' if variant == 'cache' else 'fast'}: {info['loader']}, compiled, channels_last, {precision}"
+    try:
+        return _measure_training(name, it, trainer.train_step, bs, steps, warmup, args.repeats, device,
+                                 loader=info["loader"], precision=precision, data=info["data"])
+    finally:
+        trainer.close_loaders()
+
+
+def _measure_training(name, it, train_step, bs, steps, warmup, repeats, device, **extra) -> dict:
+    for _ in range(warmup):
+        train_step(next(it)[0])
+    waits = []
+
+    def window():
+        sync(device)
+        t0 = time.perf_counter()
+        wait = 0.0
+        for _ in range(steps):
+            tw = time.perf_counter()
+            x = next(it)[0]
+            wait += time.perf_counter() - tw
+            train_step(x)
+        sync(device)
+        seconds = time.perf_counter() - t0
+        waits.append(wait / seconds)
+        return bs * steps, seconds
+
+    median, rates = timed(window, repeats)
+    return {"name": name, "img_per_s": median, "batch_size": bs, "steps": steps, "repeats": rates,
+            "data_wait": statistics.median(waits), **extra}
+
+
+def _seed_step_fn(model, optimizer, device):
+    """The seed coursework's step: eager, fp32, loss.backward(), optimizer.step()."""
+    from vae_dist.losses import kl_divergence, recon_loss
+
+    def step(x):
+        x_hat, mu, logvar = model(x.to(device))
+        loss = recon_loss(x_hat, x.to(device)) + kl_divergence(mu, logvar)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
