@@ -220,7 +220,13 @@ def test_verify_catches_truncated_and_missing_shards(shards, tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == f"vae-dist: error: shard folder not found: {tmp_path / 'missing'}"
     # and training refuses the corrupt folder up front, in one line
     with pytest.raises(DataError, match="train-000000.tar"):
-        build_loader(ShardSet.open(bad), DataConfig(shards=str(bad)), "train", 8, rank=0, world=1, device=CPU, train=True, seed=0)
+        build_loader(ShardSet.open(bad), DataConfig(shards=str(bad)), "train", 8, rank=0, world=1, device=CPU,
+                     train=True, seed=0)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    del manifest["image_size"]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"^corrupt .*manifest.json: no valid 'image_size' \(pack the shards again\)$"):
+        ShardSet.open(bad)
 
 
 def test_bad_sources_give_one_line_errors(tmp_path):
