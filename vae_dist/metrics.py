@@ -1,9 +1,10 @@
-"""The metrics window: what the steps since the last train row did, read at sync points.
+"""The sync point and the metrics window: what the steps since the last train row did.
 
 The step (step.py) adds its loss terms and counters to device meters. Every
-`log.log_every` steps, and at the last, `read_window` reads them, averaged over ranks
-together with the stop signal: the host's only read of the device between log points
-(SYNC). `MetricsWindow` turns that, with the window's wall time, into the train row of
+`log.log_every` steps, and at the last, `MetricsWindow.sync` reads them (`read_window`),
+averaged over ranks together with the stop signal: the host's only read of the device
+between log points (SYNC). It counts them into the run's totals, enforces
+train.max_bad_steps, and turns them, with the window's wall time, into the train row of
 metrics.jsonl and W&B: throughput, the share of time spent waiting for data, the ETA, model
 FLOP/s and MFU. Side work (evaluation, checkpoints, pictures) is timed apart and left out.
 """
@@ -67,13 +68,6 @@ def read_window(accelerator, step: TrainStep, stop_received: int) -> WindowMeter
     return WindowMeters(*values[:GOOD + 1], *(int(v) for v in values[GOOD + 1:]))
 
 
-def check_not_diverged(m: WindowMeters, max_bad_steps: int, step: int) -> None:
-    """train.max_bad_steps, enforced at sync points (so up to log.log_every steps late)."""
-    if m.max_consecutive >= max_bad_steps:
-        raise DivergedError(f"{m.max_consecutive} non-finite steps in a row by step {step}: training diverged "
-                            f"(lower optim.lr, set optim.grad_clip, or use fp32/bf16 instead of fp16)")
-
-
 def unsynced_recon(accelerator, step: TrainStep) -> tuple[float, float]:
     """(recon sum, good steps) of the current window, not yet synced, averaged over ranks as
     at a sync point. Collective: evaluations and checkpoints, where every rank is."""
@@ -86,11 +80,14 @@ class MetricsWindow:
     """The steps since the last train row: their wall time, the part of it spent waiting for
     the loader (`data_wait`) and the part spent on side work (`side_work`, not training)."""
 
-    def __init__(self, *, log_every: int, batch_size: int, world: int, total_steps: int, flops_per_image: float,
-                 peak_flops: float | None, device: torch.device, free_bits: float):
-        self.log_every, self.batch_size, self.world, self.total_steps = log_every, batch_size, world, total_steps
+    def __init__(self, accelerator, step: TrainStep, hooks, *, log_every: int, batch_size: int, total_steps: int,
+                 lr_at, beta_at, max_bad_steps: int, flops_per_image: float, peak_flops: float | None, free_bits: float):
+        self.accelerator, self.step, self.hooks = accelerator, step, hooks
+        self.world, self.device = accelerator.num_processes, accelerator.device
+        self.log_every, self.batch_size, self.total_steps = log_every, batch_size, total_steps
+        self.lr_at, self.beta_at, self.max_bad_steps = lr_at, beta_at, max_bad_steps  # schedules; train.max_bad_steps
         self.flops_per_image, self.peak_flops = flops_per_image, peak_flops  # model FLOPs; one device's peak
-        self.device, self.free_bits = device, free_bits
+        self.free_bits = free_bits
         self.data_wait, self.side_work = Stopwatch(), Stopwatch()
         self.restart(0)
 
@@ -98,14 +95,28 @@ class MetricsWindow:
         """A sync point: every log.log_every steps and at the last."""
         return step % self.log_every == 0 or step == self.total_steps
 
+    def sync(self, state, stop_received: int) -> int:
+        """The sync point: the window's meters, agreed by every rank, counted into `state`; its
+        train row logged; train.max_bad_steps enforced (so up to log.log_every steps late).
+        Returns the stop signal every rank agrees on (0: none). Collective."""
+        m = read_window(self.accelerator, self.step, stop_received)  # SYNC
+        state.add_window(m)
+        if m.good or m.skipped:  # the window trained: its row
+            last = state.step - 1
+            self.hooks.log_scalars(self.train_row(state, m, self.lr_at(last), self.beta_at(last)))
+            self.restart(state.step)  # after the row is written: writing it is not training
+        if m.max_consecutive >= self.max_bad_steps:
+            raise DivergedError(f"{m.max_consecutive} non-finite steps in a row by step {state.step}: training "
+                                f"diverged (lower optim.lr, set optim.grad_clip, or use fp32/bf16 instead of fp16)")
+        return m.stop_signal
+
     def restart(self, step: int) -> None:
         self.start_step = step
         self.data_wait.seconds = self.side_work.seconds = 0.0
         self._t0 = time.perf_counter()
 
     def train_row(self, state, m: WindowMeters, lr: float, beta: float) -> dict:
-        """The train row for the window that ends at `state.step` (`restart` starts the next
-        one, after the row is written)."""
+        """The train row for the window that ends at `state.step`."""
         step, epoch, skipped_steps = state.step, state.epoch, state.skipped_steps
         elapsed = time.perf_counter() - self._t0 - self.side_work.seconds
         steps = step - self.start_step

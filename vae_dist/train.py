@@ -29,7 +29,7 @@ from vae_dist.evaluation import Evaluator
 from vae_dist.flops import peak_flops, train_flops_per_image
 from vae_dist.hooks import make_hooks
 from vae_dist.losses import make_kl_schedule
-from vae_dist.metrics import MetricsWindow, check_not_diverged, read_window
+from vae_dist.metrics import MetricsWindow
 from vae_dist.model import VAE
 from vae_dist.optim import lr_at, make_optimizer
 from vae_dist.preemption import StopSignal
@@ -73,8 +73,9 @@ class Trainer:
         self.config_yaml = dump_yaml(cfg)
         self.hooks = make_hooks(acc, cfg, self.run_dir, self.val_loader, self.shards.class_names)
         self.window = MetricsWindow(
-            log_every=cfg.log.log_every, batch_size=self.batch_size, world=self.world, total_steps=self.total_steps,
-            flops_per_image=train_flops_per_image(self.raw_model.cfg), device=self.device, free_bits=cfg.loss.free_bits,
+            acc, self.step, self.hooks, log_every=cfg.log.log_every, batch_size=self.batch_size,
+            total_steps=self.total_steps, lr_at=self.lr_at, beta_at=self.beta_at, max_bad_steps=cfg.train.max_bad_steps,
+            flops_per_image=train_flops_per_image(self.raw_model.cfg), free_bits=cfg.loss.free_bits,
             peak_flops=peak_flops(self.device, acc.mixed_precision, cfg.log.peak_tflops))
         self.evaluator = Evaluator(acc, self.raw_model, self.val_loader, cfg.loss, self.step,
                                    every=cfg.train.eval_every, hooks=self.hooks)
@@ -134,22 +135,12 @@ class Trainer:
         self.profiler.after_step(self.state.step)
 
     def maybe_sync(self, stop: StopSignal) -> None:
-        """At the window's sync point the host reads the device once: the meters averaged over
-        ranks are logged; the non-finite counters and the stop signal are agreed (max over
-        ranks), so every rank stops at this same step; train.max_bad_steps is enforced here,
-        i.e. up to log_every steps late."""
+        """The host reads the device only at the window's sync points; there the ranks agree on
+        a stop signal, so every rank stops after the same step."""
         if self.world == 1:
             stop.agreed = stop.received  # nothing to agree on: stop at once
-        if not self.window.due(self.state.step):
-            return
-        meters = read_window(self.accelerator, self.step, stop.received)  # SYNC, collective
-        stop.agreed = meters.stop_signal
-        self.state.add_window(meters)
-        if meters.good or meters.skipped:  # the window trained: its row
-            last = self.state.step - 1
-            self.hooks.log_scalars(self.window.train_row(self.state, meters, self.lr_at(last), self.beta_at(last)))
-            self.window.restart(self.state.step)
-        check_not_diverged(meters, self.cfg.train.max_bad_steps, self.state.step)
+        if self.window.due(self.state.step):
+            stop.agreed = self.window.sync(self.state, stop.received)  # SYNC, collective
 
     def side_work(self) -> None:
         """What follows a step, in an order a resume relies on: the epoch's end and the

@@ -2,7 +2,8 @@
 
 One sample = `<key>.jpg` (RGB JPEG, SxS) + `<key>.label` (the class id as 4 bytes of
 little-endian int32, which DALI reads with dtypes=INT32). The `.idx` file is the format
-DALI's wds2idx writes (v1.2), produced here from the offsets we write.
+DALI's wds2idx writes (v1.2), produced here from the offsets we write. `ShardSet` is a shard
+folder as a run reads it, once: the manifest's facts and each split's files.
 """
 
 from __future__ import annotations
