@@ -169,3 +169,15 @@ def test_eval_scores_the_same_images_with_one_sigma_whatever_the_launch(shards, 
     assert b["sigma"] == pytest.approx((sum(recon) / 3 / pixels) ** 0.5, rel=1e-6)
     assert c["sigma"] == pytest.approx(b["sigma"], rel=1e-6) and c["bpd"] == pytest.approx(b["bpd"], rel=1e-6)
     assert a["sigma"] == pytest.approx(b["sigma"], rel=0.02)  # the same images, other noise
+
+
+def test_a_missing_shard_folder_under_two_processes_is_one_line_and_writes_nothing(tmp_path):
+    """Rank 0 opens the shard folder and hands every rank the same ShardSet (or its error), before
+    the run folder is claimed: one line for the run, and no run folder left behind."""
+    run = tmp_path / "run"
+    r = accelerate_launch(2, "train", f"--data.shards={tmp_path / 'missing'}", f"--train.out_dir={run}", *COMMON,
+                          "--train.max_steps=1")
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("vae-dist: error:")]
+    assert errors == [f"vae-dist: error: shard folder not found: {tmp_path / 'missing'}"], r.stderr[-3000:]
+    assert not run.exists()

@@ -233,7 +233,9 @@ def train(cfg: Config) -> int:
         return start
 
     try:
-        shards = ShardSet.open(cfg.data.shards)  # once per process, before the run folder is touched
+        # rank 0 reads the shard folder before the run folder is touched, and every rank gets that
+        # same ShardSet: one read of manifest.json per run, and a bad folder is one line
+        shards = rank_zero_decides(accelerator, lambda: ShardSet.open(cfg.data.shards))
         if cfg.data.verify:  # damaged shards change nothing in the run folder
             print_once(accelerator, rank_zero_decides(accelerator, lambda: verify_shards(shards)))
         start = rank_zero_decides(accelerator, claim_folder)
