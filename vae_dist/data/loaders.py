@@ -63,13 +63,13 @@ def build_loader(shards: ShardSet, data_cfg, split: str, batch_size: int, *, ran
     if kind == "dali":
         gpu_id = device.index if device.index is not None else 0
         loader = dali.DaliLoader(
-            list(files.tars), list(files.idxs), files.count, batch_size, rank=rank, world=world, train=train,
+            files.tars, files.idxs, files.count, batch_size, rank=rank, world=world, train=train,
             gpu_id=gpu_id if resolve_decode(data_cfg.decode, device) == "gpu" else None,
             num_threads=threads, prefetch=data_cfg.prefetch, seed=seed, flip=data_cfg.flip,
             image_size=shards.image_size, hw_decoder_load=data_cfg.hw_decoder_load, limit=limit,
         )
         return _OnDevice(loader, device)
-    return WebDatasetLoader(list(files.tars), list(files.counts), batch_size, rank=rank, world=world, train=train,
+    return WebDatasetLoader(files.tars, files.counts, batch_size, rank=rank, world=world, train=train,
                             num_workers=threads, seed=seed, flip=data_cfg.flip,
                             buffer=data_cfg.shuffle_buffer, device=device, limit=limit)
 
