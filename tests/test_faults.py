@@ -426,6 +426,7 @@ def weights(shards, tmp_path_factory):
      "model.in_channels=1 but the shards in {s} hold RGB images"),
     (["eval", "{w32}", "--shards", "{s}"], "model.image_size=32 but the shards"),
     (["encode", "{w}", "--shards", "{s}", "--out", "{t}"], "encode --out {t} is a folder: name the .npz file"),
+    (["bench", "data", "--tiny", "--shards", "{t}/missing"], "shard folder not found: {t}/missing"),
 ])
 def test_bad_arguments_are_one_line(shards, sample_root, weights, tmp_path, capsys, case, words):
     from vae_dist.checkpoint import save_weights
