@@ -44,9 +44,8 @@ class Evaluator:
         window_recon, window_good = unsynced_recon(self.accelerator, self.step)
         recon, good = state.sigma_recon + window_recon, state.sigma_steps + window_good
         if good > 0:
-            pixels = model.cfg.in_channels * model.cfg.image_size**2
             mean = recon / good
-            state.sigma = math.sqrt(mean / pixels if self.recon_kind == "sum" else mean)
+            state.sigma = math.sqrt(mean / model.cfg.num_dims if self.recon_kind == "sum" else mean)
             # the next sigma counts the steps after this one; the window's part so far is
             # already counted, and the next sync point adds the whole window
             state.sigma_recon, state.sigma_steps = -window_recon, -window_good
@@ -81,7 +80,7 @@ class Evaluator:
         recon, kl, sq_err, log_px, count = sums.tolist()  # SYNC
         if count == 0:
             return None
-        pixels = model.cfg.in_channels * model.cfg.image_size**2
+        pixels = model.cfg.num_dims
         row = {
             "split": "val", "step": state.step, "epoch": state.epoch, "loss": (recon + kl) / count,
             "recon": recon / count, "kl": kl / count, "psnr": psnr(sq_err / (count * pixels)), "images": int(count),

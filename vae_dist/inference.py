@@ -102,7 +102,7 @@ def evaluate_checkpoint(ckpt: str, shards: str, split: str = "val", iw: int = 1,
     elbo, iw_bound, sq_err, count = acc.reduce(sums, reduction="sum").tolist()
     if count == 0:
         raise UserError(f"split '{split}' of {shards} holds no images")
-    dims = model.cfg.in_channels * model.cfg.image_size**2
+    dims = model.cfg.num_dims
     result = {
         "checkpoint": str(weights), "shards": str(shards), "split": split, "images": int(count),
         "elbo_bpd": bits_per_dim(-elbo / count, dims), "iw_bpd": bits_per_dim(-iw_bound / count, dims), "iw_k": iw,

@@ -21,6 +21,11 @@ class VAEConfig:
     latent_dim: int = 128  # size of z (the seed's 128)
     learned_sigma: bool = False  # one learned output scale sigma (the σ-VAE's decoder, loss.recon=gaussian)
 
+    @property
+    def num_dims(self) -> int:
+        """Values per image, channels x height x width: what bits/dim and per-subpixel MSE divide by."""
+        return self.in_channels * self.image_size**2
+
 
 def _conv(c_in: int, c_out: int) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1)
