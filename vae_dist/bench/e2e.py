@@ -16,6 +16,7 @@ import torch
 
 from vae_dist.bench.common import model_cfg, row_or_reason, sync, timed
 from vae_dist.errors import UserError
+from vae_dist.metrics import Stopwatch
 
 
 def bench_e2e(args, shards: str, images_root: str | None) -> list[dict]:
@@ -94,16 +95,14 @@ def _measure_training(name, it, train_step, bs, steps, warmup, repeats, device, 
 
     def window():
         sync(device)
-        t0 = time.perf_counter()
-        wait = 0.0
+        t0, data_wait = time.perf_counter(), Stopwatch()
         for _ in range(steps):
-            tw = time.perf_counter()
-            x = next(it)[0]
-            wait += time.perf_counter() - tw
+            with data_wait:
+                x = next(it)[0]
             train_step(x)
         sync(device)
         seconds = time.perf_counter() - t0
-        waits.append(wait / seconds)
+        waits.append(data_wait.seconds / seconds)
         return bs * steps, seconds
 
     median, rates = timed(window, repeats)
@@ -116,8 +115,9 @@ def _seed_step_fn(model, optimizer, device):
     from vae_dist.losses import kl_divergence, recon_loss
 
     def step(x):
-        x_hat, mu, logvar = model(x.to(device))
-        loss = recon_loss(x_hat, x.to(device)) + kl_divergence(mu, logvar)
+        x = x.to(device)  # one copy per batch, as a plain training loop makes
+        x_hat, mu, logvar = model(x)
+        loss = recon_loss(x_hat, x) + kl_divergence(mu, logvar)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
