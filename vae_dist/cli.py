@@ -1,4 +1,4 @@
-"""The `vae-dist` command. Thin: parses arguments, calls the modules, reports errors.
+"""The `vae-dist` command: parses arguments, calls the modules, reports errors.
 
 Every failure a user can cause ends in one line on stderr naming the cause, exit code 2.
 """
@@ -60,16 +60,6 @@ def _train(args, rest: list[str]) -> int:
     return train(cfg)
 
 
-class _TrainHelp(argparse.RawDescriptionHelpFormatter):
-    """`train --help` lists every config key, generated from the config dataclasses."""
-
-    def format_help(self) -> str:
-        from vae_dist.config import config_help
-
-        return super().format_help() + "\nconfig keys (--section.key=value or --section.key value; " \
-            "defaults < --config FILE < command line):\n" + config_help() + "\n"
-
-
 def _viz(args) -> int:
     from vae_dist.viz import viz_checkpoint
 
@@ -117,109 +107,186 @@ def _demo(args) -> int:
     return run_demo(args.out, steps=args.steps)
 
 
+ABOUT = """\
+vae-dist trains the coursework convolutional VAE (4 stride-2 convs 3->64->128->256->512, a
+128-d latent, a mirrored transposed-conv decoder) on Tiny ImageNet, or any images packed into
+its shards, at the speed of the hardware: WebDataset shards decoded by NVIDIA DALI, DDP with
+mixed precision and torch.compile under Accelerate (one GPU to many nodes), checkpoints that
+resume to the exact batch, and Weights & Biases logging from rank 0."""
+
+EXAMPLES = """\
+examples:
+  vae-dist demo                                        sample data -> shards -> training -> pictures
+  vae-dist pack tiny-imagenet-200.zip shards/          Tiny ImageNet -> WebDataset shards
+  vae-dist train --data.shards=shards --train.out_dir=runs/tin
+  accelerate launch --config_file accelerate_config.yaml -m vae_dist train --data.shards=shards
+  vae-dist eval runs/tin --shards shards --iw 16       bits/dim and PSNR of the trained model
+
+`vae-dist COMMAND --help` gives a command's options; `vae-dist train --help` lists every config key."""
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written (lists, examples) and each option's default after its meaning,
+    spelled as it is typed; an option whose default is decided at run time says how in its text."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if unset or "%(default)" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _ToolHelp(_Help):
+    """`vae-dist --help`: argparse measures the command names one indent short of where it
+    prints them, so the longest (sample-data) would push its line below; room for it here."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog)
+        self._action_max_length = len("    sample-data")
+
+
+class _TrainHelp(_Help):
+    """`train --help` lists every config key, generated from the config dataclasses."""
+
+    def format_help(self) -> str:
+        from vae_dist.config import config_help
+
+        return super().format_help() + "\nconfig keys (--section.key=value or --section.key value; " \
+            "defaults < --config FILE < command line):\n" + config_help() + "\n"
+
+
 def add_bench_args(p) -> None:
-    p.add_argument("what", choices=["data", "step", "e2e"])
-    p.add_argument("--json", help="write the results JSON here")
-    p.add_argument("--plot", help="write a bar chart (PNG) of img/s per configuration here")
-    p.add_argument("--shards", help="shard folder (default: the sample set, made in a temp folder)")
-    p.add_argument("--images", help="extracted Tiny ImageNet root for the ImageFolder baseline")
-    p.add_argument("--batch-size", type=int, default=None, help="data/e2e batch size (data: 256, e2e: 64)")
-    p.add_argument("--batch-sizes", default=None, help="step: comma list (CPU: 64; GPU: 64,256,1024)")
-    p.add_argument("--threads", type=int, default=None, help="decode threads = loader workers (default: cores)")
-    p.add_argument("--steps", type=int, default=None, help="timed batches/steps per repeat")
-    p.add_argument("--warmup", type=int, default=None, help="untimed batches/steps before timing")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtypes", default=None, help="step: comma list of fp32,bf16 (CPU: fp32)")
-    p.add_argument("--compile", choices=["both", "on", "off"], default="both")
+    from vae_dist.bench import CPU_BATCH_SIZES, GPU_BATCH_SIZES
+
+    p.add_argument("what", choices=["data", "step", "e2e"],
+                   help="data: the loaders alone; step: the training step alone; e2e: real training steps from shards")
+    p.add_argument("--json", metavar="FILE", help="write the results JSON to this file (its folder is made)")
+    p.add_argument("--plot", metavar="FILE", help="write a bar chart (PNG) of img/s per configuration to this file")
+    p.add_argument("--shards", metavar="DIR", help="shard folder (default: the sample set, made in a temp folder)")
+    p.add_argument("--images", metavar="DIR", help="data: extracted Tiny ImageNet root for the seed's ImageFolder "
+                   "baseline (default: the sample set's source images when --shards is not given)")
+    p.add_argument("--batch-size", type=int, default=None, help="data and e2e: images per batch (default: data 256, e2e 64)")
+    p.add_argument("--batch-sizes", default=None, metavar="LIST",
+                   help=f"step: comma list of batch sizes (default: {GPU_BATCH_SIZES} on a GPU, {CPU_BATCH_SIZES} on a CPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="decode threads = loader workers (default: all cores)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed batches or steps per repeat (default: data 50; step 30 on a GPU, 10 on a CPU; "
+                        "e2e 60 on a GPU, 20 on a CPU)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed batches or steps before timing (default: data 5; step 10 on a GPU, 3 on a CPU; "
+                        "e2e 20 on a GPU, 5 on a CPU)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
+    p.add_argument("--dtypes", default=None, metavar="LIST",
+                   help="step: comma list of fp32,bf16 (default: fp32,bf16 on a GPU, fp32 on a CPU)")
+    p.add_argument("--compile", choices=["both", "on", "off"], default="both", help="step: torch.compile rows")
     p.add_argument("--compile-mode", default="default",
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-                   help="torch.compile mode (reduce-overhead: CUDA graphs)")
-    p.add_argument("--channels-last", choices=["both", "on", "off"], default="both")
-    p.add_argument("--variants", default=None, help="e2e: comma list of seed,fast,cache")
+                   help="torch.compile mode of the compiled rows (reduce-overhead: CUDA graphs)")
+    p.add_argument("--channels-last", choices=["both", "on", "off"], default="both", help="step: channels_last rows")
+    p.add_argument("--variants", default=None, metavar="LIST",
+                   help="e2e: comma list of seed,fast,cache (default: seed,fast,cache on a GPU, seed,fast on a CPU)")
     p.add_argument("--profile", default=None, metavar="DIR",
-                   help="step: a torch.profiler trace and summary of each row's steps into DIR")
-    p.add_argument("--tiny", action="store_true", help="a tiny model and data set (for tests)")
+                   help="step: a torch.profiler trace and summary of each row's steps into this folder")
+    p.add_argument("--tiny", action="store_true", help="a tiny model and data set, for tests")
 
 
 def _checkpoint_arg(p) -> None:
-    p.add_argument("ckpt", help="checkpoint folder, run folder or model.safetensors")
+    p.add_argument("ckpt", metavar="CKPT", help="a checkpoint folder, a run folder (its final weights) or a "
+                   "model.safetensors file")
+
+
+def _command(sub, name: str, summary: str, *, description: str = "", **kwargs) -> argparse.ArgumentParser:
+    """A subcommand: its one line in `vae-dist --help`, and that line (and more) atop its own help."""
+    return sub.add_parser(name, help=summary, description=summary + (f"\n\n{description}" if description else ""),
+                          formatter_class=kwargs.pop("formatter_class", _Help), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vae-dist", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="vae-dist", description=ABOUT, epilog=EXAMPLES, formatter_class=_ToolHelp)
+    sub = p.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
 
-    s = sub.add_parser("sample-data", help="write the offline sample dataset (Tiny ImageNet layout)")
-    s.add_argument("out")
-    s.add_argument("--train-per-class", type=int, default=200)
-    s.add_argument("--val-per-class", type=int, default=50)
+    s = _command(sub, "sample-data", "write the offline sample data set (Tiny ImageNet's folder layout)",
+                 description="One class per photograph that scikit-image ships, cut into 64x64 crops: "
+                             "no download.")
+    s.add_argument("out", metavar="OUT", help="folder to write (train/, val/, test/, wnids.txt, words.txt)")
+    s.add_argument("--train-per-class", type=int, default=200, help="train images per class")
+    s.add_argument("--val-per-class", type=int, default=50, help="val images per class")
     s.add_argument("--test", type=int, default=50, help="unlabelled test images")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the crops")
     s.add_argument("--zip", action="store_true", help="also write OUT.zip, as Tiny ImageNet is released")
     s.set_defaults(run=_sample_data)
 
-    s = sub.add_parser("pack", help="Tiny ImageNet folder or .zip -> WebDataset shards + manifest.json")
-    s.add_argument("src")
-    s.add_argument("out")
+    s = _command(sub, "pack", "Tiny ImageNet folder or .zip -> WebDataset shards + manifest.json",
+                 description="Every file that is not packed is listed in manifest.json with the reason.")
+    s.add_argument("src", metavar="SRC", help="Tiny ImageNet folder (train/, val/, wnids.txt) or its .zip file")
+    s.add_argument("out", metavar="OUT", help="shard folder to write (packing again replaces its shards whole)")
     s.add_argument("--shard-size", type=int, default=5000, help="samples per tar")
     s.add_argument("--workers", type=int, default=0, help="decode processes (0: all cores)")
     s.add_argument("--seed", type=int, default=0, help="seed of the global shuffle")
     s.add_argument("--splits", default="train,val", help="comma list of train,val,test")
-    s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--image-size", type=int, default=64, help="height and width of the packed images (other sizes "
+                   "are centre-cropped and resized)")
     s.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
-    s.add_argument("--reencode", action="store_true", help="re-encode every image, even RGB 64x64 JPEGs")
+    s.add_argument("--reencode", action="store_true", help="re-encode every image, even RGB JPEGs already at "
+                   "--image-size")
     s.set_defaults(run=_pack)
 
-    s = sub.add_parser("verify", help="check every shard against manifest.json")
-    s.add_argument("dir")
+    s = _command(sub, "verify", "check every shard against manifest.json (sha256, counts, complete samples)")
+    s.add_argument("dir", metavar="DIR", help="shard folder (holds manifest.json)")
     s.set_defaults(run=_verify)
 
-    s = sub.add_parser("train", help="train (under `accelerate launch` for several processes)",
-                       description="Config overrides follow as --section.key=value (or --section.key value).",
-                       formatter_class=_TrainHelp)
-    s.add_argument("--config", help="YAML file of config sections")
+    s = _command(sub, "train", "train (under `accelerate launch` for several processes or nodes)",
+                 description="Config overrides follow as --section.key=value (or --section.key value), e.g.\n"
+                             "  vae-dist train --data.shards=shards --train.out_dir=runs/tin --train.epochs=20",
+                 formatter_class=_TrainHelp)
+    s.add_argument("--config", metavar="FILE", help="YAML file of config sections (e.g. a run's config.yaml)")
     s.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     s.set_defaults(run=_train, takes_overrides=True)
 
-    s = sub.add_parser("viz", help="pictures from a checkpoint or weights file")
+    s = _command(sub, "viz", "pictures from a checkpoint: reconstructions, samples, interpolations, latent space")
     _checkpoint_arg(s)
-    s.add_argument("out")
-    s.add_argument("--shards", help="shard folder for real images (default: the run's data.shards)")
-    s.add_argument("--num-images", type=int, default=8)
+    s.add_argument("out", metavar="OUT", help="folder to write the PNG files into")
+    s.add_argument("--shards", metavar="DIR", help="shard folder for real images (default: the run's data.shards)")
+    s.add_argument("--num-images", type=int, default=8, help="images per reconstruction grid (twice as many are "
+                   "drawn for the interpolation pairs)")
     s.set_defaults(run=_viz)
 
-    s = sub.add_parser("eval", help="bits/dim (ELBO and importance-weighted bound) and PSNR of a checkpoint")
+    s = _command(sub, "eval", "bits/dim (ELBO and importance-weighted bound) and PSNR of a checkpoint")
     _checkpoint_arg(s)
-    s.add_argument("--shards", required=True, help="shard folder")
-    s.add_argument("--split", default="val")
+    s.add_argument("--shards", required=True, metavar="DIR", help="shard folder (required)")
+    s.add_argument("--split", default="val", help="split to score: train, val or test, one the shards hold")
     s.add_argument("--iw", type=int, default=1, help="importance samples K per image (K=1: the ELBO alone)")
-    s.add_argument("--json", help="write the results JSON here")
-    s.add_argument("--calib-images", type=int, default=10000, help="train images that calibrate the MSE decoder's sigma")
-    s.add_argument("--batch-size", type=int, default=256)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", metavar="FILE", help="write the results JSON to this file")
+    s.add_argument("--calib-images", type=int, default=10000,
+                   help="train images that calibrate the MSE decoder's sigma (never the scored split)")
+    s.add_argument("--batch-size", type=int, default=256, help="images per batch")
+    s.add_argument("--seed", type=int, default=0, help="seed of the latent samples")
     s.set_defaults(run=_eval)
 
-    s = sub.add_parser("sample", help="images from the prior of a checkpoint: a grid and single PNGs")
+    s = _command(sub, "sample", "images from the prior of a checkpoint: a grid and single PNGs")
     _checkpoint_arg(s)
-    s.add_argument("out")
-    s.add_argument("--n", type=int, default=64)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("out", metavar="OUT", help="folder to write samples.png and sample_NNNN.png into")
+    s.add_argument("--n", type=int, default=64, help="number of images")
+    s.add_argument("--seed", type=int, default=0, help="seed of the prior noise (the same seed, the same images)")
     s.set_defaults(run=_sample)
 
-    s = sub.add_parser("encode", help="posterior means, log-variances and labels of a split as .npz")
+    s = _command(sub, "encode", "posterior means, log-variances and labels of a split as .npz")
     _checkpoint_arg(s)
-    s.add_argument("--shards", required=True, help="shard folder")
-    s.add_argument("--split", default="val")
-    s.add_argument("--out", required=True, help="the .npz file to write")
+    s.add_argument("--shards", required=True, metavar="DIR", help="shard folder (required)")
+    s.add_argument("--split", default="val", help="split to encode: train, val or test, one the shards hold")
+    s.add_argument("--out", required=True, metavar="FILE", help="the .npz file to write (required)")
     s.set_defaults(run=_encode)
 
-    s = sub.add_parser("bench", help="throughput benchmarks (images/s)")
+    s = _command(sub, "bench", "throughput benchmarks (images/s) of the loaders, the step, or training end to end",
+                 description="Without --shards they build the sample set in a temp folder; each prints a table.")
     add_bench_args(s)
     s.set_defaults(run=_bench)
 
-    s = sub.add_parser("demo", help="sample data -> shards -> short training run -> pictures")
-    s.add_argument("--out", default="runs/demo")
-    s.add_argument("--steps", type=int, default=None, help="training steps (default: sized for the device)")
+    s = _command(sub, "demo", "sample data -> shards -> a short training run -> pictures, all offline")
+    s.add_argument("--out", default="runs/demo", metavar="DIR", help="folder for the data, the shards and the run")
+    s.add_argument("--steps", type=int, default=None, help="training steps (default: 600 on a CPU, 3000 on a GPU)")
     s.set_defaults(run=_demo)
     return p
 

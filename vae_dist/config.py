@@ -26,23 +26,23 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotun
 @dataclass
 class DataConfig:
     shards: str = "shards"  # folder holding manifest.json and the shards
-    loader: Literal["auto", "dali", "webdataset"] = "auto"  # auto: DALI when importable
+    loader: Literal["auto", "dali", "webdataset"] = "auto"  # the data loader; auto: DALI when importable, else webdataset
     decode: Literal["auto", "gpu", "cpu"] = "auto"  # DALI decode device; auto: gpu when CUDA
-    num_threads: int | None = None  # DALI CPU threads / PyTorch loader workers per process; None: cores / local processes
+    num_threads: int | None = None  # DALI CPU threads / PyTorch loader workers per process; auto: cores / local processes
     prefetch: int = 2  # DALI prefetch queue depth
     shuffle_buffer: int = 4096  # webdataset loader's shuffle buffer (DALI and the cache permute the whole split)
     hw_decoder_load: float = 0.65  # DALI mixed decode: share of images sent to the GPU's hardware JPEG decoder
     flip: bool = True  # random horizontal flip on train
-    cache: Literal["auto", "none", "ram", "gpu"] = "auto"  # decode train+val once into memory, keep as uint8
-    cache_budget: float = 0.5  # auto: cache when the decoded splits fit in this fraction of free memory
+    cache: Literal["auto", "none", "ram", "gpu"] = "auto"  # decode train+val once (uint8); auto: into the GPU if they fit
+    cache_budget: float = 0.5  # data.cache=auto caches when the decoded splits fit in this share of free memory
     verify: bool = False  # before training: `vae-dist verify` (every sha256; ~10 s for Tiny ImageNet); sizes are always checked
 
 
 @dataclass
 class ModelConfig(VAEConfig):
-    compile: bool | None = None  # None: on when training on CUDA
-    compile_mode: CompileMode = "default"  # torch.compile mode (reduce-overhead: CUDA graphs, one process only)
-    channels_last: bool | None = None  # None: on when training on CUDA
+    compile: bool | None = None  # torch.compile the training step; auto: on when training on CUDA
+    compile_mode: CompileMode = "default"  # reduce-overhead, max-autotune (CUDA graphs): refused with several processes
+    channels_last: bool | None = None  # channels_last memory format; auto: on when training on CUDA
 
 
 @dataclass
@@ -73,11 +73,11 @@ class OptimConfig:
 class TrainConfig:
     out_dir: str = "runs/vae"  # the run folder: config, metrics, checkpoints, pictures, W&B
     batch_size: int = 64  # per process (the seed's 64)
-    global_batch_size: int | None = None  # wins when set; must divide by the world size
+    global_batch_size: int | None = None  # over all processes: wins over batch_size, must divide by the process count
     epochs: int = 20  # passes over the train split (the seed's 20)
-    max_steps: int | None = None  # wins over epochs when set
+    max_steps: int | None = None  # optimizer steps in all: wins over epochs when set
     eval_every: int = 1000  # steps; evaluation also runs at every epoch end. 0 = epoch ends only
-    eval_images: int | None = None  # score only the first N val images (the same ones for any process count); None: all
+    eval_images: int | None = None  # score only the first N val images (the same ones for any process count); none: all
     checkpoint_every: int = 1000  # steps; 0 = only at the end (and on SIGTERM)
     keep_last: int = 3  # checkpoints kept (the newest)
     resume: str = "auto"  # auto: newest checkpoint that verifies | none | path to a checkpoint folder
@@ -85,22 +85,22 @@ class TrainConfig:
     precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # autocast; auto: bf16 on CUDA. accelerate launch wins
     seed: int = 0  # global seed: weights, data order, flips, noise
     max_bad_steps: int = 20  # consecutive non-finite steps before giving up (checked every log.log_every)
-    profile_steps: tuple[int, int] | None = None  # START,STOP: torch.profiler trace of those steps in OUT_DIR/profile
+    profile_steps: tuple[int, int] | None = None  # START,STOP: a torch.profiler trace of those steps in OUT_DIR/profile
 
 
 @dataclass
 class LogConfig:
     log_every: int = 50  # steps between scalar rows (metrics.jsonl, W&B)
-    peak_tflops: float | None = None  # one device's dense peak for mfu; None: from the GPU's name (H100/H200/A100)
+    peak_tflops: float | None = None  # one device's dense peak TFLOP/s for mfu; auto: from the GPU's name (H100/H200/A100)
     image_every: int = 1000  # steps between picture sets; they are also made at the end
     num_images: int = 8  # images in reconstruction / interpolation grids
-    wandb_mode: Literal["online", "offline", "disabled"] | None = None  # None: offline w/o key
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None  # W&B; auto: online with WANDB_API_KEY set, else offline
     wandb_resume: Literal["allow", "rewind"] = "allow"  # rewind: an online resume cuts the W&B run back to its checkpoint
     project: str = "vae-dist"  # W&B project
-    entity: str | None = None  # W&B entity (user or team); None: your default
-    name: str | None = None  # W&B run name; None: the run folder's name
-    group: str | None = None  # W&B group
-    tags: tuple[str, ...] = ()  # W&B tags, comma-separated
+    entity: str | None = None  # W&B entity (user or team); none: your default
+    name: str | None = None  # W&B run name; none: the run folder's name
+    group: str | None = None  # W&B group; none: no group
+    tags: tuple[str, ...] = ()  # W&B tags, comma-separated ([]: none)
 
 
 @dataclass
@@ -380,10 +380,16 @@ def field_help(cls: type) -> dict[str, str]:
     return out
 
 
-def _type_name(tp: Any) -> str:
+def _unset_word(meaning: str) -> str:
+    """How the command line spells an unset optional key: `auto` where the run decides (its
+    meaning says `auto: ...`), else `none`. Both words read as unset (`_words_to_none`)."""
+    return "auto" if "auto:" in meaning else "none"
+
+
+def _type_name(tp: Any, unset: str = "none") -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        return "|".join(_type_name(a) for a in args if a is not type(None)) + "|none"
+        return "|".join(_type_name(a) for a in args if a is not type(None)) + "|" + unset
     if origin is Literal:
         return "{" + ",".join(map(str, args)) + "}"
     if origin is tuple:
@@ -392,8 +398,20 @@ def _type_name(tp: Any) -> str:
     return {bool: "true|false"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
+def typed_value(value: Any, unset: str = "none") -> str:
+    """A config value as it is typed on the command line (`--key=VALUE`)."""
+    if value is None:
+        return unset
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(typed_value(v) for v in value) if value else "[]"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
 def config_help() -> str:
-    """Every config key as `--section.key TYPE (default) meaning`, by section."""
+    """Every config key as `--section.key  TYPE  DEFAULT  meaning`, by section; the default as
+    it is typed on the command line."""
     defaults = to_dict(Config())
     lines = []
     for section in dataclasses.fields(Config):
@@ -401,10 +419,10 @@ def config_help() -> str:
         helps = field_help(cls)
         lines.append(f"{section.name}:")
         for name, tp in _field_types(cls).items():
-            default = defaults[section.name][name]
-            shown = ",".join(map(str, default)) if isinstance(default, list) else yaml.safe_dump(default).split("\n")[0]
-            key = f"--{section.name}.{name}"
-            lines.append(f"  {key:<26} {_type_name(tp):<26} [{shown}]  {helps.get(name, '')}")
+            meaning = helps.get(name, "")
+            unset = _unset_word(meaning)
+            columns = (f"--{section.name}.{name}", _type_name(tp, unset), typed_value(defaults[section.name][name], unset))
+            lines.append("  " + "  ".join(f"{c:<{w}}" for c, w in zip(columns, (26, 24, 10))) + "  " + meaning)
     return "\n".join(lines)
 
 

@@ -6,6 +6,9 @@ One module per benchmark (data.py, step.py, e2e.py) and one for what they share
 
 from __future__ import annotations
 
+# `bench step`'s batch sweep without --batch-sizes (here, where --help reads it without torch)
+GPU_BATCH_SIZES, CPU_BATCH_SIZES = "64,256,1024,4096", "64"
+
 
 def run_bench(args) -> int:
     from vae_dist.bench.common import sample_shards, write_report

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from vae_dist.bench import CPU_BATCH_SIZES, GPU_BATCH_SIZES
 from vae_dist.bench.common import model_cfg, row_or_reason, sync, timed
 from vae_dist.errors import UserError
 from vae_dist.flops import peak_flops, train_flops_per_image
@@ -56,7 +57,7 @@ def bench_step(args) -> list[dict]:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     on_gpu = device.type == "cuda"
     cfg = model_cfg(args.tiny)
-    default_batches = "8" if args.tiny else "64,256,1024,4096" if on_gpu else "64"
+    default_batches = "8" if args.tiny else GPU_BATCH_SIZES if on_gpu else CPU_BATCH_SIZES
     batch_sizes = [int(b) for b in (args.batch_sizes or default_batches).split(",")]
     dtypes = (args.dtypes or ("fp32,bf16" if on_gpu else "fp32")).split(",")
     unknown = [d for d in dtypes if d not in PRECISIONS]
