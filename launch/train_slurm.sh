@@ -39,7 +39,9 @@ MAIN_PORT=${MAIN_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 RESTARTS=${SLURM_RESTART_COUNT:-0}
 ARGS=("$@")
 [ -n "${MIXED_PRECISION:-}" ] && ARGS+=("--train.precision=$MIXED_PRECISION")
-echo "vae-dist: job $SLURM_JOB_ID start $((RESTARTS + 1)) on $SLURM_JOB_NODELIST: $SLURM_NNODES nodes x $PROCS processes"
+NODES_WORD=nodes; [ "$SLURM_NNODES" = 1 ] && NODES_WORD=node
+PROCS_WORD=processes; [ "$PROCS" = 1 ] && PROCS_WORD=process
+echo "vae-dist: job $SLURM_JOB_ID start $((RESTARTS + 1)) on $SLURM_JOB_NODELIST: $SLURM_NNODES $NODES_WORD x $PROCS $PROCS_WORD"
 
 if [ "${STAGE_SHARDS:-0}" = 1 ]; then
   src=$(printf '%s\n' "${ARGS[@]}" | sed -n 's/^--data.shards=//p' | tail -n 1)
@@ -63,7 +65,9 @@ if [ -z "${WANDB_SERVICE:-}" ] && token=$("$PYTHON" -m wandb beta core start --i
 fi
 
 # One task per process, launched by SLURM itself (no launcher in between to die of the
-# signal): each task turns SLURM's numbering into torch.distributed's environment.
+# signal): each task turns SLURM's numbering into torch.distributed's environment. Each uses
+# its CPUs for its own threads (OMP_NUM_THREADS; unset, accelerate warns once per rank).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$CPUS}
 srun --ntasks-per-node="$PROCS" --ntasks=$((SLURM_NNODES * PROCS)) --cpus-per-task="$CPUS" --overcommit \
   --kill-on-bad-exit=1 bash -c "export RANK=\$SLURM_PROCID LOCAL_RANK=\$SLURM_LOCALID WORLD_SIZE=\$SLURM_NTASKS \
     LOCAL_WORLD_SIZE=$PROCS MASTER_ADDR=$MAIN_ADDR MASTER_PORT=$MAIN_PORT; \

@@ -89,6 +89,14 @@ def accelerate_launch(nproc: int, *args: str, env=None, timeout=600) -> subproce
                           timeout=timeout)
 
 
+def library_warnings(stderr: str) -> list[str]:
+    """The Python warnings in a run's stderr (`file:line: FutureWarning: ...`): a user can act on
+    none of them, so a run prints none."""
+    import re
+
+    return [line for line in stderr.splitlines() if re.search(r"\b\w*Warning: ", line)]
+
+
 def _free_port() -> int:
     import socket
 

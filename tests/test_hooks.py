@@ -1,10 +1,11 @@
 """Rank-zero hooks: W&B offline runs read back from disk, pictures, broken loggers, viz."""
 
 import json
+from pathlib import Path
 
 from vae_dist.hooks import wandb_mode
 
-from .conftest import TINY_MODEL, accelerate_launch, needs_loader, needs_wandb, run_cli
+from .conftest import TINY_MODEL, accelerate_launch, library_warnings, needs_loader, needs_wandb, run_cli
 from .wandb_reader import history_keys
 
 ARGS = [*TINY_MODEL, "--train.batch_size=16", "--data.num_threads=1", "--log.log_every=2",
@@ -35,6 +36,34 @@ def test_wandb_offline_run_has_scalars_and_pictures_and_one_run_for_two_ranks(sh
         assert (run / "images" / f"{picture}_step0000006.png").is_file()
         assert (run / "images" / f"{picture}_step0000012.png").is_file()
     assert (run / "images" / "loss_curves.png").stat().st_size > 1000
+    assert library_warnings(r.stderr) == [], r.stderr
+    _check_loss_curves(run / "metrics.jsonl")
+
+
+def _check_loss_curves(metrics: Path) -> None:
+    """Each curve of the loss-curve picture plots what its label says, read back from the
+    figure against metrics.jsonl; the -ELBO is shown as val bits/dim, the objective as loss."""
+    from vae_dist.viz import loss_curves_figure, read_metrics
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    train = [r for r in rows if "split" not in r]
+    val = [r for r in rows if r.get("split") == "val"]
+    assert len(val) >= 2
+    expected = {  # label: the rows and the metrics.jsonl key it plots
+        "train loss": (train, "loss"), "train recon": (train, "recon"), "val loss": (val, "loss"),
+        "train kl": (train, "kl"), "val kl": (val, "kl"), "val bpd": (val, "bpd"), "train beta": (train, "beta"),
+    }
+    fig = loss_curves_figure(*read_metrics(metrics))
+    curves = {line.get_label(): (ax, line) for ax in fig.axes for line in ax.get_lines()}
+    assert set(curves) == set(expected)
+    for label, (chosen, key) in expected.items():
+        ax, line = curves[label]
+        assert list(line.get_xdata()) == [r["step"] for r in chosen], label
+        assert list(line.get_ydata()) == [r[key] for r in chosen], label
+    assert curves["val bpd"][0].get_ylabel() == "bits / subpixel" and "bits/dim" in curves["val bpd"][0].get_title()
+    for label in ("train loss", "val loss", "train kl"):
+        ax = curves[label][0]
+        assert ax.get_ylabel() == "nats / image" and "ELBO" not in ax.get_title() + ax.get_ylabel(), label
 
 
 @needs_loader

@@ -76,3 +76,10 @@ def test_compiled_matches_eager_and_channels_last():
     m_cl = m.to(memory_format=torch.channels_last)
     out_cl = m_cl.decode(m_cl.encode(x.contiguous(memory_format=torch.channels_last))[0])
     torch.testing.assert_close(out_cl, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_the_vae_has_no_buffers_for_ddp_to_broadcast():
+    """distributed.make_accelerator leaves DDP's buffer broadcast at its default because there
+    is nothing to broadcast; a norm layer's running stats would change that."""
+    for cfg in (VAEConfig(), VAEConfig(learned_sigma=True)):
+        assert list(VAE(cfg).buffers()) == []

@@ -12,7 +12,7 @@ import os
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
+from accelerate.utils import broadcast_object_list
 
 from vae_dist.config import Config
 from vae_dist.errors import SharedError, UserError
@@ -39,7 +39,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
         cpu=not on_cuda,
         mixed_precision=None if launched else precision,
         step_scheduler_with_optimizer=False,
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        # DDP's defaults: the VAE has no buffers, so there is nothing for DDP to broadcast before a
+        # forward (torch >= 2.12 deprecates broadcast_buffers, which once said so, with a warning per rank)
     )
     if accelerator.mixed_precision == "bf16" and not on_cuda:
         print_once(accelerator, "vae-dist: warning: bf16 autocast on this CPU is many times slower than fp32")

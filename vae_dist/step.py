@@ -20,12 +20,26 @@ measured on the CPU, docs/benchmarks.md) and is needed only for the fp16 GradSca
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from vae_dist.data import unit_float
 from vae_dist.errors import ConfigError
 from vae_dist.losses import kl_terms, recon_loss
+
+
+class _NoCudaRuntimeNotice(logging.Filter):
+    """Drops cpp_extension's "No CUDA runtime is found, using CUDA_HOME=..." warning, which
+    torch.compile's C++ backend prints on a CPU machine that has a CUDA toolkit but no GPU: the
+    CPU build it means is the one intended, and there is nothing a user can do about it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+logging.getLogger("torch.utils.cpp_extension").addFilter(_NoCudaRuntimeNotice())
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # meter slots: sums over good steps of loss, recon, kl (the real KL), the KL the objective

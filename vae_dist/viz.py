@@ -88,38 +88,67 @@ def latent_scatter(mu: torch.Tensor, labels: torch.Tensor, path: Path, class_nam
     return path
 
 
-def loss_curves(metrics_path: Path, path: Path) -> Path | None:
-    """Train loss/recon/KL/beta and val loss against step, from metrics.jsonl."""
+def read_metrics(metrics_path: Path) -> tuple[dict[int, dict], dict[int, dict]]:
+    """metrics.jsonl's train rows and val rows, each by step (a resumed run's metrics go forward
+    only; should a step repeat, the later row counts)."""
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    train = {r["step"]: r for r in rows if r.get("split") is None}
+    val = {r["step"]: r for r in rows if r.get("split") == "val"}
+    return train, val
+
+
+def loss_curves_figure(train: dict[int, dict], val: dict[int, dict]):
+    """Four panels against the step: the training objective (train and val `loss`, with the
+    train `recon` term), the KL term, the val bits/dim (the negative ELBO under the discretized
+    decoder: the likelihood to compare runs by) and the KL weight beta. Every curve's label
+    names the metrics.jsonl key it plots."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    train = {r["step"]: r for r in rows if r.get("split") is None}  # a resumed run may repeat steps
-    val = {r["step"]: r for r in rows if r.get("split") == "val"}
-    if not train:
-        return None
-    steps = sorted(train)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=110)
-    axes[0].plot(steps, [train[s]["loss"] for s in steps], label="train loss")
-    axes[0].plot(steps, [train[s]["recon"] for s in steps], label="train recon")
-    if val:
-        vs = sorted(val)
-        axes[0].plot(vs, [val[s]["loss"] for s in vs], "o-", label="val -ELBO")
-    axes[0].set_yscale("log")
-    axes[0].set_title("loss (nats / image)")
-    axes[1].plot(steps, [train[s]["kl"] for s in steps], label="KL")
-    axes[1].set_title("KL (nats / image)")
-    axes[2].plot(steps, [train[s]["beta"] for s in steps], label="beta")
-    axes[2].set_title("KL weight beta")
-    for ax in axes:
+    steps, vs = sorted(train), sorted(val)
+    fig, (objective, kl, bpd, beta) = plt.subplots(1, 4, figsize=(17, 3.6), dpi=110)
+    objective.plot(steps, [train[s]["loss"] for s in steps], label="train loss")
+    objective.plot(steps, [train[s]["recon"] for s in steps], label="train recon")
+    if vs:
+        objective.plot(vs, [val[s]["loss"] for s in vs], "o-", label="val loss")
+    objective.set_yscale("log")
+    objective.set_title("training objective (loss)")
+    objective.set_ylabel("nats / image")
+    kl.plot(steps, [train[s]["kl"] for s in steps], label="train kl")
+    if vs:
+        kl.plot(vs, [val[s]["kl"] for s in vs], "o-", label="val kl")
+    kl.set_title("KL(q(z|x) || p(z))")
+    kl.set_ylabel("nats / image")
+    with_bpd = [s for s in vs if "bpd" in val[s]]
+    if with_bpd:
+        bpd.plot(with_bpd, [val[s]["bpd"] for s in with_bpd], "o-", color="C2", label="val bpd")
+    else:
+        bpd.text(0.5, 0.5, "no val rows yet", ha="center", va="center", transform=bpd.transAxes)
+    bpd.set_title("val bits/dim: the -ELBO, lower is better")
+    bpd.set_ylabel("bits / subpixel")
+    beta.plot(steps, [train[s]["beta"] for s in steps], color="C3", label="train beta")
+    beta.set_title("KL weight beta")
+    for ax in (objective, kl, bpd, beta):
         ax.set_xlabel("step")
-        ax.legend(fontsize=7)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def loss_curves(metrics_path: Path, path: Path) -> Path | None:
+    """The loss-curve picture of a run's metrics.jsonl (None while it has no train row)."""
+    train, val = read_metrics(metrics_path)
+    if not train:
+        return None
+    fig = loss_curves_figure(train, val)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
+    import matplotlib.pyplot as plt
+
     plt.close(fig)
     return path
 
