@@ -218,6 +218,27 @@ def test_a_finished_run_started_again_writes_nothing_and_its_epoch_end_is_evalua
     assert [row["step"] for row in _rows(run) if row.get("split") == "val"] == [12, 24]
 
 
+def test_a_checkpoint_of_another_architecture_is_one_line_with_the_choices_and_nothing_moves(shards, tmp_path):
+    """Resuming with other model.* values: refused before anything in the folder moves (an older
+    checkpoint given as train.resume=PATH would have set the newer ones aside), naming the keys
+    that differ and what to do; train.overwrite=true, one of the choices, then starts over."""
+    run = tmp_path / "run"
+    assert _train(shards, run, "--train.checkpoint_every=4", "--train.max_steps=8").returncode == 0
+    before = _snapshot(run)
+    other = ["--model.latent_dim=16", "--train.max_steps=12"]
+    line = _one_line(_train(shards, run, *other), f"checkpoint {run / 'checkpoints' / 'step_0000008'} holds another "
+                     "architecture: model.latent_dim=8 (this run: 16)", "train.overwrite=true", "another train.out_dir")
+    assert "to continue it, train with its model.* values" in line
+    older = run / "checkpoints" / "step_0000004"
+    _one_line(_train(shards, run, *other, f"--train.resume={older}"), f"checkpoint {older} holds another architecture",
+              "another train.out_dir")
+    assert _snapshot(run) == before and not (run / "abandoned").exists()
+    r = _train(shards, run, *other, "--train.overwrite=true")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (old,) = tmp_path.glob("run.old-*")
+    assert _snapshot(old) == before  # the old run, moved whole
+
+
 # -- launch scripts and tools ------------------------------------------------------------
 
 def test_single_node_script_without_nvidia_smi_is_one_line(tmp_path):

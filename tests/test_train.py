@@ -173,13 +173,21 @@ def test_eval_scores_the_same_images_with_one_sigma_whatever_the_launch(shards, 
     assert a["sigma"] == pytest.approx(b["sigma"], rel=0.02)  # the same images, other noise
 
 
-def test_a_missing_shard_folder_under_two_processes_is_one_line_and_writes_nothing(tmp_path):
-    """Rank 0 opens the shard folder and hands every rank the same ShardSet (or its error), before
-    the run folder is claimed: one line for the run, and no run folder left behind."""
-    run = tmp_path / "run"
-    r = accelerate_launch(2, "train", f"--data.shards={tmp_path / 'missing'}", f"--train.out_dir={run}", *COMMON,
-                          "--train.max_steps=1")
+@pytest.mark.parametrize("case", ["missing shards", "compile mode", "batch split"])
+def test_a_refused_start_under_two_processes_is_one_line_and_writes_nothing(shards, tmp_path, case):
+    """Rank 0 opens the shard folder and checks what the Trainer's setup would refuse, and hands
+    every rank the result (or its error), before the run folder is claimed: one line for the
+    run, and no run folder left behind (nor its parent, made for it)."""
+    run = tmp_path / "new" / "run"
+    shard_dir, extra, error = {
+        "missing shards": (tmp_path / "missing", [], f"shard folder not found: {tmp_path / 'missing'}"),
+        "compile mode": (shards, ["--model.compile=true", "--model.compile_mode=max-autotune"],
+                         "model.compile_mode=max-autotune with 2 processes"),
+        "batch split": (shards, ["--train.global_batch_size=15"], "train.global_batch_size=15 does not divide by 2"),
+    }[case]
+    r = accelerate_launch(2, "train", f"--data.shards={shard_dir}", f"--train.out_dir={run}", *COMMON,
+                          "--train.max_steps=1", *extra)
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if line.startswith("vae-dist: error:")]
-    assert errors == [f"vae-dist: error: shard folder not found: {tmp_path / 'missing'}"], r.stderr[-3000:]
-    assert not run.exists()
+    assert len(errors) == 1 and error in errors[0], r.stderr[-3000:]
+    assert not (tmp_path / "new").exists()

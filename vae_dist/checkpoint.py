@@ -46,6 +46,18 @@ def save_weights(model: VAE, path: Path) -> None:
     write_atomic(path, _weights_bytes(model))
 
 
+def architecture_difference(saved: VAEConfig, wanted: VAEConfig) -> str:
+    """The model.* keys on which two architectures differ, as `model.KEY=SAVED (this run: WANTED)`."""
+    from dataclasses import asdict
+
+    def typed(value) -> str:
+        return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value).lower() \
+            if isinstance(value, bool) else str(value)
+
+    a, b = asdict(saved), asdict(wanted)
+    return ", ".join(f"model.{k}={typed(a[k])} (this run: {typed(b[k])})" for k in a if a[k] != b[k])
+
+
 def read_vae_config(path: Path) -> VAEConfig:
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -273,8 +285,8 @@ def load_checkpoint(accelerator, path: Path, model: VAE, optimizer) -> dict:
     path = Path(path)
     state = read_trainer_state(path)
     ckpt_cfg = read_vae_config(path / WEIGHTS)
-    if ckpt_cfg != model.cfg:
-        raise UserError(f"checkpoint {path} holds a different architecture ({ckpt_cfg}) than model.* ({model.cfg})")
+    if ckpt_cfg != model.cfg:  # run_folder.choose_start refuses this earlier, with the choices
+        raise UserError(f"checkpoint {path} holds another architecture: {architecture_difference(ckpt_cfg, model.cfg)}")
     _load_state_dict(model, path / WEIGHTS)
     try:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))

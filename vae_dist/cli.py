@@ -35,14 +35,14 @@ def _pack(args) -> int:
 
 def _verify(args) -> int:
     from vae_dist.data.verify import verify
-    from vae_dist.errors import DataError
+    from vae_dist.errors import DataError, counted
 
     problems = verify(args.dir)
     for line in problems:
         print(line)
     if problems:
         n = len(problems)
-        raise DataError(f"{args.dir}: {n} problem{'s' * (n > 1)} with the shards (listed above): "
+        raise DataError(f"{args.dir}: {counted(n, 'problem')} with the shards (listed above): "
                         f"pack them again from the source images")
     print(f"{args.dir}: all shards match manifest.json")
     return 0

@@ -22,3 +22,8 @@ def first_line(e: BaseException) -> str:
     """An exception's message cut to its first line (its type where it has none), for a one-line report."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """`1 shard`, `3 shards`: a count with its noun in the right number."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"

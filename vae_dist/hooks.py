@@ -77,7 +77,7 @@ class RankZeroHooks(Hooks):
         self.wandb = None
         self._resumes = 0
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._metrics = open(self.metrics_path, "a", buffering=1)
+        self._metrics = None  # opened at the first row: a start that fails before it leaves no file
 
     # -- failure isolation ---------------------------------------------------------------
     def _guard(self, sink: str, fn, *args, **kwargs):
@@ -168,6 +168,8 @@ class RankZeroHooks(Hooks):
                  + f"| PSNR {row['psnr']:.2f} dB")
 
     def _write_row(self, row: dict) -> None:
+        if self._metrics is None:
+            self._metrics = open(self.metrics_path, "a", buffering=1)
         self._metrics.write(json.dumps({**row, "time": round(time.time(), 3)}) + "\n")
 
     def maybe_images(self, step: int, model, final: bool = False) -> None:
@@ -219,7 +221,9 @@ class RankZeroHooks(Hooks):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        self._metrics.close()
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
         if weights is not None:
             print(f"weights: {weights}", flush=True)
         if self.wandb is not None:

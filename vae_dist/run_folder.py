@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vae_dist import checkpoint as ckpt
-from vae_dist.errors import UserError
+from vae_dist.errors import UserError, counted
 from vae_dist.files import new_dir_beside, output_dir, write_atomic
+from vae_dist.model import VAEConfig
 
 LOCK = ".lock"
 SLURM_JOB_FILE = "slurm_job_id"  # the SLURM job whose run this folder holds
@@ -71,8 +72,11 @@ class RunFolderLock:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK
         self.held = False
+        self.made: list[Path] = []  # the folders acquire made, deepest first
 
     def acquire(self) -> None:
+        folder = self.path.parent.absolute()
+        self.made = [d for d in (folder, *folder.parents) if not d.exists()]
         output_dir(self.path.parent, "train.out_dir")
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
               "slurm_job": os.environ.get("SLURM_JOB_ID")}
@@ -134,9 +138,17 @@ class RunFolderLock:
         return got == holder
 
     def release(self) -> None:
+        """Lets go of the folder; one this start made and left empty (it failed before writing
+        anything) is removed, so a refused start leaves nothing behind."""
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+            for folder in self.made:
+                try:
+                    folder.rmdir()  # only while empty
+                except OSError:
+                    break
+            self.made = []
 
 
 @dataclass
@@ -164,7 +176,7 @@ class Start:
 def _old_run_files(run_dir: Path) -> list[str]:
     found = [name for name in RUN_FILES if (run_dir / name).exists()]
     n = len(ckpt.list_checkpoints(run_dir))
-    return found + ([f"{n} checkpoint{'s' * (n > 1)}"] if n else [])
+    return found + ([counted(n, "checkpoint")] if n else [])
 
 
 def _move_aside(run_dir: Path) -> Path:
@@ -233,14 +245,31 @@ def _remove_partial_checkpoints(run_dir: Path) -> list[str]:
     return notes
 
 
-def choose_start(run_dir: Path, resume: str, overwrite: bool) -> Start:
-    """Decided on rank 0 while it holds the lock; raises UserError with the one-line reason."""
+def _refuse_other_architecture(path: Path, model: VAEConfig | None, explicit: bool) -> None:
+    """A checkpoint of another architecture cannot be continued by this run: refused before
+    anything in the folder moves, with what the user can do instead."""
+    if model is None:
+        return
+    saved = ckpt.read_vae_config(path / ckpt.WEIGHTS)
+    if saved == model:
+        return
+    run_dir = path.parent.parent
+    instead = "train.resume=none with another train.out_dir" if explicit else \
+        f"train.overwrite=true to start over (moves the old run to {run_dir.name}.old-TIMESTAMP), or another train.out_dir"
+    raise UserError(f"checkpoint {path} holds another architecture: {ckpt.architecture_difference(saved, model)}; "
+                    f"to continue it, train with its model.* values; for this model, {instead}")
+
+
+def choose_start(run_dir: Path, resume: str, overwrite: bool, model: VAEConfig | None = None) -> Start:
+    """Decided on rank 0 while it holds the lock; raises UserError with the one-line reason.
+    `model`: this run's architecture, which the checkpoint it resumes from must hold."""
     run_dir = Path(run_dir)
     start = Start(notes=_remove_partial_checkpoints(run_dir))
     job = own_slurm_job(run_dir)
     if job is not None:
         newest = ckpt.newest_verified_checkpoint(run_dir, on_skip=_skip_warning)
         if newest is not None:
+            _refuse_other_architecture(newest, model, explicit=False)
             start.checkpoint = newest
             start.notes.append(f"SLURM job {job} was requeued: it continues its own run")
             start.set_aside = _set_aside_beyond(run_dir, newest)
@@ -254,12 +283,14 @@ def choose_start(run_dir: Path, resume: str, overwrite: bool) -> Start:
         problem = ckpt.verify_checkpoint(path)
         if problem:
             raise UserError(f"train.resume: checkpoint {path} does not verify: {problem}")
+        _refuse_other_architecture(path, model, explicit=True)
         start.checkpoint = path
         start.set_aside = _set_aside_beyond(run_dir, path)
         return start
     if resume == "auto":
         start.checkpoint = ckpt.newest_verified_checkpoint(run_dir, on_skip=_skip_warning)
         if start.checkpoint is not None:
+            _refuse_other_architecture(start.checkpoint, model, explicit=False)
             start.set_aside = _set_aside_beyond(run_dir, start.checkpoint)  # damaged newer ones, rows after it
             return start
     old = _old_run_files(run_dir)

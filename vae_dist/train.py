@@ -22,7 +22,14 @@ from accelerate.utils import set_seed
 
 from vae_dist.checkpoint import WEIGHTS, save_weights
 from vae_dist.config import Config, dump_yaml, per_process_batch, vae_config
-from vae_dist.data.loaders import build_train_and_val, check_model_fits_shards, choose_cache, resolve_loader_kind, verify_shards
+from vae_dist.data.loaders import (
+    build_train_and_val,
+    check_model_fits_shards,
+    choose_cache,
+    resolve_decode,
+    resolve_loader_kind,
+    verify_shards,
+)
 from vae_dist.data.shards import ShardSet
 from vae_dist.distributed import make_accelerator, print_once, rank_zero_decides
 from vae_dist.evaluation import Evaluator
@@ -220,6 +227,18 @@ def build_model(cfg: Config, device: torch.device, rank: int, channels_last: boo
     return model
 
 
+def refuse_early(cfg: Config, shards: ShardSet, accelerator: Accelerator) -> None:
+    """What the Trainer's setup would refuse, checked before the run folder is touched (once,
+    on rank 0): a run that cannot start leaves nothing behind and says why in one line."""
+    device, world = accelerator.device, accelerator.num_processes
+    per_process_batch(cfg.train, world)
+    compile_mode_for(cfg.model, device, world)
+    check_model_fits_shards(cfg.model, shards)
+    resolve_decode(cfg.data.decode, device)
+    if choose_cache(shards, cfg.data, device)[0] == "none":
+        resolve_loader_kind(cfg.data.loader)  # a streaming run needs a loader
+
+
 def train(cfg: Config) -> int:
     cfg.train.out_dir = expand_out_dir(cfg.train.out_dir)
     accelerator = make_accelerator(cfg)
@@ -228,7 +247,7 @@ def train(cfg: Config) -> int:
 
     def claim_folder():
         lock.acquire()
-        start = choose_start(run_dir, cfg.train.resume, cfg.train.overwrite)
+        start = choose_start(run_dir, cfg.train.resume, cfg.train.overwrite, model=vae_config(cfg.model))
         record_slurm_job(run_dir)
         return start
 
@@ -236,6 +255,7 @@ def train(cfg: Config) -> int:
         # rank 0 reads the shard folder before the run folder is touched, and every rank gets that
         # same ShardSet: one read of manifest.json per run, and a bad folder is one line
         shards = rank_zero_decides(accelerator, lambda: ShardSet.open(cfg.data.shards))
+        rank_zero_decides(accelerator, lambda: refuse_early(cfg, shards, accelerator))
         if cfg.data.verify:  # damaged shards change nothing in the run folder
             print_once(accelerator, rank_zero_decides(accelerator, lambda: verify_shards(shards)))
         start = rank_zero_decides(accelerator, claim_folder)

@@ -91,7 +91,8 @@ def latent_scatter(mu: torch.Tensor, labels: torch.Tensor, path: Path, class_nam
 def read_metrics(metrics_path: Path) -> tuple[dict[int, dict], dict[int, dict]]:
     """metrics.jsonl's train rows and val rows, each by step (a resumed run's metrics go forward
     only; should a step repeat, the later row counts)."""
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    text = Path(metrics_path).read_text() if Path(metrics_path).is_file() else ""
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     train = {r["step"]: r for r in rows if r.get("split") is None}
     val = {r["step"]: r for r in rows if r.get("split") == "val"}
     return train, val

@@ -19,7 +19,7 @@ from vae_dist.data.partition import epoch_order, steps_per_epoch
 from vae_dist.data.shards import ShardSet
 from vae_dist.data.torch_loaders import WebDatasetLoader, have_webdataset
 from vae_dist.data.verify import verify
-from vae_dist.errors import DataError
+from vae_dist.errors import DataError, counted
 
 
 def local_processes() -> int:
@@ -198,7 +198,7 @@ def verify_shards(shards: ShardSet) -> str:
     problems = verify(shards.root, shards.manifest)
     if problems:
         n = len(problems)
-        raise DataError(f"data.verify: {n} problem{'s' * (n > 1)} with the shards in {shards.root}, the first: "
+        raise DataError(f"data.verify: {counted(n, 'problem')} with the shards in {shards.root}, the first: "
                         f"{problems[0]} (`vae-dist verify {shards.root}` lists them all; pack again to fix them)")
     count = sum(len(split.get("shards", [])) for split in shards.manifest.get("splits", {}).values())
-    return f"data.verify: all {count} shards in {shards.root} match manifest.json ({time.perf_counter() - t0:.1f} s)"
+    return f"data.verify: all {counted(count, 'shard')} in {shards.root} match manifest.json ({time.perf_counter() - t0:.1f} s)"

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from vae_dist.data.images import to_shard_jpeg
 from vae_dist.data.shards import MANIFEST, ShardWriter, shard_name, write_json_atomic
 from vae_dist.data.tinyimagenet import Record, Source, list_split, read_classes
-from vae_dist.errors import DataError
+from vae_dist.errors import DataError, counted
 from vae_dist.files import output_dir
 
 
@@ -146,7 +146,7 @@ def summary(manifest: dict) -> str:
     lines = []
     for split, info in manifest["splits"].items():
         conv = ", ".join(f"{k} {v}" for k, v in sorted(info["converted"].items())) or "none"
-        lines.append(f"{split}: {info['count']} images in {len(info['shards'])} shards (converted: {conv})")
+        lines.append(f"{split}: {counted(info['count'], 'image')} in {counted(len(info['shards']), 'shard')} (converted: {conv})")
     lines.append(f"rejected: {len(manifest['rejected'])}" + (" (listed in manifest.json)" if manifest["rejected"] else ""))
     if manifest.get("pack_img_per_s"):
         lines.append(f"packed at {manifest['pack_img_per_s']:.0f} img/s in {manifest['pack_seconds']:.1f} s")

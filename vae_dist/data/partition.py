@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vae_dist.errors import DataError
+from vae_dist.errors import DataError, counted
 
 
 def rank_sample_range(count: int, rank: int, world: int) -> tuple[int, int]:
@@ -19,8 +19,8 @@ def steps_per_epoch(count: int, batch_size: int, rank: int, world: int, train: b
         smallest = count // world
         if smallest < batch_size:
             raise DataError(
-                f"{count} samples over {world} processes give {smallest} per process, fewer than "
-                f"one batch of {batch_size}: lower train.batch_size"
+                f"{counted(count, 'sample')} over {counted(world, 'process', 'processes')} give {smallest} per process, "
+                f"fewer than one batch of {batch_size}: lower train.batch_size"
             )
         return smallest // batch_size
     lo, hi = rank_sample_range(count, rank, world)
