@@ -5,7 +5,7 @@
 #   bash launch/gpu_check.sh h200 env tests      # some phases (each fits one 10-minute call)
 #   bash launch/gpu_check.sh --smoke cpu         # the same phases at toy sizes, on a CPU
 # Output: $OUT when set (the device tool's folder), else docs/bench/LABEL/.
-# Packages the machine lacks: where .devwheels/ (made here by ../shared/tools/device-wheels.sh)
+# Packages the machine lacks: where .devwheels/ (docs/gpu_check.md says what it holds)
 # travelled along, small.tar (webdataset, wandb) is installed, and DALI once all its dali-NN
 # parts are there (the tar they make up reads to its end), into $VAE_DIST_SITE (default
 # /tmp/vae-dist-site), which goes on PYTHONPATH with the checkout. Nothing is downloaded.
