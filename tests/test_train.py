@@ -191,3 +191,14 @@ def test_a_refused_start_under_two_processes_is_one_line_and_writes_nothing(shar
     errors = [line for line in r.stderr.splitlines() if line.startswith("vae-dist: error:")]
     assert len(errors) == 1 and error in errors[0], r.stderr[-3000:]
     assert not (tmp_path / "new").exists()
+
+
+def test_a_diverged_run_under_two_processes_says_so_once(shards, tmp_path):
+    """Every rank reads the same all-reduced counters and stops at the same sync point; the run
+    reports it in one line, not one per rank, and keeps the rows written before."""
+    run = tmp_path / "run"
+    r = accelerate_launch(2, "train", f"--data.shards={shards}", f"--train.out_dir={run}", *COMMON,
+                          "--train.max_steps=40", "--train.max_bad_steps=2", "--optim.lr=1e30")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("vae-dist: error:")]
+    assert r.returncode != 0 and len(errors) == 1 and "training diverged" in errors[0], r.stderr[-3000:]
+    assert _rows(run)

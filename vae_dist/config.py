@@ -456,5 +456,6 @@ def per_process_batch(train: TrainConfig, world: int) -> int:
     if train.global_batch_size is None:
         return train.batch_size
     if train.global_batch_size % world:
-        raise ConfigError(f"train.global_batch_size={train.global_batch_size} does not divide by {world} processes")
+        raise ConfigError(f"train.global_batch_size={train.global_batch_size} does not divide by {world} processes: "
+                          f"make it a multiple of {world}, or set train.batch_size (per process) instead")
     return train.global_batch_size // world

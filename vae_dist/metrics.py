@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from vae_dist.errors import UserError
+from vae_dist.errors import SharedError
 from vae_dist.step import GOOD, RECON, SKIPPED, TrainStep
 
 
-class DivergedError(UserError):
-    pass
+class DivergedError(SharedError):
+    """Raised by every rank at the same sync point (the counters it reads are all-reduced), so
+    the run reports it once."""
 
 
 class Stopwatch:
