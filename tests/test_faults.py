@@ -449,3 +449,13 @@ def test_encode_prints_the_file_it_writes(shards, weights, tmp_path, capsys):
     assert main(["encode", str(weights), "--shards", str(shards), "--out", str(tmp_path / "latents")]) == 0
     assert f"labels: {tmp_path / 'latents.npz'}" in capsys.readouterr().out
     assert (tmp_path / "latents.npz").is_file() and not (tmp_path / "latents").exists()
+
+
+def test_a_failed_viz_or_encode_makes_no_output_folder(weights, tmp_path, capsys):
+    """The output folder is made once the inputs are known good: a missing shard folder leaves
+    nothing behind."""
+    missing = tmp_path / "missing"
+    for argv in (["viz", str(weights), str(tmp_path / "pics" / "v"), "--shards", str(missing)],
+                 ["encode", str(weights), "--shards", str(missing), "--out", str(tmp_path / "lat" / "v.npz")]):
+        assert f"shard folder not found: {missing}" in _main(capsys, *argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -150,10 +150,11 @@ def encode_split(ckpt: str, shards: str, out: str, split: str = "val", batch_siz
         path = path.with_name(path.name + ".npz")
     if path.is_dir() or Path(out).is_dir():
         raise UserError(f"encode --out {out} is a folder: name the .npz file to write")
-    output_dir(path.parent, "encode --out folder")
     model = load_weights(find_weights(ckpt), acc.device)
+    shard_set = ShardSet.open(shards)
+    output_dir(path.parent, "encode --out folder")  # once the inputs are known good: a failure makes nothing
     mus, logvars, labels = [], [], []
-    for x, y in _batches(ShardSet.open(shards), split, batch_size, acc):
+    for x, y in _batches(shard_set, split, batch_size, acc):
         mu, logvar = model.encode(x)
         mus.append(mu.float().cpu())
         logvars.append(logvar.float().cpu())

@@ -190,13 +190,13 @@ def viz_checkpoint(ckpt_path: str, out: str, shards: str | None = None, num_imag
         raise UserError(f"--num-images must be at least 1, got {num_images}")
     weights = find_weights(ckpt_path)
     model = load_weights(weights)
-    output_dir(out, "viz output folder")
     saved_config = weights.parent / "config.yaml"  # in every checkpoint and run folder
     if shards is None and saved_config.is_file():  # the run's own data
         shards = (load_yaml_text(saved_config.read_text()) or {}).get("data", {}).get("shards")
     if shards is None:
         raise UserError("no shard folder known for real images: pass --shards DIR")
     shard_set = ShardSet.open(shards)
+    output_dir(out, "viz output folder")  # once the inputs are known good: a failure makes nothing
     split = "val" if shard_set.count("val") else "train"
     images, labels = decode_split(shard_set, DataConfig(shards=shards, num_threads=1), split, torch.device("cpu"))
     n = min(num_images * 2, images.shape[0])
