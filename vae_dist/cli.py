@@ -109,8 +109,8 @@ def _demo(args) -> int:
 
 ABOUT = """\
 vae-dist trains the coursework convolutional VAE (4 stride-2 convs 3->64->128->256->512, a
-128-d latent, a mirrored transposed-conv decoder) on Tiny ImageNet, or any images packed into
-its shards, at the speed of the hardware: WebDataset shards decoded by NVIDIA DALI, DDP with
+128-d latent, a mirrored transposed-conv decoder) on Tiny ImageNet, or any data set in its
+folder layout, at the speed of the hardware: WebDataset shards decoded by NVIDIA DALI, DDP with
 mixed precision and torch.compile under Accelerate (one GPU to many nodes), checkpoints that
 resume to the exact batch, and Weights & Biases logging from rank 0."""
 
