@@ -9,7 +9,8 @@ from vae_dist.cli import build_parser
 
 from .conftest import run_cli
 
-COMMANDS = sorted(next(a for a in build_parser()._actions if a.dest == "command").choices)
+SUBCOMMANDS = next(a for a in build_parser()._actions if a.dest == "command").choices  # name -> its parser
+COMMANDS = sorted(SUBCOMMANDS)
 
 
 def _entries(help_text: str) -> dict[str, str]:
@@ -45,8 +46,7 @@ def test_every_option_has_a_meaning_and_its_default(command):
     assert r.returncode == 0, r.stderr
     assert not re.search(r"\b(null|None)\b", r.stdout), r.stdout
     entries = _entries(r.stdout.split("\nconfig keys")[0])  # train's config keys: test_config
-    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
-    for action in sub._actions:
+    for action in SUBCOMMANDS[command]._actions:
         if action.dest == "help":
             continue
         name = action.option_strings[0] if action.option_strings else (action.metavar or action.dest)

@@ -47,15 +47,12 @@ def save_weights(model: VAE, path: Path) -> None:
 
 
 def architecture_difference(saved: VAEConfig, wanted: VAEConfig) -> str:
-    """The model.* keys on which two architectures differ, as `model.KEY=SAVED (this run: WANTED)`."""
-    from dataclasses import asdict
+    """The model.* keys on which two architectures differ, as `model.KEY=SAVED (this run: WANTED)`,
+    each value as it is typed on the command line."""
+    from vae_dist.config import typed_value
 
-    def typed(value) -> str:
-        return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value).lower() \
-            if isinstance(value, bool) else str(value)
-
-    a, b = asdict(saved), asdict(wanted)
-    return ", ".join(f"model.{k}={typed(a[k])} (this run: {typed(b[k])})" for k in a if a[k] != b[k])
+    a, b = dataclasses.asdict(saved), dataclasses.asdict(wanted)
+    return ", ".join(f"model.{k}={typed_value(a[k])} (this run: {typed_value(b[k])})" for k in a if a[k] != b[k])
 
 
 def read_vae_config(path: Path) -> VAEConfig:

@@ -245,11 +245,9 @@ def _remove_partial_checkpoints(run_dir: Path) -> list[str]:
     return notes
 
 
-def _refuse_other_architecture(path: Path, model: VAEConfig | None, explicit: bool) -> None:
+def _refuse_other_architecture(path: Path, model: VAEConfig, explicit: bool) -> None:
     """A checkpoint of another architecture cannot be continued by this run: refused before
     anything in the folder moves, with what the user can do instead."""
-    if model is None:
-        return
     saved = ckpt.read_vae_config(path / ckpt.WEIGHTS)
     if saved == model:
         return
@@ -260,7 +258,7 @@ def _refuse_other_architecture(path: Path, model: VAEConfig | None, explicit: bo
                     f"to continue it, train with its model.* values; for this model, {instead}")
 
 
-def choose_start(run_dir: Path, resume: str, overwrite: bool, model: VAEConfig | None = None) -> Start:
+def choose_start(run_dir: Path, resume: str, overwrite: bool, model: VAEConfig) -> Start:
     """Decided on rank 0 while it holds the lock; raises UserError with the one-line reason.
     `model`: this run's architecture, which the checkpoint it resumes from must hold."""
     run_dir = Path(run_dir)

@@ -235,8 +235,8 @@ def refuse_early(cfg: Config, shards: ShardSet, accelerator: Accelerator) -> Non
     compile_mode_for(cfg.model, device, world)
     check_model_fits_shards(cfg.model, shards)
     resolve_decode(cfg.data.decode, device)
-    if choose_cache(shards, cfg.data, device)[0] == "none":
-        resolve_loader_kind(cfg.data.loader)  # a streaming run needs a loader
+    choose_cache(shards, cfg.data, device)  # refuses data.cache=gpu without CUDA
+    resolve_loader_kind(cfg.data.loader)  # streaming and the caches alike read through a loader (decode_split)
 
 
 def train(cfg: Config) -> int:
