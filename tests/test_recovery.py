@@ -159,6 +159,25 @@ def test_a_truncated_shard_is_refused_before_step_1_and_data_verify_finds_a_dama
 
 # -- a killed run resumed; a finished run started again ------------------------------------
 
+def _kill_between_checkpoints(proc, run: Path, min_steps: int, timeout=180):
+    """SIGKILL once `min_steps` steps are logged and the newest is past the newest checkpoint.
+    The process is frozen (SIGSTOP) while that is read, so it cannot reach the next checkpoint
+    between the look and the kill; when it sits on one, it goes on (SIGCONT) and is looked at again."""
+    deadline = time.time() + timeout
+    while True:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        metrics = run / "metrics.jsonl"
+        if metrics.is_file() and sum('"split"' not in x for x in metrics.read_text().splitlines()) >= min_steps:
+            proc.send_signal(signal.SIGSTOP)
+            steps, done = _steps_logged(run), list_checkpoints(run)
+            if done and steps[-1] > int(done[-1].name.split("_")[1]):
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return
+            proc.send_signal(signal.SIGCONT)
+        time.sleep(0.05)
+
+
 def test_a_killed_run_resumed_reads_as_one_run(shards, tmp_path):
     """SIGKILL after the last checkpoint: the resumed run moves the rows past it aside, so
     metrics.jsonl (and the loss curves drawn from it) go forward only; in W&B (offline, read
@@ -169,16 +188,9 @@ def test_a_killed_run_resumed_reads_as_one_run(shards, tmp_path):
            *wandb, "--train.checkpoint_every=4", "--train.max_steps=100000", "--log.log_every=1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **CPU_ONLY, "WANDB_SILENT": "true"})
-    deadline = time.time() + 180
-    metrics = run / "metrics.jsonl"
-    while not metrics.is_file() or sum('"split"' not in x for x in metrics.read_text().splitlines()) < 7:
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)  # no handler, no checkpoint: the rows after step 4 are orphans
-    proc.wait()
+    _kill_between_checkpoints(proc, run, min_steps=7)  # no handler, no checkpoint: the rows past it are orphans
     killed = _steps_logged(run)
-    newest = list_checkpoints(run)[-1].name
-    ckpt_step = int(newest.split("_")[1])
+    ckpt_step = int(list_checkpoints(run)[-1].name.split("_")[1])
     assert killed[-1] > ckpt_step
 
     r = _train(shards, run, *wandb, "--train.checkpoint_every=4", f"--train.max_steps={killed[-1] + 3}",
