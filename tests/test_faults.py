@@ -42,7 +42,10 @@ def _wait_for_rows(run: Path, proc, rows=2, timeout=120):
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= rows:
             return
         time.sleep(0.2)
-    raise AssertionError("the run did not start logging")
+    # an ended run's stderr reads to its end; a live one's would block, so it is not read
+    why = f"it exited {proc.returncode}: {proc.stderr.read()[-2000:] if proc.stderr else ''}" \
+        if proc.poll() is not None else f"none in {timeout} s"
+    raise AssertionError(f"the run did not log {rows} rows: {why}")
 
 
 @needs_loader

@@ -26,7 +26,7 @@ from .conftest import (
     needs_webdataset,
     run_cli,
 )
-from .test_faults import COMMON, _one_line, _steps_logged, _train
+from .test_faults import COMMON, _one_line, _steps_logged, _train, _wait_for_rows
 
 pytestmark = needs_loader
 
@@ -159,23 +159,21 @@ def test_a_truncated_shard_is_refused_before_step_1_and_data_verify_finds_a_dama
 
 # -- a killed run resumed; a finished run started again ------------------------------------
 
-def _kill_between_checkpoints(proc, run: Path, min_steps: int, timeout=180):
-    """SIGKILL once `min_steps` steps are logged and the newest is past the newest checkpoint.
-    The process is frozen (SIGSTOP) while that is read, so it cannot reach the next checkpoint
+def _kill_between_checkpoints(proc, run: Path, min_steps: int, timeout=180) -> None:
+    """SIGKILL once `min_steps` rows are logged and the newest step is past the newest checkpoint.
+    The run is frozen (SIGSTOP) while that is read, so it cannot reach the next checkpoint
     between the look and the kill; when it sits on one, it goes on (SIGCONT) and is looked at again."""
+    _wait_for_rows(run, proc, rows=min_steps, timeout=timeout)
     deadline = time.time() + timeout
-    while True:
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
-        metrics = run / "metrics.jsonl"
-        if metrics.is_file() and sum('"split"' not in x for x in metrics.read_text().splitlines()) >= min_steps:
-            proc.send_signal(signal.SIGSTOP)
-            steps, done = _steps_logged(run), list_checkpoints(run)
-            if done and steps[-1] > int(done[-1].name.split("_")[1]):
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                return
-            proc.send_signal(signal.SIGCONT)
+    while proc.poll() is None and time.time() < deadline:
+        proc.send_signal(signal.SIGSTOP)
+        done = list_checkpoints(run)
+        if done and _steps_logged(run)[-1] > int(done[-1].name.split("_")[1]):
+            break
+        proc.send_signal(signal.SIGCONT)
         time.sleep(0.05)
+    proc.kill()  # frozen or not: SIGKILL runs no handler
+    proc.wait()
 
 
 def test_a_killed_run_resumed_reads_as_one_run(shards, tmp_path):
@@ -191,7 +189,7 @@ def test_a_killed_run_resumed_reads_as_one_run(shards, tmp_path):
     _kill_between_checkpoints(proc, run, min_steps=7)  # no handler, no checkpoint: the rows past it are orphans
     killed = _steps_logged(run)
     ckpt_step = int(list_checkpoints(run)[-1].name.split("_")[1])
-    assert killed[-1] > ckpt_step
+    assert killed[-1] > ckpt_step, proc.stderr.read()[-2000:]
 
     r = _train(shards, run, *wandb, "--train.checkpoint_every=4", f"--train.max_steps={killed[-1] + 3}",
                "--log.log_every=1")

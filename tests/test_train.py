@@ -4,7 +4,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from vae_dist.checkpoint import latest_checkpoint, load_weights
 from vae_dist.model import VAE, VAEConfig
 
 from .conftest import CPU_ONLY, CUDA, TINY_MODEL, accelerate_launch, launch_command, library_warnings, needs_loader, run_cli
+from .test_faults import _wait_for_rows
 
 pytestmark = needs_loader
 
@@ -99,12 +99,7 @@ def test_sigterm_checkpoints_and_resumes(shards, tmp_path, nproc):
     if nproc == 2:
         cmd = launch_command(2) + cmd[3:]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        metrics = run / "metrics.jsonl"
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.2)
+    _wait_for_rows(run, proc, rows=3)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert "stopped by signal 15" in out, err[-3000:]
