@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from vae_dist.errors import ConfigError, first_line
+from vae_dist.errors import ConfigError, counted, first_line
 from vae_dist.model import VAEConfig
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -73,7 +73,7 @@ class OptimConfig:
 class TrainConfig:
     out_dir: str = "runs/vae"  # the run folder: config, metrics, checkpoints, pictures, W&B
     batch_size: int = 64  # per process (the seed's 64)
-    global_batch_size: int | None = None  # over all processes: wins over batch_size, must divide by the process count
+    global_batch_size: int | None = None  # per optimizer step, all processes: wins over batch_size; divides by processes x accum
     epochs: int = 20  # passes over the train split (the seed's 20)
     max_steps: int | None = None  # optimizer steps in all: wins over epochs when set
     eval_every: int = 1000  # steps; evaluation also runs at every epoch end. 0 = epoch ends only
@@ -86,6 +86,14 @@ class TrainConfig:
     seed: int = 0  # global seed: weights, data order, flips, noise
     max_bad_steps: int = 20  # consecutive non-finite steps before giving up (checked every log.log_every)
     profile_steps: tuple[int, int] | None = None  # START,STOP: a torch.profiler trace of those steps in OUT_DIR/profile
+    # -- scale-out (docs/scaling.md): how gradients cross the processes --------------------
+    grad_accum_steps: int = 1  # micro-batches of batch_size per optimizer step; one all-reduce (DDP no_sync on the others)
+    ddp_comm_hook: Literal["none", "bf16", "fp16", "powersgd"] = "none"  # gradients on the wire: bf16/fp16 halve the bytes; powersgd: low-rank
+    ddp_bucket_mb: int = 25  # DDP's bucket_cap_mb: a bucket is all-reduced once the backward pass has filled it
+    ddp_bucket_view: bool = False  # DDP's gradient_as_bucket_view: gradients live in the buckets (one copy less)
+    ddp_static_graph: bool = False  # DDP's static_graph: the same parameters get gradients every step (true for this VAE)
+    powersgd_rank: int = 1  # ddp_comm_hook=powersgd: rank of the gradient approximation (matrix_approximation_rank)
+    powersgd_start: int = 1000  # ddp_comm_hook=powersgd: optimizer steps of plain all-reduce first (start_powerSGD_iter)
 
 
 @dataclass
@@ -316,6 +324,10 @@ def validate(cfg: Config) -> None:
         ("train.checkpoint_every", t.checkpoint_every, t.checkpoint_every >= 0, "0 or more"),
         ("train.keep_last", t.keep_last, t.keep_last > 0, "positive"),
         ("train.max_bad_steps", t.max_bad_steps, t.max_bad_steps > 0, "positive"),
+        ("train.grad_accum_steps", t.grad_accum_steps, t.grad_accum_steps > 0, "positive"),
+        ("train.ddp_bucket_mb", t.ddp_bucket_mb, t.ddp_bucket_mb > 0, "positive"),
+        ("train.powersgd_rank", t.powersgd_rank, t.powersgd_rank > 0, "positive"),
+        ("train.powersgd_start", t.powersgd_start, t.powersgd_start >= 2, "2 or more (PowerSGD's start_powerSGD_iter)"),
         ("model.latent_dim", cfg.model.latent_dim, cfg.model.latent_dim > 0, "positive"),
         ("model.widths", list(cfg.model.widths), len(cfg.model.widths) > 0 and min(cfg.model.widths) > 0,
          "a non-empty list of positive channel counts"),
@@ -451,11 +463,15 @@ def vae_config(model: ModelConfig) -> VAEConfig:
 
 
 def per_process_batch(train: TrainConfig, world: int) -> int:
-    """Each process's batch: train.global_batch_size split over the processes when set, else
-    train.batch_size (already per process)."""
+    """Each process's micro-batch, what one forward pass sees: train.global_batch_size split over
+    the processes and the accumulation steps when set, else train.batch_size (already per process).
+    One optimizer step takes train.grad_accum_steps of them on every process."""
     if train.global_batch_size is None:
         return train.batch_size
-    if train.global_batch_size % world:
-        raise ConfigError(f"train.global_batch_size={train.global_batch_size} does not divide by {world} processes: "
-                          f"make it a multiple of {world}, or set train.batch_size (per process) instead")
-    return train.global_batch_size // world
+    parts = world * train.grad_accum_steps
+    if train.global_batch_size % parts:
+        split = counted(world, "process", "processes") + (
+            f" x {train.grad_accum_steps} accumulation steps" if train.grad_accum_steps > 1 else "")
+        raise ConfigError(f"train.global_batch_size={train.global_batch_size} does not divide by {split}: "
+                          f"make it a multiple of {parts}, or set train.batch_size (per process) instead")
+    return train.global_batch_size // parts

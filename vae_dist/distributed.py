@@ -12,10 +12,11 @@ import os
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
+from accelerate.utils.dataclasses import DDPCommunicationHookType
 
 from vae_dist.config import Config
-from vae_dist.errors import SharedError, UserError
+from vae_dist.errors import ConfigError, SharedError, UserError, first_line
 
 
 def configure_cuda_math() -> None:
@@ -39,12 +40,52 @@ def make_accelerator(cfg: Config) -> Accelerator:
         cpu=not on_cuda,
         mixed_precision=None if launched else precision,
         step_scheduler_with_optimizer=False,
-        # DDP's defaults: the VAE has no buffers, so there is nothing for DDP to broadcast before a
-        # forward (torch >= 2.12 deprecates broadcast_buffers, which once said so, with a warning per rank)
+        kwargs_handlers=[ddp_kwargs(cfg.train)],
     )
     if accelerator.mixed_precision == "bf16" and not on_cuda:
         print_once(accelerator, "vae-dist: warning: bf16 autocast on this CPU is many times slower than fp32")
     return accelerator
+
+
+COMM_HOOKS = {"none": DDPCommunicationHookType.NO, "bf16": DDPCommunicationHookType.BF16,
+              "fp16": DDPCommunicationHookType.FP16, "powersgd": DDPCommunicationHookType.POWER_SGD}
+
+
+def ddp_kwargs(train) -> DistributedDataParallelKwargs:
+    """How DDP moves gradients (train.ddp_*), through Accelerate's own handler: it builds the DDP
+    wrapper with these and registers the comm hook. broadcast_buffers stays at its default: the
+    VAE has no buffers, so there is nothing to broadcast (torch >= 2.12 deprecates the switch)."""
+    powersgd = {"matrix_approximation_rank": train.powersgd_rank, "start_powerSGD_iter": train.powersgd_start}
+    return DistributedDataParallelKwargs(
+        bucket_cap_mb=train.ddp_bucket_mb, gradient_as_bucket_view=train.ddp_bucket_view,
+        static_graph=train.ddp_static_graph, comm_hook=COMM_HOOKS[train.ddp_comm_hook],
+        comm_state_option=powersgd if train.ddp_comm_hook == "powersgd" else {})
+
+
+def check_ddp_knobs(train) -> None:
+    """DDP settings that cannot run together, refused before anything starts."""
+    if train.ddp_static_graph and train.grad_accum_steps > 1:
+        # torch's reducer asserts (expect_autograd_hooks_) at the first no_sync backward of a static graph
+        raise ConfigError(f"train.ddp_static_graph=true cannot run with train.grad_accum_steps={train.grad_accum_steps}: "
+                          "DDP's static graph has no no_sync for the micro-batches; set train.ddp_static_graph=false")
+
+
+def check_comm_hook(accelerator: Accelerator, hook: str) -> None:
+    """Refuses, in one line and on every rank alike, a compressed all-reduce the process
+    group's backend cannot run (older gloo builds have no bfloat16 reduction): a 1-element
+    all-reduce in that dtype, before the first step would fail inside DDP's reducer."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(hook)
+    if dtype is None or accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    probe = torch.ones(1, dtype=dtype, device=accelerator.device)
+    try:
+        dist.all_reduce(probe)
+    except RuntimeError as e:
+        raise SharedError(f"train.ddp_comm_hook={hook}: the {dist.get_backend()} backend cannot all-reduce "
+                          f"{str(dtype).removeprefix('torch.')} tensors ({first_line(e)}); use train.ddp_comm_hook=none "
+                          f"or another hook") from None
 
 
 def print_once(accelerator: Accelerator, text: str) -> None:

@@ -13,6 +13,11 @@ DDP's forward, whose inner module is compiled with DDP's bucket-aware optimizer)
 (gradient norm, finite check, clip, meters) is a second one, so the ~20 tiny kernels it
 launches eagerly become a few. Both compile with `dynamic=False`: a training run's shapes
 never change, and a dynamic-shape graph would be slower.
+Gradient accumulation (train.grad_accum_steps = k): the step's batch is split into k
+micro-batches, each forward + backward on its own (activations for one micro-batch at a time),
+the loss divided by k so the summed gradients are those of the whole batch; DDP all-reduces
+only the last micro-batch's backward (Accelerate's no_sync on the others), then one update.
+The loaders, the schedules and the data position therefore count optimizer steps, as without.
 At the seed's batch 64 the step is host-bound, so it calls the raw optimizer: accelerate's
 wrapper spends 200-300 us of host time per step + zero_grad (find_spec, inspect.signature;
 measured on the CPU, docs/benchmarks.md) and is needed only for the fp16 GradScaler.
@@ -20,6 +25,7 @@ measured on the CPU, docs/benchmarks.md) and is needed only for the fp16 GradSca
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -62,8 +68,9 @@ def compile_mode_for(model_cfg, device: torch.device, world: int) -> str | None:
 
 class TrainStep:
     def __init__(self, accelerator, model, optimizer, loss_cfg, grad_clip: float, compile_mode: str | None,
-                 channels_last: bool):
+                 channels_last: bool, accum_steps: int = 1):
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
+        self.accum_steps = accum_steps
         self.raw_optimizer = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.log_sigma = accelerator.unwrap_model(model).log_sigma  # None but for loss.recon=gaussian
@@ -105,12 +112,10 @@ class TrainStep:
             group_lr.fill_(lr * group.get("lr_scale", 1.0))  # host -> device writes: launches, not syncs
         self.beta.fill_(beta)
         self.model.train()
-        loss, recon, kl, kl_objective = self.forward_loss(images, self.beta)
-        self.accelerator.backward(loss)
+        loss, recon, kl, kl_objective = self.forward_backward(images)
         if self.scaled:
             self.accelerator.unscale_gradients()
-        found_inf = self.tail(self.params, self.meters, loss.detach(), recon.detach(), kl.detach(),
-                              kl_objective.detach())
+        found_inf = self.tail(self.params, self.meters, loss, recon, kl, kl_objective)
         if self.scaled:  # fp16: the GradScaler owns found_inf and the wrapper's step applies it
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -120,6 +125,23 @@ class TrainStep:
             self.raw_optimizer.found_inf = found_inf
             self.raw_optimizer.step()
             self.raw_optimizer.zero_grad(set_to_none=True)
+
+    def forward_backward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The batch's gradients, summed over its micro-batches; returns the batch's mean loss
+        terms (detached). Every micro-batch but the last keeps its gradients local."""
+        k = self.accum_steps
+        if k == 1:
+            terms = self.forward_loss(images, self.beta)
+            self.accelerator.backward(terms[0])
+            return [t.detach() for t in terms]
+        sums = None
+        for i, micro in enumerate(images.chunk(k)):  # the loaders' batches are k equal micro-batches
+            with self.accelerator.no_sync(self.model) if i < k - 1 else contextlib.nullcontext():
+                terms = self.forward_loss(micro, self.beta)
+                self.accelerator.backward(terms[0] / k)
+            terms = [t.detach() / k for t in terms]
+            sums = terms if sums is None else [a + b for a, b in zip(sums, terms)]
+        return sums
 
     def _tail(self, params, meters, loss, recon, kl, kl_objective) -> torch.Tensor:
         """Gradient norm, clip, meters; returns fused Adam's found_inf (1.0: skip this step)."""

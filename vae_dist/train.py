@@ -31,7 +31,7 @@ from vae_dist.data.loaders import (
     verify_shards,
 )
 from vae_dist.data.shards import ShardSet
-from vae_dist.distributed import make_accelerator, print_once, rank_zero_decides
+from vae_dist.distributed import check_comm_hook, check_ddp_knobs, make_accelerator, print_once, rank_zero_decides
 from vae_dist.evaluation import Evaluator
 from vae_dist.flops import peak_flops, train_flops_per_image
 from vae_dist.hooks import make_hooks
@@ -55,7 +55,9 @@ class Trainer:
         self.device, self.world, self.rank = acc.device, acc.num_processes, acc.process_index
         self.run_dir = Path(cfg.train.out_dir)
         self.shards = shards or ShardSet.open(cfg.data.shards)  # the only read of manifest.json
-        self.batch_size = per_process_batch(cfg.train, self.world)
+        # a forward sees a micro-batch; an optimizer step takes grad_accum_steps of them per process
+        self.micro_batch, self.accum_steps = per_process_batch(cfg.train, self.world), cfg.train.grad_accum_steps
+        self.batch_size = self.micro_batch * self.accum_steps  # per process and optimizer step: the loaders' batch
         self.compile_mode = compile_mode_for(cfg.model, self.device, self.world)
         check_model_fits_shards(cfg.model, self.shards)
 
@@ -66,7 +68,7 @@ class Trainer:
         self.cache, self.data_choice = choose_cache(self.shards, cfg.data, self.device)
         self.train_loader, self.val_loader = build_train_and_val(
             self.shards, cfg.data, self.batch_size, rank=self.rank, world=self.world, device=self.device,
-            seed=cfg.train.seed, cache=self.cache, val_limit=cfg.train.eval_images)
+            seed=cfg.train.seed, cache=self.cache, val_limit=cfg.train.eval_images, val_batch_size=self.micro_batch)
         self.steps_per_epoch = self.train_loader.steps_per_epoch
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.lr_at = functools.partial(lr_at, total_steps=self.total_steps, optim=cfg.optim)
@@ -75,7 +77,7 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(model, optimizer)  # DDP wrap
         self.raw_model: VAE = acc.unwrap_model(self.model)
         self.step = TrainStep(acc, self.model, self.optimizer, cfg.loss, cfg.optim.grad_clip, self.compile_mode,
-                              self.channels_last)
+                              self.channels_last, accum_steps=self.accum_steps)
         self.state = TrainState()
         self.config_yaml = dump_yaml(cfg)
         self.hooks = make_hooks(acc, cfg, self.run_dir, self.val_loader, self.shards.class_names)
@@ -211,10 +213,20 @@ class Trainer:
         return {
             "processes": self.world, "device": str(self.device), "mixed_precision": acc.mixed_precision,
             "compile": self.compile_mode or "no", "channels_last": self.channels_last,
-            "batch_per_process": self.batch_size, "global_batch": self.batch_size * self.world,
+            "batch_per_process": self.micro_batch, "grad_accum_steps": self.accum_steps,
+            "global_batch": self.batch_size * self.world, **self.describe_ddp(),
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
             "loader": loader, "start_step": self.state.step, "data": self.data_choice, "resumes": self.state.resumes,
         }
+
+
+    def describe_ddp(self) -> dict:
+        """How gradients cross the processes (nothing to say for one process: no DDP)."""
+        t = self.cfg.train
+        if self.world == 1:
+            return {}
+        return {"comm_hook": t.ddp_comm_hook, "bucket_mb": t.ddp_bucket_mb, "bucket_view": t.ddp_bucket_view,
+                "static_graph": t.ddp_static_graph}
 
 
 def build_model(cfg: Config, device: torch.device, rank: int, channels_last: bool) -> VAE:
@@ -232,6 +244,7 @@ def refuse_early(cfg: Config, shards: ShardSet, accelerator: Accelerator) -> Non
     on rank 0): a run that cannot start leaves nothing behind and says why in one line."""
     device, world = accelerator.device, accelerator.num_processes
     per_process_batch(cfg.train, world)
+    check_ddp_knobs(cfg.train)
     compile_mode_for(cfg.model, device, world)
     check_model_fits_shards(cfg.model, shards)
     resolve_decode(cfg.data.decode, device)
@@ -256,6 +269,7 @@ def train(cfg: Config) -> int:
         # same ShardSet: one read of manifest.json per run, and a bad folder is one line
         shards = rank_zero_decides(accelerator, lambda: ShardSet.open(cfg.data.shards))
         rank_zero_decides(accelerator, lambda: refuse_early(cfg, shards, accelerator))
+        check_comm_hook(accelerator, cfg.train.ddp_comm_hook)  # collective: every rank probes the backend
         if cfg.data.verify:  # damaged shards change nothing in the run folder
             print_once(accelerator, rank_zero_decides(accelerator, lambda: verify_shards(shards)))
         start = rank_zero_decides(accelerator, claim_folder)

@@ -161,18 +161,20 @@ def choose_cache(shards: ShardSet, data_cfg, device: torch.device, free_bytes: i
 
 
 def build_train_and_val(shards: ShardSet, data_cfg, batch_size: int, *, rank: int, world: int, device: torch.device, seed: int,
-                        cache: str = "none", val_limit: int | None = None):
+                        cache: str = "none", val_limit: int | None = None, val_batch_size: int | None = None):
     """(train loader, val loader): streaming (cache='none'), or decoded once into RAM / GPU.
-    `val_limit`: the val loader serves the split's first `val_limit` images only."""
+    `val_limit`: the val loader serves the split's first `val_limit` images only; its batches
+    hold `val_batch_size` images (default: batch_size; with accumulation, one micro-batch)."""
+    splits = (("train", True, None, batch_size), ("val", False, val_limit, val_batch_size or batch_size))
     if cache == "none":
-        return tuple(build_loader(shards, data_cfg, split, batch_size, rank=rank, world=world, device=device, train=train,
+        return tuple(build_loader(shards, data_cfg, split, size, rank=rank, world=world, device=device, train=train,
                                   seed=seed, limit=limit)
-                     for split, train, limit in (("train", True, None), ("val", False, val_limit)))
+                     for split, train, limit, size in splits)
     target = device if cache == "gpu" else torch.device("cpu")
     loaders = []
-    for split, train, limit in (("train", True, None), ("val", False, val_limit)):
+    for split, train, limit, size in splits:
         images, labels = decode_split(shards, data_cfg, split, target)
-        loaders.append(_OnDevice(CachedLoader(images[:limit], labels[:limit], batch_size, rank=rank, world=world,
+        loaders.append(_OnDevice(CachedLoader(images[:limit], labels[:limit], size, rank=rank, world=world,
                                               train=train, seed=seed, flip=data_cfg.flip), device))
     return tuple(loaders)
 

@@ -1,0 +1,121 @@
+"""Scale-out knobs under 2 real gloo processes: DDP's comm hooks (compressed gradients on the
+wire) and gradient accumulation (train.grad_accum_steps, no all-reduce on the micro-batches).
+docs/scaling.md says what they are for."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vae_dist.model import VAE, VAEConfig
+
+from .conftest import ROOT, TINY_MODEL, _free_port, accelerate_launch, library_warnings, needs_loader
+
+pytestmark = needs_loader
+
+# one optimizer step = 16 images per process either way; the RAM cache without flips hands both
+# layouts the same images in the same order
+EXACT = [*TINY_MODEL, "--data.cache=ram", "--data.flip=false", "--data.num_threads=1", "--log.wandb_mode=disabled",
+         "--log.image_every=1000", "--train.eval_every=0", "--train.precision=no", "--model.channels_last=false",
+         "--log.log_every=1", "--optim.lr=3e-3"]
+
+
+def _allreduces(run, rank=0) -> int:
+    """c10d all-reduce calls in a rank's torch.profiler trace of the profiled steps (DDP's
+    gradient buckets: the steps hold no sync point, so nothing else all-reduces there)."""
+    (trace,) = (run / "profile").glob(f"*_rank{rank}.trace.json")
+    events = json.loads(trace.read_text())["traceEvents"]
+    return sum(e.get("name") == "c10d::allreduce_" for e in events)
+
+
+def _rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("hook", ["bf16", "fp16", "powersgd"])
+def test_each_comm_hook_trains_and_the_replicas_stay_identical(shards, tmp_path, hook):
+    out = tmp_path / "replicas.json"
+    cmd = ["env", "CUDA_VISIBLE_DEVICES=", sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(ROOT / "tests" / "ddp_replicas.py"), str(shards),
+           str(tmp_path / "run"), str(out), "--model.compile=false", "--data.cache=ram", "--data.num_threads=1",
+           f"--train.ddp_comm_hook={hook}", "--train.powersgd_start=2", "--train.max_steps=24", "--log.log_every=2",
+           "--optim.lr=3e-3"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert library_warnings(r.stderr) == [], r.stderr
+    result = json.loads(out.read_text())
+    assert result["world"] == 2 and result["steps"] == 24 and result["comm_hook"] == hook
+    assert result["moved"] > 1e-3  # it trained
+    assert result["max_abs_difference"] == 0.0, result  # every rank applied the same update
+    assert f"comm_hook={hook}" in r.stdout
+    rows = [row for row in _rows(tmp_path / "run") if "split" not in row]
+    assert sum(x["loss"] for x in rows[-3:]) < sum(x["loss"] for x in rows[:3])  # the loss goes down
+
+
+def test_accumulation_matches_the_doubled_batch_and_all_reduces_once_a_step(shards, tmp_path):
+    """2 processes x 2 micro-batches of 8 is, step for step, 2 processes x batch 16 (the same
+    images, the mean of the two micro-batch gradients is the batch's), and each optimizer step
+    all-reduces the gradient buckets once, not once per micro-batch."""
+    profiled = ["--train.profile_steps=1,3", "--train.max_steps=4"]
+    accum, doubled = tmp_path / "accum", tmp_path / "doubled"
+    r = accelerate_launch(2, "train", f"--data.shards={shards}", f"--train.out_dir={accum}", *EXACT, *profiled,
+                          "--train.batch_size=8", "--train.grad_accum_steps=2")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "batch_per_process=8, grad_accum_steps=2, global_batch=32" in r.stdout
+    r = accelerate_launch(2, "train", f"--data.shards={shards}", f"--train.out_dir={doubled}", *EXACT, *profiled,
+                          "--train.batch_size=16")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    a, b = _rows(accum), _rows(doubled)
+    assert [x["step"] for x in a] == [x["step"] for x in b] == [1, 2, 3, 4, 4]  # 4 steps, then the final eval
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+    assert all(x["img_per_s"] > 0 for x in a if "split" not in x)
+    wa, wb = load_file(str(accum / "model.safetensors")), load_file(str(doubled / "model.safetensors"))
+    torch.manual_seed(0)  # the trainer's init for train.seed=0
+    w0 = VAE(VAEConfig(widths=(8, 16, 16, 32), latent_dim=8)).state_dict()
+    da = torch.cat([(wa[k] - w0[k]).flatten() for k in w0])
+    db = torch.cat([(wb[k] - w0[k]).flatten() for k in w0])
+    # the same updates up to float rounding (summing two half-batch gradients rounds otherwise)
+    assert db.norm() > 1e-3 and (da - db).norm() / db.norm() < 1e-4, float((da - db).norm() / db.norm())
+    # two profiled steps: the same bucket all-reduces per optimizer step with and without accumulation
+    assert _allreduces(accum) == _allreduces(doubled) > 0
+    assert _allreduces(accum, rank=1) == _allreduces(accum)
+
+
+def test_a_resume_with_accumulation_continues_exactly(shards, tmp_path):
+    """Checkpoints and agreed stops fall on optimizer steps: 3 steps, a checkpoint, 3 more from
+    it give the weights of 6 steps in one go, bit for bit."""
+    args = ["train", f"--data.shards={shards}", *EXACT, "--train.batch_size=8", "--train.grad_accum_steps=2",
+            "--train.checkpoint_every=3", "--log.log_every=3",
+            "--loss.kl_schedule=constant"]  # the same beta whatever max_steps (the linear warm-up spans the run)
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    r = accelerate_launch(2, *args, f"--train.out_dir={whole}", "--train.max_steps=6")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    r = accelerate_launch(2, *args, f"--train.out_dir={halves}", "--train.max_steps=3")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    state = json.loads((halves / "checkpoints" / "step_0000003" / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["batch_in_epoch"] == 3 and state["batch_size"] == 16  # 2 x 8 per step
+    r = accelerate_launch(2, *args, f"--train.out_dir={halves}", "--train.max_steps=6")
+    assert r.returncode == 0 and "at step 3" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    wa, wb = load_file(str(whole / "model.safetensors")), load_file(str(halves / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [x["step"] for x in _rows(halves) if "split" not in x] == [3, 6]
+
+
+@pytest.mark.parametrize("extra, error", [
+    (["--train.ddp_static_graph=true", "--train.grad_accum_steps=2"],
+     "train.ddp_static_graph=true cannot run with train.grad_accum_steps=2"),
+    (["--train.global_batch_size=20", "--train.grad_accum_steps=4"],
+     "train.global_batch_size=20 does not divide by 2 processes x 4 accumulation steps: make it a multiple of 8"),
+])
+def test_a_knob_ddp_cannot_run_is_refused_in_one_line(shards, tmp_path, extra, error):
+    run = tmp_path / "run"
+    r = accelerate_launch(2, "train", f"--data.shards={shards}", f"--train.out_dir={run}", *EXACT,
+                          "--train.max_steps=2", *extra)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("vae-dist: error:")]
+    assert r.returncode != 0 and len(errors) == 1 and error in errors[0], r.stderr[-3000:]
+    assert not run.exists()
