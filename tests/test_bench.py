@@ -90,3 +90,25 @@ def test_every_compiled_step_row_really_compiled_its_own_graphs(tmp_path):
         assert (tmp_path / "prof" / f"compiled_fp32_b{row['batch_size']}.trace.json").is_file()
     assert len({row["compiled_graphs"] for row in rows}) == 1, rows  # counted afresh per row: each its own compile
     assert "graphs in" in r.stdout
+
+
+def test_bench_comm_splits_the_ddp_step_into_compute_and_all_reduce(tmp_path):
+    """Two real gloo processes (one `accelerate launch`): the all-reduce sweep with its fit, and
+    the real step per DDP knob, split into compute and exposed all-reduce."""
+    out = tmp_path / "comm.json"
+    r = run_cli("bench", "comm", "--tiny", "--world", "2", "--repeats", "1", "--json", str(out), env={"CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert library_warnings(r.stderr) == [], r.stderr
+    report = json.loads(out.read_text())
+    rows = _check(report, ["world 2: fp32 grads (default)", "world 2: bf16 grads", "world 2: accum 2"])
+    for row in rows.values():
+        assert row["world"] == 2 and row["backend"] == "gloo"
+        assert row["step_ms"] > 0 and row["compute_ms"] > 0 and row["exposed_comm_ms"] >= 0 and row["alone_ms"] > 0
+        assert 0 <= row["overlap"] <= 1 and sum(row["buckets_mib"]) > 0
+    default, bf16, accum = (rows[f"world 2: {k}"] for k in ("fp32 grads (default)", "bf16 grads", "accum 2"))
+    assert bf16["wire_mib"] == pytest.approx(default["wire_mib"] / 2)  # half the bytes on the wire
+    assert accum["batch_size"] == 2 * accum["micro_batch"] and accum["grad_accum_steps"] == 2
+    sweep = report["allreduce"]["2"]
+    assert sweep["backend"] == "gloo" and sweep["fit"]["algbw_gb_s"] > 0
+    assert [s["mib"] for s in sweep["sizes"]] == [0.25, 1] and all(s["busbw_gb_s"] > 0 for s in sweep["sizes"])
+    assert "all-reduce alone, 2 processes (gloo)" in r.stdout

@@ -241,18 +241,19 @@ def test_every_compiled_bench_row_really_compiled(tmp_path):
 
 @needs_loader
 @pytest.mark.skipif(GPUS < 2, reason=f"DDP on GPUs needs 2 or more, this machine has {GPUS}")
-def test_ddp_compile_bf16_keeps_the_replicas_identical(shards, tmp_path):
+@pytest.mark.parametrize("hook", ["none", "bf16", "powersgd"])  # powersgd runs on NCCL only (refused on gloo)
+def test_ddp_compile_bf16_keeps_the_replicas_identical(shards, tmp_path, hook):
     import subprocess
 
     out = tmp_path / "replicas.json"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), str(ROOT / "tests" / "ddp_replicas.py"), str(shards),
-           str(tmp_path / "run"), str(out)]
+           str(tmp_path / "run"), str(out), f"--train.ddp_comm_hook={hook}", "--train.powersgd_start=2"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["world"] == 2 and result["steps"] == 12
+    assert result["world"] == 2 and result["steps"] == 12 and result["comm_hook"] == hook and result["moved"] > 0
     assert result["max_abs_difference"] == 0.0, result
 
 

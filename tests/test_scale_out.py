@@ -35,14 +35,14 @@ def _rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("hook", ["bf16", "fp16", "powersgd"])
+@pytest.mark.parametrize("hook", ["bf16", "fp16"])  # powersgd: refused on gloo (below), tests/test_gpu.py on NCCL
 def test_each_comm_hook_trains_and_the_replicas_stay_identical(shards, tmp_path, hook):
     out = tmp_path / "replicas.json"
     cmd = ["env", "CUDA_VISIBLE_DEVICES=", sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), str(ROOT / "tests" / "ddp_replicas.py"), str(shards),
            str(tmp_path / "run"), str(out), "--model.compile=false", "--data.cache=ram", "--data.num_threads=1",
-           f"--train.ddp_comm_hook={hook}", "--train.powersgd_start=2", "--train.max_steps=24", "--log.log_every=2",
+           f"--train.ddp_comm_hook={hook}", "--train.max_steps=24", "--log.log_every=2",
            "--optim.lr=3e-3"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -109,6 +109,10 @@ def test_a_resume_with_accumulation_continues_exactly(shards, tmp_path):
 @pytest.mark.parametrize("extra, error", [
     (["--train.ddp_static_graph=true", "--train.grad_accum_steps=2"],
      "train.ddp_static_graph=true cannot run with train.grad_accum_steps=2"),
+    # PowerSGD chains each bucket's all-reduces through callbacks on gloo's threads: with the seed's
+    # 3 buckets the ranks issued them in different orders and gloo aborted (bench comm, measured)
+    (["--train.ddp_comm_hook=powersgd"],
+     "train.ddp_comm_hook=powersgd on gloo"),
     (["--train.global_batch_size=20", "--train.grad_accum_steps=4"],
      "train.global_batch_size=20 does not divide by 2 processes x 4 accumulation steps: make it a multiple of 8"),
 ])

@@ -159,24 +159,26 @@ class _TrainHelp(_Help):
 def add_bench_args(p) -> None:
     from vae_dist.bench import CPU_BATCH_SIZES, GPU_BATCH_SIZES
 
-    p.add_argument("what", choices=["data", "step", "e2e"],
-                   help="data: the loaders alone; step: the training step alone; e2e: real training steps from shards")
+    p.add_argument("what", choices=["data", "step", "e2e", "comm"],
+                   help="data: the loaders alone; step: the training step alone; e2e: real training steps from shards; "
+                        "comm: DDP's gradient all-reduce, N processes (compute vs exposed all-reduce, each DDP knob)")
     p.add_argument("--json", metavar="FILE", help="write the results JSON to this file (its folder is made)")
     p.add_argument("--plot", metavar="FILE", help="write a bar chart (PNG) of img/s per configuration to this file")
     p.add_argument("--shards", metavar="DIR", help="shard folder (default: the sample set, made in a temp folder)")
     p.add_argument("--images", metavar="DIR", help="data: extracted Tiny ImageNet root for the seed's ImageFolder "
                    "baseline (default: the sample set's source images when --shards is not given)")
-    p.add_argument("--batch-size", type=int, default=None, help="data and e2e: images per batch (default: data 256, e2e 64)")
+    p.add_argument("--batch-size", type=int, default=None, help="data and e2e: images per batch; comm: per process "
+                   "micro-batch (default: data 256, e2e 64, comm 32)")
     p.add_argument("--batch-sizes", default=None, metavar="LIST",
                    help=f"step: comma list of batch sizes (default: {GPU_BATCH_SIZES} on a GPU, {CPU_BATCH_SIZES} on a CPU)")
     p.add_argument("--threads", type=int, default=None,
                    help="decode threads = loader workers (default: all cores)")
     p.add_argument("--steps", type=int, default=None,
                    help="timed batches or steps per repeat (default: data 50; step 30 on a GPU, 10 on a CPU; "
-                        "e2e 60 on a GPU, 20 on a CPU)")
+                        "e2e 60 on a GPU, 20 on a CPU; comm 3)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed batches or steps before timing (default: data 5; step 10 on a GPU, 3 on a CPU; "
-                        "e2e 20 on a GPU, 5 on a CPU)")
+                        "e2e 20 on a GPU, 5 on a CPU; comm 2)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
     p.add_argument("--dtypes", default=None, metavar="LIST",
                    help="step: comma list of fp32,bf16 (default: fp32,bf16 on a GPU, fp32 on a CPU)")
@@ -189,6 +191,8 @@ def add_bench_args(p) -> None:
                    help="e2e: comma list of seed,fast,cache (default: seed,fast,cache on a GPU, seed,fast on a CPU)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="step: a torch.profiler trace and summary of each row's steps into this folder")
+    p.add_argument("--world", default=None, metavar="LIST",
+                   help="comm: comma list of process counts, one accelerate launch each (default: 2,4)")
     p.add_argument("--tiny", action="store_true", help="a tiny model and data set, for tests")
 
 

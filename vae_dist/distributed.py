@@ -71,19 +71,29 @@ def check_ddp_knobs(train) -> None:
 
 
 def check_comm_hook(accelerator: Accelerator, hook: str) -> None:
-    """Refuses, in one line and on every rank alike, a compressed all-reduce the process
-    group's backend cannot run (older gloo builds have no bfloat16 reduction): a 1-element
-    all-reduce in that dtype, before the first step would fail inside DDP's reducer."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(hook)
-    if dtype is None or accelerator.num_processes == 1:
+    """Refuses, in one line and on every rank alike, a comm hook the process group's backend
+    cannot run, before the first step would fail (or hang) inside DDP's reducer:
+    - powersgd on gloo: its hook chains each bucket's all-reduces through future callbacks,
+      which gloo runs on its own threads; with several buckets (the seed VAE has 3) the ranks
+      issue them in different orders and gloo aborts on a collective mismatch (measured here);
+    - bf16/fp16 where the backend has no reduction for that dtype (older gloo builds lack
+      bfloat16): probed with a 1-element all-reduce."""
+    if hook == "none" or accelerator.num_processes == 1:
         return
     import torch.distributed as dist
 
-    probe = torch.ones(1, dtype=dtype, device=accelerator.device)
+    backend = dist.get_backend()
+    if hook == "powersgd":
+        if backend == "gloo":
+            raise SharedError("train.ddp_comm_hook=powersgd on gloo (CPU processes): its chained all-reduces run on "
+                              "gloo's threads and reach the ranks in different orders (a collective mismatch); use it "
+                              "on GPUs (NCCL), or train.ddp_comm_hook=bf16 here")
+        return
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[hook]
     try:
-        dist.all_reduce(probe)
+        dist.all_reduce(torch.ones(1, dtype=dtype, device=accelerator.device))
     except RuntimeError as e:
-        raise SharedError(f"train.ddp_comm_hook={hook}: the {dist.get_backend()} backend cannot all-reduce "
+        raise SharedError(f"train.ddp_comm_hook={hook}: the {backend} backend cannot all-reduce "
                           f"{str(dtype).removeprefix('torch.')} tensors ({first_line(e)}); use train.ddp_comm_hook=none "
                           f"or another hook") from None
 

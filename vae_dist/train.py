@@ -219,7 +219,6 @@ class Trainer:
             "loader": loader, "start_step": self.state.step, "data": self.data_choice, "resumes": self.state.resumes,
         }
 
-
     def describe_ddp(self) -> dict:
         """How gradients cross the processes (nothing to say for one process: no DDP)."""
         t = self.cfg.train

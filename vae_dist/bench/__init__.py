@@ -1,6 +1,6 @@
-"""`vae-dist bench data|step|e2e`: throughput in images/second, measured side by side.
+"""`vae-dist bench data|step|e2e|comm`: throughput in images/second, measured side by side.
 
-One module per benchmark (data.py, step.py, e2e.py) and one for what they share
+One module per benchmark (data.py, step.py, e2e.py, comm.py) and one for what they share
 (common.py: the timing method, the environment, the table, the plot, the JSON).
 """
 
@@ -13,7 +13,7 @@ GPU_BATCH_SIZES, CPU_BATCH_SIZES = "64,256,1024,4096", "64"
 def run_bench(args) -> int:
     from vae_dist.bench.common import sample_shards, write_report
 
-    shards, images_root = args.shards, args.images
+    shards, images_root, extra = args.shards, args.images, {}
     if args.what in ("data", "e2e") and shards is None:
         shards, made_root = sample_shards(args.tiny)
         images_root = images_root or made_root
@@ -25,9 +25,13 @@ def run_bench(args) -> int:
         from vae_dist.bench.step import bench_step
 
         results = bench_step(args)
+    elif args.what == "comm":
+        from vae_dist.bench.comm import bench_comm
+
+        results, extra = bench_comm(args)
     else:
         from vae_dist.bench.e2e import bench_e2e
 
         results = bench_e2e(args, shards, images_root)
-    write_report(args.what, shards, results, args.json, args.plot)
+    write_report(args.what, shards, results, args.json, args.plot, extra)
     return 0

@@ -130,6 +130,10 @@ def print_table(what: str, results: list[dict]) -> None:
             notes.append(f"{r['mfu']:.1%} of peak")
         if r.get("compile"):
             notes.append(f"{r['compiled_graphs']} graphs in {r['warmup_s']:.0f} s")
+        if "exposed_comm_ms" in r:
+            notes.append(f"step {r['step_ms']:.0f} ms = compute {r['compute_ms']:.0f} + exposed all-reduce "
+                         f"{r['exposed_comm_ms']:.0f}; alone {r['alone_ms']:.0f} ms"
+                         + (f", {r['overlap']:.0%} hidden" if r.get("overlap") is not None else ""))
         if "note" in r:
             notes.append(r["note"])
         if "profile" in r:
@@ -156,9 +160,11 @@ def plot(results: list[dict], title: str, path: str) -> None:
     plt.close(fig)
 
 
-def write_report(what: str, shards: str | None, results: list[dict], json_path: str | None, plot_path: str | None) -> None:
-    """The table on stdout; the JSON and the plot where asked for."""
-    report = {"device": device_name(), "env": environment(), "benchmark": what, "shards": shards, "results": results}
+def write_report(what: str, shards: str | None, results: list[dict], json_path: str | None, plot_path: str | None,
+                 extra: dict | None = None) -> None:
+    """The table on stdout; the JSON (with a benchmark's `extra` keys) and the plot where asked for."""
+    report = {"device": device_name(), "env": environment(), "benchmark": what, "shards": shards, "results": results,
+              **(extra or {})}
     print_table(what, results)
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
