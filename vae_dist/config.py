@@ -88,7 +88,7 @@ class TrainConfig:
     profile_steps: tuple[int, int] | None = None  # START,STOP: a torch.profiler trace of those steps in OUT_DIR/profile
     # -- scale-out (docs/scaling.md): how gradients cross the processes --------------------
     grad_accum_steps: int = 1  # micro-batches of batch_size per optimizer step; one all-reduce (DDP no_sync on the others)
-    ddp_comm_hook: Literal["none", "bf16", "fp16", "powersgd"] = "none"  # gradients on the wire: bf16/fp16 halve the bytes
+    ddp_comm_hook: Literal["none", "bf16", "fp16", "powersgd"] = "none"  # bf16/fp16: half the bytes; powersgd: NCCL only
     ddp_bucket_mb: int = 25  # DDP's bucket_cap_mb: a bucket is all-reduced once the backward pass has filled it
     ddp_bucket_view: bool = False  # DDP's gradient_as_bucket_view: gradients live in the buckets (one copy less)
     ddp_static_graph: bool = False  # DDP's static_graph: the same parameters get gradients every step (true for this VAE)
