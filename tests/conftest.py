@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from vae_dist.distributed import free_port as _free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 # a later --model.compile=true wins (the last value of a key counts)
 TINY_MODEL = ["--model.widths=[8,16,16,32]", "--model.latent_dim=8", "--model.compile=false"]
@@ -73,13 +75,13 @@ def run_cli(*args: str, cwd=None, env=None, timeout=600) -> subprocess.Completed
                           cwd=cwd, env=full_env, timeout=timeout)
 
 
-def launch_command(nproc: int) -> list[str]:
-    """`accelerate launch --multi_gpu ... -m vae_dist` on the CPU with gloo, also on a GPU machine
-    (`env` execs it, so a signal sent to the process reaches accelerate itself)."""
+def launch_command(nproc: int, *target: str) -> list[str]:
+    """`accelerate launch --multi_gpu ... -m vae_dist` (or `target`, e.g. a script) on the CPU with
+    gloo, also on a GPU machine (`env` execs it, so a signal sent to the process reaches accelerate itself)."""
     return ["env", "CUDA_VISIBLE_DEVICES=", sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
             "--num_processes", str(nproc),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()), "-m", "vae_dist"]
+            "--main_process_port", str(_free_port()), *(target or ("-m", "vae_dist"))]
 
 
 def accelerate_launch(nproc: int, *args: str, env=None, timeout=600) -> subprocess.CompletedProcess:
@@ -95,11 +97,3 @@ def library_warnings(stderr: str) -> list[str]:
     import re
 
     return [line for line in stderr.splitlines() if re.search(r"\b\w*Warning: ", line)]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -4,7 +4,6 @@ docs/scaling.md says what they are for."""
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from safetensors.torch import load_file
 
 from vae_dist.model import VAE, VAEConfig
 
-from .conftest import ROOT, TINY_MODEL, _free_port, accelerate_launch, library_warnings, needs_loader
+from .conftest import ROOT, TINY_MODEL, accelerate_launch, launch_command, library_warnings, needs_loader
 
 pytestmark = needs_loader
 
@@ -38,10 +37,8 @@ def _rows(run):
 @pytest.mark.parametrize("hook", ["bf16", "fp16"])  # powersgd: refused on gloo (below), tests/test_gpu.py on NCCL
 def test_each_comm_hook_trains_and_the_replicas_stay_identical(shards, tmp_path, hook):
     out = tmp_path / "replicas.json"
-    cmd = ["env", "CUDA_VISIBLE_DEVICES=", sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(ROOT / "tests" / "ddp_replicas.py"), str(shards),
-           str(tmp_path / "run"), str(out), "--model.compile=false", "--data.cache=ram", "--data.num_threads=1",
+    cmd = [*launch_command(2, str(ROOT / "tests" / "ddp_replicas.py")), str(shards), str(tmp_path / "run"), str(out),
+           "--model.compile=false", "--data.cache=ram", "--data.num_threads=1",
            f"--train.ddp_comm_hook={hook}", "--train.max_steps=24", "--log.log_every=2",
            "--optim.lr=3e-3"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

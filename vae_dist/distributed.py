@@ -98,6 +98,15 @@ def check_comm_hook(accelerator: Accelerator, hook: str) -> None:
                           f"or another hook") from None
 
 
+def free_port() -> int:
+    """A free TCP port on this host for a launch's rendezvous (`--main_process_port`)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def print_once(accelerator: Accelerator, text: str) -> None:
     """A line from the main process only (accelerator.print prints once per node)."""
     if accelerator.is_main_process:

@@ -27,8 +27,7 @@ BACKWARD_SHARE = 2 / 3  # of a step's FLOPs: the backward pass does twice the fo
 
 @dataclass(frozen=True)
 class Gpu:
-    """One GPU's step: the numbers docs/scaling.md cites or assumes (bench step replaces them)."""
-    name: str = "H100 SXM"
+    """One H100 SXM's step: the numbers docs/scaling.md assumes (bench step replaces them)."""
     achieved_flops: float = 250e12  # FLOP/s the seed VAE's compiled bf16 step reaches (assumed: 25% of 989 TF)
     step_floor_s: float = 0.5e-3  # per-step launch floor of the compiled step (assumed)
 
@@ -103,11 +102,10 @@ def vae_profile(vae_cfg=None) -> dict:
     with FlopCounterMode(display=False) as counter:
         model(x)
     per_module = counter.get_flop_counts()
-    names = [n for n, _ in model.named_parameters()]
     flops = [2 * sum(per_module.get(f"VAE.{n.rsplit('.', 1)[0]}", {}).values()) if n.endswith("weight") else 0.0
-             for n in names]
+             for n, _ in model.named_parameters()]
     return {"flops_per_image": train_flops_per_image(cfg), "param_bytes": [p.numel() * 4 for p in model.parameters()],
-            "backward_flops": flops, "names": names}
+            "backward_flops": flops}
 
 
 # -- the tables of docs/scaling.md -----------------------------------------------------------------

@@ -45,6 +45,8 @@ SIZES_MIB = (0.25, 1, 4, 16, 64)
 def bench_comm(args) -> tuple[list[dict], dict]:
     """One `accelerate launch` per process count: the step rows (the results), and the
     all-reduce sweeps with their fits by process count."""
+    from vae_dist.distributed import free_port
+
     worlds = [int(w) for w in (args.world or "2,4").split(",")]
     gpus = torch.cuda.device_count()
     results, sweeps = [], {}
@@ -57,7 +59,7 @@ def bench_comm(args) -> tuple[list[dict], dict]:
             out = Path(tmp) / "rows.json"
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(world),
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", str(_free_port()), "-m", "vae_dist.bench.comm", str(out),
+                   "--main_process_port", str(free_port()), "-m", "vae_dist.bench.comm", str(out),
                    json.dumps({"tiny": args.tiny, "batch_size": args.batch_size, "steps": args.steps,
                                "warmup": args.warmup, "repeats": args.repeats})]
             # each worker gets its share of the cores (gloo's threads come on top)
@@ -209,12 +211,12 @@ def _step_row(name: str, overrides: dict, options: dict, fit: dict, compute: dic
         pairs.append((step_window, local_window))
     step_times = [a for a, _ in pairs]
     step_ms = statistics.median(step_times)
-    if not train.ddp_static_graph:  # static_graph has no no_sync: its compute is the default step's
-        compute[train.grad_accum_steps] = statistics.median(b for _, b in pairs)
-        exposed_ms = max(0.0, statistics.median(a - b for a, b in pairs))
-    compute_ms = compute[train.grad_accum_steps]
-    if train.ddp_static_graph:
+    if train.ddp_static_graph:  # no no_sync to measure its own compute with: the default step's
+        compute_ms = compute[train.grad_accum_steps]
         exposed_ms = max(0.0, step_ms - compute_ms)
+    else:
+        compute_ms = compute[train.grad_accum_steps] = statistics.median(b for _, b in pairs)
+        exposed_ms = max(0.0, statistics.median(a - b for a, b in pairs))
     # the gradient buckets as DDP formed them, all-reduced alone in the dtype on the wire
     wire = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.ddp_comm_hook, torch.float32)
     buckets = [b.buffer().numel() for b in model.reducer._get_zeros_like_grad_buckets()]
@@ -243,14 +245,6 @@ def _step_row(name: str, overrides: dict, options: dict, fit: dict, compute: dic
         row["overlap"] = min(1.0, max(0.0, 1 - exposed / per_step["alone_ms"])) if per_step["alone_ms"] > 0 else None
     acc.free_memory()
     return row
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":
