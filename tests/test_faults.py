@@ -430,6 +430,14 @@ def weights(shards, tmp_path_factory):
     (["eval", "{w32}", "--shards", "{s}"], "model.image_size=32 but the shards"),
     (["encode", "{w}", "--shards", "{s}", "--out", "{t}"], "encode --out {t} is a folder: name the .npz file"),
     (["bench", "data", "--tiny", "--shards", "{t}/missing"], "shard folder not found: {t}/missing"),
+    (["bench", "comm", "--tiny", "--world", "1"], "bench comm --world must be a comma list of process counts of 2 or "
+     "more, got '1'"),
+    (["bench", "comm", "--tiny", "--world", "two"], "bench comm --world must be a comma list of process counts"),
+    (["train", "--train.grad_accum_steps=0"], "config key 'train.grad_accum_steps' must be positive, got 0"),
+    (["train", "--train.ddp_bucket_mb=0"], "config key 'train.ddp_bucket_mb' must be positive, got 0"),
+    (["train", "--train.powersgd_start=1"],
+     "config key 'train.powersgd_start' must be 2 or more (PowerSGD's start_powerSGD_iter), got 1"),
+    (["train", "--train.ddp_comm_hook=int8"], "config key 'train.ddp_comm_hook' must be one of"),
 ])
 def test_bad_arguments_are_one_line(shards, sample_root, weights, tmp_path, capsys, case, words):
     from vae_dist.checkpoint import save_weights

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from vae_dist.errors import UserError
+
 # (name, train.* overrides): the knobs of docs/scaling.md, each against the default
 KNOBS = [
     ("fp32 grads (default)", {}),
@@ -47,7 +49,7 @@ def bench_comm(args) -> tuple[list[dict], dict]:
     all-reduce sweeps with their fits by process count."""
     from vae_dist.distributed import free_port
 
-    worlds = [int(w) for w in (args.world or "2,4").split(",")]
+    worlds = _worlds(args.world or "2,4")
     gpus = torch.cuda.device_count()
     results, sweeps = [], {}
     for world in worlds:
@@ -73,6 +75,17 @@ def bench_comm(args) -> tuple[list[dict], dict]:
         sweeps[str(world)] = {"backend": measured["backend"], "sizes": measured["allreduce"], "fit": measured["fit"]}
         _print_sweep(world, sweeps[str(world)])
     return results, {"allreduce": sweeps}
+
+
+def _worlds(text: str) -> list[int]:
+    """--world's process counts: DDP (and so this benchmark) needs 2 or more."""
+    try:
+        worlds = [int(w) for w in text.split(",")]
+    except ValueError:
+        worlds = []
+    if not worlds or min(worlds) < 2:
+        raise UserError(f"bench comm --world must be a comma list of process counts of 2 or more, got {text!r}")
+    return worlds
 
 
 def _cause(stderr: str, code: int) -> str:
