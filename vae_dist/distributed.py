@@ -49,6 +49,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
 
 COMM_HOOKS = {"none": DDPCommunicationHookType.NO, "bf16": DDPCommunicationHookType.BF16,
               "fp16": DDPCommunicationHookType.FP16, "powersgd": DDPCommunicationHookType.POWER_SGD}
+WIRE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # what a compressing hook all-reduces (others: fp32)
 
 
 def ddp_kwargs(train) -> DistributedDataParallelKwargs:
@@ -89,7 +90,7 @@ def check_comm_hook(accelerator: Accelerator, hook: str) -> None:
                               "gloo's threads and reach the ranks in different orders (a collective mismatch); use it "
                               "on GPUs (NCCL), or train.ddp_comm_hook=bf16 here")
         return
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[hook]
+    dtype = WIRE_DTYPES[hook]
     try:
         dist.all_reduce(torch.ones(1, dtype=dtype, device=accelerator.device))
     except RuntimeError as e:

@@ -154,9 +154,10 @@ def main(argv=None) -> None:
     if args.calibration:
         return calibrate(json.loads(open(args.calibration).read()), profile)
     gpu, cluster = Gpu(), Cluster()
+    default_buckets = buckets(profile["param_bytes"], 25)  # train.ddp_bucket_mb's default
     print(f"seed VAE: {profile['flops_per_image'] / 1e9:.2f} GFLOP per training image, "
-          f"{sum(profile['param_bytes']) / 2**20:.1f} MiB of fp32 gradients in {len(buckets(profile['param_bytes'], 25))} "
-          f"buckets ({', '.join(f'{b / 2**20:.1f}' for b, _ in buckets(profile['param_bytes'], 25))} MiB)")
+          f"{sum(profile['param_bytes']) / 2**20:.1f} MiB of fp32 gradients in {len(default_buckets)} "
+          f"buckets ({', '.join(f'{b / 2**20:.1f}' for b, _ in default_buckets)} MiB)")
     narrow = replace(cluster, network_busbw=45e9)
     for title, kwargs, c in (("fp32 gradients", {"wire_bytes": 4}, cluster),
                              ("bf16 gradients (train.ddp_comm_hook=bf16)", {"wire_bytes": 2}, cluster),

@@ -181,7 +181,7 @@ def _step_row(name: str, overrides: dict, options: dict, fit: dict, compute: dic
 
     from vae_dist.bench.common import model_cfg
     from vae_dist.config import LossConfig, TrainConfig
-    from vae_dist.distributed import check_comm_hook, ddp_kwargs
+    from vae_dist.distributed import WIRE_DTYPES, check_comm_hook, ddp_kwargs
     from vae_dist.model import VAE
     from vae_dist.step import TrainStep
 
@@ -231,7 +231,7 @@ def _step_row(name: str, overrides: dict, options: dict, fit: dict, compute: dic
         compute_ms = compute[train.grad_accum_steps] = statistics.median(b for _, b in pairs)
         exposed_ms = max(0.0, statistics.median(a - b for a, b in pairs))
     # the gradient buckets as DDP formed them, all-reduced alone in the dtype on the wire
-    wire = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.ddp_comm_hook, torch.float32)
+    wire = WIRE_DTYPES.get(train.ddp_comm_hook, torch.float32)
     buckets = [b.buffer().numel() for b in model.reducer._get_zeros_like_grad_buckets()]
     tensors = [torch.ones(n, dtype=wire, device=acc.device) for n in buckets]
 
