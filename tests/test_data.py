@@ -233,7 +233,7 @@ def test_bad_sources_give_one_line_errors(tmp_path):
     (tmp_path / "corrupt.zip").write_bytes(b"PK\x03\x04 definitely not a zip")
     (tmp_path / "notti").mkdir()
     (tmp_path / "notti" / "hello.txt").write_text("hi")
-    for src, words in ((tmp_path / "corrupt.zip", "corrupt"), (tmp_path / "notti", "not a Tiny ImageNet"),
+    for src, words in ((tmp_path / "corrupt.zip", "corrupt"), (tmp_path / "notti", "no images in"),
                        (tmp_path / "missing", "not found")):
         r = run_cli("pack", str(src), str(tmp_path / "o"))
         assert r.returncode == 2, r.stderr

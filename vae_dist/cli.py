@@ -26,7 +26,8 @@ def _pack(args) -> int:
 
     splits = tuple(s for s in args.splits.split(",") if s)
     opts = PackOptions(shard_size=args.shard_size, workers=args.workers, seed=args.seed, splits=splits,
-                       image_size=args.image_size, quality=args.quality, keep_source=not args.reencode)
+                       image_size=args.image_size, quality=args.quality, keep_source=not args.reencode,
+                       layout=args.layout, val_fraction=args.val_fraction)
     manifest = pack(args.src, args.out, opts)
     print(summary(manifest))
     print(f"shards and manifest.json in {args.out}")
@@ -109,15 +110,16 @@ def _demo(args) -> int:
 
 ABOUT = """\
 vae-dist trains the coursework convolutional VAE (4 stride-2 convs 3->64->128->256->512, a
-128-d latent, a mirrored transposed-conv decoder) on Tiny ImageNet, or any data set in its
-folder layout, at the speed of the hardware: WebDataset shards decoded by NVIDIA DALI, DDP with
-mixed precision and torch.compile under Accelerate (one GPU to many nodes), checkpoints that
-resume to the exact batch, and Weights & Biases logging from rank 0."""
+128-d latent, a mirrored transposed-conv decoder) on Tiny ImageNet or your own folder of images,
+at 16 to 512 pixels, at the speed of the hardware: WebDataset shards decoded by NVIDIA DALI,
+DDP with mixed precision and torch.compile under Accelerate (one GPU to many nodes),
+checkpoints that resume to the exact batch, and Weights & Biases logging from rank 0."""
 
 EXAMPLES = """\
 examples:
   vae-dist demo                                        sample data -> shards -> training -> pictures
   vae-dist pack tiny-imagenet-200.zip shards/          Tiny ImageNet -> WebDataset shards
+  vae-dist pack photos/ shards-128/ --image-size 128    your own images (class folders or not) at 128x128
   vae-dist train --data.shards=shards --train.out_dir=runs/tin
   accelerate launch --config_file accelerate_config.yaml -m vae_dist train --data.shards=shards
   vae-dist eval runs/tin --shards shards --iw 16       bits/dim and PSNR of the trained model
@@ -222,16 +224,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--zip", action="store_true", help="also write OUT.zip, as Tiny ImageNet is released")
     s.set_defaults(run=_sample_data)
 
-    s = _command(sub, "pack", "Tiny ImageNet folder or .zip -> WebDataset shards + manifest.json",
-                 description="Every file that is not packed is listed in manifest.json with the reason.")
-    s.add_argument("src", metavar="SRC", help="Tiny ImageNet folder (train/, val/, wnids.txt) or its .zip file")
+    s = _command(sub, "pack", "Tiny ImageNet or a folder of images (or their .zip) -> WebDataset shards + manifest.json",
+                 description="Layouts (--layout auto finds which):\n"
+                             "  tinyimagenet  wnids.txt, train/<wnid>/images/, val/val_annotations.txt\n"
+                             "  classes       SRC/<class>/**/*.jpg (torchvision's ImageFolder; labels in sorted order)\n"
+                             "  flat          SRC/**/*.jpg, no classes (auto: images with no folders beside them)\n"
+                             "Either of the last two may be split already: SRC/train/..., SRC/val/..., SRC/test/...;\n"
+                             "without a val/ folder, --val-fraction of the images is held out as val.\n"
+                             "Any image Pillow reads packs; every file that is not packed is listed in manifest.json\n"
+                             "with the reason.")
+    s.add_argument("src", metavar="SRC", help="a Tiny ImageNet folder, a folder of class folders or of images, "
+                   "or a .zip of one")
     s.add_argument("out", metavar="OUT", help="shard folder to write (packing again replaces its shards whole)")
     s.add_argument("--shard-size", type=int, default=5000, help="samples per tar")
     s.add_argument("--workers", type=int, default=0, help="decode processes (0: all cores)")
     s.add_argument("--seed", type=int, default=0, help="seed of the global shuffle")
     s.add_argument("--splits", default="train,val", help="comma list of train,val,test")
-    s.add_argument("--image-size", type=int, default=64, help="height and width of the packed images (other sizes "
-                   "are centre-cropped and resized)")
+    s.add_argument("--layout", default="auto", choices=["auto", "tinyimagenet", "classes", "flat"],
+                   help="how SRC is laid out (see above)")
+    s.add_argument("--val-fraction", type=float, default=None, metavar="F",
+                   help="share of the images held out as val when SRC has no val split (default: 0.05)")
+    s.add_argument("--image-size", type=int, default=64, help="height and width of the packed images, a multiple "
+                   "of 16 from 16 to 512: the shorter side is resized to it around the centre")
     s.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
     s.add_argument("--reencode", action="store_true", help="re-encode every image, even RGB JPEGs already at "
                    "--image-size")

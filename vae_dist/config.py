@@ -40,6 +40,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig(VAEConfig):
+    image_size: int | None = None  # input height and width; auto: the shards' image_size (manifest.json)
     compile: bool | None = None  # torch.compile the training step; auto: on when training on CUDA
     compile_mode: CompileMode = "default"  # reduce-overhead, max-autotune (CUDA graphs): refused with several processes
     channels_last: bool | None = None  # channels_last memory format; auto: on when training on CUDA
@@ -362,7 +363,7 @@ def validate(cfg: Config) -> None:
     if cfg.model.learned_sigma and loss.recon != "gaussian":
         raise ConfigError("config key 'model.learned_sigma' needs loss.recon=gaussian (the sigma is learned by that loss)")
     cfg.model.learned_sigma = loss.recon == "gaussian"  # the σ-VAE's decoder carries its sigma
-    if cfg.model.image_size % (2 ** len(cfg.model.widths)):
+    if cfg.model.image_size is not None and cfg.model.image_size % (2 ** len(cfg.model.widths)):
         raise ConfigError(
             f"config key 'model.image_size' ({cfg.model.image_size}) must divide by "
             f"2**len(model.widths) = {2 ** len(cfg.model.widths)}"
@@ -457,7 +458,9 @@ def from_dict(tree: dict[str, Any]) -> Config:
 
 
 def vae_config(model: ModelConfig) -> VAEConfig:
-    """The architecture part of the model section (what a weights file needs)."""
+    """The architecture part of the model section (what a weights file needs); model.image_size
+    is known once the shards are (data.loaders.fit_model_to_shards)."""
+    assert model.image_size is not None, "model.image_size follows the shards: fit_model_to_shards first"
     names = {f.name for f in dataclasses.fields(VAEConfig)}
     return VAEConfig(**{k: v for k, v in dataclasses.asdict(model).items() if k in names})
 

@@ -79,7 +79,7 @@ def evaluate_checkpoint(ckpt: str, shards: str, split: str = "val", iw: int = 1,
     weights = find_weights(ckpt)
     model = load_weights(weights, acc.device)
     shard_set = ShardSet.open(shards)
-    check_model_fits_shards(model.cfg, shard_set)
+    check_model_fits_shards(model.cfg, shard_set, weights)
     torch.manual_seed(seed + acc.process_index)
     if model.log_sigma is not None:
         sigma, source = float(model.log_sigma.exp()), "learned (loss.recon=gaussian)"
@@ -150,8 +150,10 @@ def encode_split(ckpt: str, shards: str, out: str, split: str = "val", batch_siz
         path = path.with_name(path.name + ".npz")
     if path.is_dir() or Path(out).is_dir():
         raise UserError(f"encode --out {out} is a folder: name the .npz file to write")
-    model = load_weights(find_weights(ckpt), acc.device)
+    weights = find_weights(ckpt)
+    model = load_weights(weights, acc.device)
     shard_set = ShardSet.open(shards)
+    check_model_fits_shards(model.cfg, shard_set, weights)
     output_dir(path.parent, "encode --out folder")  # once the inputs are known good: a failure makes nothing
     mus, logvars, labels = [], [], []
     for x, y in _batches(shard_set, split, batch_size, acc):

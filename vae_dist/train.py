@@ -26,6 +26,7 @@ from vae_dist.data.loaders import (
     build_train_and_val,
     check_model_fits_shards,
     choose_cache,
+    fit_model_to_shards,
     resolve_decode,
     resolve_loader_kind,
     verify_shards,
@@ -59,7 +60,7 @@ class Trainer:
         self.micro_batch, self.accum_steps = per_process_batch(cfg.train, self.world), cfg.train.grad_accum_steps
         self.batch_size = self.micro_batch * self.accum_steps  # per process and optimizer step: the loaders' batch
         self.compile_mode = compile_mode_for(cfg.model, self.device, self.world)
-        check_model_fits_shards(cfg.model, self.shards)
+        fit_model_to_shards(cfg.model, self.shards)  # model.image_size: the shards' unless set
 
         self.channels_last = cfg.model.channels_last if cfg.model.channels_last is not None else self.device.type == "cuda"
         model = build_model(cfg, self.device, self.rank, self.channels_last)
@@ -267,6 +268,8 @@ def train(cfg: Config) -> int:
         # rank 0 reads the shard folder before the run folder is touched, and every rank gets that
         # same ShardSet: one read of manifest.json per run, and a bad folder is one line
         shards = rank_zero_decides(accelerator, lambda: ShardSet.open(cfg.data.shards))
+        if cfg.model.image_size is None:  # every rank alike; a set value is checked in refuse_early
+            cfg.model.image_size = shards.image_size
         rank_zero_decides(accelerator, lambda: refuse_early(cfg, shards, accelerator))
         check_comm_hook(accelerator, cfg.train.ddp_comm_hook)  # collective: every rank probes the backend
         if cfg.data.verify:  # damaged shards change nothing in the run folder

@@ -58,7 +58,8 @@ def traversal_grid(model: VAE, x: torch.Tensor, dims: int = 8, steps: int = 9, s
 
 def latent_scatter(mu: torch.Tensor, labels: torch.Tensor, path: Path, class_names: list[str] | None = None,
                    title: str = "latent means, 2-D PCA") -> Path:
-    """Posterior means projected on their first two principal components, coloured by class."""
+    """Posterior means projected on their first two principal components, coloured by class (one
+    colour, and the title says so, where the shards hold no classes: a flat folder of images)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,12 +72,15 @@ def latent_scatter(mu: torch.Tensor, labels: torch.Tensor, path: Path, class_nam
     labels = labels.cpu().numpy()
     fig, ax = plt.subplots(figsize=(6, 5), dpi=120)
     classes = sorted(set(labels.tolist()))
+    if classes == [-1]:
+        title += " (no classes in the data: one colour)"
     cmap = plt.get_cmap("tab20" if len(classes) > 10 else "tab10")
     for i, c in enumerate(classes):
         sel = labels == c
         name = class_names[c] if class_names and 0 <= c < len(class_names) else str(c)
-        ax.scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.7, color=cmap(i % cmap.N), label=name if len(classes) <= 20 else None)
-    if len(classes) <= 20:
+        labelled = 1 < len(classes) <= 20 or (len(classes) == 1 and c >= 0)
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.7, color=cmap(i % cmap.N), label=name if labelled else None)
+    if ax.get_legend_handles_labels()[1]:
         ax.legend(fontsize=6, markerscale=2, loc="best")
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
@@ -181,7 +185,7 @@ def viz_checkpoint(ckpt_path: str, out: str, shards: str | None = None, num_imag
 
     from vae_dist.checkpoint import find_weights, load_weights
     from vae_dist.config import DataConfig, load_yaml_text
-    from vae_dist.data.loaders import decode_split
+    from vae_dist.data.loaders import check_model_fits_shards, decode_split
     from vae_dist.data.shards import ShardSet
     from vae_dist.errors import UserError
     from vae_dist.files import output_dir
@@ -196,6 +200,7 @@ def viz_checkpoint(ckpt_path: str, out: str, shards: str | None = None, num_imag
     if shards is None:
         raise UserError("no shard folder known for real images: pass --shards DIR")
     shard_set = ShardSet.open(shards)
+    check_model_fits_shards(model.cfg, shard_set, weights)
     output_dir(out, "viz output folder")  # once the inputs are known good: a failure makes nothing
     split = "val" if shard_set.count("val") else "train"
     images, labels = decode_split(shard_set, DataConfig(shards=shards, num_threads=1), split, torch.device("cpu"))

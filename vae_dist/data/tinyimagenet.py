@@ -6,108 +6,62 @@
     tiny-imagenet-200/val/images/*.JPEG         labels in val/val_annotations.txt
     tiny-imagenet-200/test/images/*.JPEG        no labels
 
-Nothing is extracted: files are read as bytes, so no archive member can write anywhere.
+Files are read through a FileTree (data/tree.py): as bytes, never extracted.
 """
 
 from __future__ import annotations
 
 import posixpath
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from vae_dist.data.shards import safe_key
+from vae_dist.data.tree import FileTree, Listing, Record
 from vae_dist.errors import DataError
 
 SPLITS = ("train", "val", "test")
 
 
-@dataclass(frozen=True)
-class Record:
-    path: str  # relative to the dataset root, '/'-separated
-    key: str  # the file's stem made safe as a sample key (sample_key); pack makes it unique
-    label: int  # index into wnids; -1 for test
+def find_root(tree: FileTree) -> str | None:
+    """The Tiny ImageNet root inside `tree`: the folder holding wnids.txt (the top or a folder
+    right below it; in a zip, the shortest path that holds one). None: it is not Tiny ImageNet."""
+    if tree.is_zip:
+        hits = sorted((n for n in tree.names if posixpath.basename(n) == "wnids.txt"), key=len)
+        return posixpath.dirname(hits[0]) if hits else None
+    folders, files = tree.entries("")
+    if "wnids.txt" in files:
+        return ""
+    return next((f for f in folders if "wnids.txt" in tree.entries(f)[1]), None)
 
 
-class Source:
+class Source(FileTree):
     """A Tiny ImageNet root inside a folder or a zip; paths are relative to that root."""
 
     def __init__(self, location: str | Path):
-        self.location = Path(location)
-        if not self.location.exists():
-            raise DataError(f"dataset not found: {self.location}")
-        self._zip: zipfile.ZipFile | None = None
-        if self.location.is_dir():
-            self.root = self._find_dir_root(self.location)
-            self._names = None
-        else:
-            try:
-                self._zip = zipfile.ZipFile(self.location)
-            except (zipfile.BadZipFile, OSError) as e:
-                raise DataError(f"corrupt or unreadable zip {self.location}: {e}") from None
-            self._names = [n for n in self._zip.namelist() if not n.endswith("/")]
-            self._name_set = set(self._names)
-            self.root = self._find_zip_root(self._names)
-
-    # -- locating the root -------------------------------------------------------------
-    def _find_dir_root(self, path: Path) -> str:
-        for cand in [path, *sorted(p for p in path.iterdir() if p.is_dir())]:
-            if (cand / "wnids.txt").is_file():
-                return str(cand)
-        raise DataError(f"not a Tiny ImageNet folder: no wnids.txt in {path} or its subfolders")
-
-    def _find_zip_root(self, names: list[str]) -> str:
-        hits = sorted((n for n in names if posixpath.basename(n) == "wnids.txt"), key=len)
-        if not hits:
-            raise DataError(f"not a Tiny ImageNet zip: no wnids.txt in {self.location}")
-        return posixpath.dirname(hits[0])
-
-    # -- file access -------------------------------------------------------------------
-    def _member(self, rel: str) -> str:
-        return posixpath.join(self.root, rel) if self.root else rel
-
-    def exists(self, rel: str) -> bool:
-        if self._zip is None:
-            return (Path(self.root) / rel).exists()
-        return self._member(rel) in self._name_set
-
-    def read_bytes(self, rel: str) -> bytes:
-        if self._zip is None:
-            return (Path(self.root) / rel).read_bytes()
-        try:
-            return self._zip.read(self._member(rel))
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as e:
-            raise OSError(f"unreadable zip member: {e}") from None
+        super().__init__(location)
+        root = find_root(self)
+        if root is None:
+            where = f"zip: no wnids.txt in {self.location}" if self.is_zip else \
+                f"folder: no wnids.txt in {self.location} or its subfolders"
+            raise DataError(f"not a Tiny ImageNet {where}")
+        self.root = root
 
     def read_text(self, rel: str) -> str:
         try:
-            return self.read_bytes(rel).decode("utf-8", errors="replace")
-        except (OSError, KeyError):
+            return super().read_text(rel)
+        except OSError:
             raise DataError(f"not a Tiny ImageNet dataset: cannot read {rel} in {self.location}") from None
 
-    def list_dir(self, rel: str) -> list[str]:
-        """Relative paths of the files directly inside folder `rel`, sorted."""
-        if self._zip is None:
-            folder = Path(self.root) / rel
-            if not folder.is_dir():
-                return []
-            return sorted(f"{rel}/{p.name}" for p in folder.iterdir() if p.is_file())
-        prefix = self._member(rel).rstrip("/") + "/"
-        out = []
-        for name in self._names:
-            if name.startswith(prefix) and "/" not in name[len(prefix):]:
-                out.append(rel + "/" + name[len(prefix):])
-        return sorted(out)
 
-    def unsafe_members(self) -> list[str]:
-        """Zip members with absolute or '..' paths. They are never read, only reported."""
-        if self._zip is None:
-            return []
-        return [n for n in self._names if n.startswith("/") or ".." in n.split("/") or ":" in n.split("/")[0]]
-
-    def close(self) -> None:
-        if self._zip is not None:
-            self._zip.close()
+def listing(src: Source, splits: tuple[str, ...]) -> Listing:
+    """The records of the asked-for splits, the classes and the files that cannot be labelled."""
+    wnids, words = read_classes(src)
+    out = Listing(layout={"name": "tinyimagenet", "val": "val/ (val_annotations.txt)", "presplit": True}, classes=wnids,
+                  words=words)
+    for split in splits:
+        records, unlabelled = list_split(src, split, wnids)
+        out.splits[split] = records
+        out.rejected += unlabelled
+    return out
 
 
 def sample_key(rel: str) -> str:
