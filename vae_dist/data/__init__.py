@@ -1,4 +1,5 @@
-"""Tiny ImageNet reading, sample data, packing/verifying shards, and the loaders.
+"""The data: the sources pack reads (Tiny ImageNet, folders of images), sample data, packing
+and verifying shards, and the loaders.
 
 Every loader yields uint8 NCHW batches: a quarter of the bytes of float to decode into,
 copy and move to the GPU; the step turns them into floats inside its compiled region.
