@@ -84,15 +84,24 @@ def pack(src_path: str | Path, out_dir: str | Path, opts: PackOptions | None = N
     src, layout = open_source(src_path, opts.layout)
     try:
         listing = list_source(src, layout, opts.splits, opts.val_fraction, opts.seed)
-    except BaseException:
+        list_seconds = time.perf_counter() - t_list
+        out_dir = output_dir(out_dir, "pack output folder")  # once the source is known good
+        staging = out_dir / f".pack-staging-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            manifest = _pack_listing(src, listing, src_path, staging, opts)
+            manifest["list_seconds"] = round(list_seconds, 3)
+            _swap_in(staging, out_dir, manifest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    finally:
         src.close()
-        raise
-    list_seconds = time.perf_counter() - t_list
-    out_dir = output_dir(out_dir, "pack output folder")
-    staging = out_dir / f".pack-staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    return manifest
 
+
+def _pack_listing(src: FileTree, listing, src_path, staging: Path, opts: PackOptions) -> dict:
+    """Every split of `listing` into shards in `staging`; returns the manifest."""
     rejected = [{"path": p, "reason": "unsafe path in archive (absolute or '..')"} for p in src.unsafe_members()]
     rejected += listing.rejected
     manifest = {
@@ -108,7 +117,6 @@ def pack(src_path: str | Path, out_dir: str | Path, opts: PackOptions | None = N
         "splits": {},
         "rejected": rejected,
     }
-    workers = opts.workers or os.cpu_count() or 1
     splits = {}
     for split, records in listing.splits.items():
         random.Random(f"{opts.seed}-{split}").shuffle(records)  # the global shuffle
@@ -116,26 +124,19 @@ def pack(src_path: str | Path, out_dir: str | Path, opts: PackOptions | None = N
         # (one name in two classes, or x.y.JPEG beside x_y.JPEG, stay two samples)
         splits[split] = [dataclasses.replace(r, key=f"{i:07d}_{r.key}") for i, r in enumerate(records)]
     total = sum(map(len, splits.values()))
+    workers = opts.workers or os.cpu_count() or 1
     t0 = time.perf_counter()
-    try:
-        ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(str(src_path), src.root, opts)) as pool, \
-                Progress(total, f"pack {counted(total, 'image')} on {counted(workers, 'process', 'processes')}") as bar:
-            for split, records in splits.items():
-                manifest["splits"][split] = _pack_split(pool, records, split, staging, opts, rejected, bar)
-        seconds = time.perf_counter() - t0
-        if not any(info["count"] for info in manifest["splits"].values()):  # the old shards stay as they are
-            first = f" (the first: {rejected[0]['path']}: {rejected[0]['reason']})" if rejected else ""
-            raise DataError(f"no images in {src_path}: none of its {counted(len(rejected), 'file')} packs{first}; "
-                            f"pack reads Tiny ImageNet, a folder of class folders, or a folder of images")
-        manifest["list_seconds"] = round(list_seconds, 3)
-        manifest["pack_seconds"] = round(seconds, 3)
-        manifest["pack_img_per_s"] = round(total / seconds, 1)
-        manifest["pack_workers"] = workers
-        _swap_in(staging, out_dir, manifest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        src.close()
+    ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(src_path), src.root, opts)) as pool, \
+            Progress(total, f"pack {counted(total, 'image')} on {counted(workers, 'process', 'processes')}") as bar:
+        for split, records in splits.items():
+            manifest["splits"][split] = _pack_split(pool, records, split, staging, opts, rejected, bar)
+    seconds = time.perf_counter() - t0
+    if not any(info["count"] for info in manifest["splits"].values()):  # the old shards stay as they are
+        first = f" (the first: {rejected[0]['path']}: {rejected[0]['reason']})" if rejected else ""
+        raise DataError(f"no images in {src_path}: none of its {counted(len(rejected), 'file')} packs{first}; "
+                        f"pack reads Tiny ImageNet, a folder of class folders, or a folder of images")
+    manifest.update(pack_seconds=round(seconds, 3), pack_img_per_s=round(total / seconds, 1), pack_workers=workers)
     return manifest
 
 
@@ -210,7 +211,9 @@ def summary(manifest: dict) -> str:
     for split, info in manifest["splits"].items():
         conv = ", ".join(f"{k} {v}" for k, v in sorted(info["converted"].items())) or "none"
         lines.append(f"{split}: {counted(info['count'], 'image')} in {counted(len(info['shards']), 'shard')} (converted: {conv})")
-    lines.append(f"rejected: {len(manifest['rejected'])}" + (" (listed in manifest.json)" if manifest["rejected"] else ""))
+    reasons = Counter(r["reason"].split(" (")[0] for r in manifest["rejected"])  # "unreadable image (...)" as one
+    why = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common(4)) + (", ..." if len(reasons) > 4 else "")
+    lines.append(f"rejected: {len(manifest['rejected'])}" + (f" ({why}; each listed in manifest.json)" if reasons else ""))
     if manifest.get("pack_img_per_s"):
         lines.append(f"packed at {manifest['pack_img_per_s']:.0f} img/s in {manifest['pack_seconds']:.1f} s "
                      f"on {counted(manifest.get('pack_workers', 1), 'process', 'processes')} "
