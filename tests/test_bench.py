@@ -27,7 +27,7 @@ def test_bench_tiny(what, tmp_path, shards, sample_root):
     out = tmp_path / f"{what}.json"
     extra = {
         "data": ["--shards", str(shards), "--images", str(sample_root), "--threads", "1"],
-        "step": ["--compile", "off"],
+        "step": ["--compile", "off", "--image-size", "32"],
         "e2e": ["--shards", str(shards), "--images", str(sample_root), "--threads", "1", "--variants", "seed,fast"],
     }[what]
     r = run_cli("bench", what, "--tiny", "--repeats", "2", "--json", str(out), "--plot", str(tmp_path / "p.png"),
@@ -53,6 +53,11 @@ def test_bench_tiny(what, tmp_path, shards, sample_root):
     elif what == "step":
         rows = _check(report, ["eager fp32"])
         assert all(r["tflop_per_s"] > 0 and r["gflop_per_image"] > 0 for r in rows.values())
+        from vae_dist.bench.common import model_cfg
+        from vae_dist.flops import train_flops_per_image
+
+        at_32 = train_flops_per_image(model_cfg(True, 32)) / 1e9
+        assert all(r["image_size"] == 32 and r["gflop_per_image"] == pytest.approx(at_32) for r in rows.values())
     else:
         rows = _check(report, ["seed", "fast"])
         assert all(0 <= r["data_wait"] <= 1 for r in rows.values() if "data_wait" in r)

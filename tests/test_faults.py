@@ -417,6 +417,7 @@ def weights(shards, tmp_path_factory):
     (["pack", "{r}", "{t}/p", "--workers", "-1"], "--workers must be 0 (all cores) or more, got -1"),
     (["pack", "{r}", "{t}/p", "--image-size", "0"], "--image-size must be a multiple of 16 from 16 to 512"),
     (["pack", "{r}", "{t}/p", "--image-size", "1024"], "--image-size must be a multiple of 16 from 16 to 512"),
+    (["bench", "step", "--tiny", "--image-size", "40"], "--image-size must be a multiple of 16 from 16 to 512"),
     (["pack", "{r}", "{t}/p", "--val-fraction", "0.1"], "--val-fraction does not apply to Tiny ImageNet"),
     (["pack", "{t}", "{t}/p", "--val-fraction", "1"], "--val-fraction must be in [0, 1), got 1.0"),
     (["pack", "{t}", "{t}/p", "--splits", "train,test"], "--splits asks for test, but {t} has no test/ folder"),

@@ -182,6 +182,8 @@ def add_bench_args(p) -> None:
                    help="untimed batches or steps before timing (default: data 5; step 10 on a GPU, 3 on a CPU; "
                         "e2e 20 on a GPU, 5 on a CPU; comm 2)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
+    p.add_argument("--image-size", type=int, default=64, help="step: height and width of the synthetic batches "
+                   "(the model is built for them), as `pack --image-size`")
     p.add_argument("--dtypes", default=None, metavar="LIST",
                    help="step: comma list of fp32,bf16 (default: fp32,bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--compile", choices=["both", "on", "off"], default="both", help="step: torch.compile rows")

@@ -67,10 +67,13 @@ def sample_shards(tiny: bool) -> tuple[str, str]:
     return str(root / "shards"), str(src)
 
 
-def model_cfg(tiny: bool):
+def model_cfg(tiny: bool, image_size: int = 64):
+    """The seed VAE (or a tiny one with as many layers) for `image_size` x `image_size` inputs."""
     from vae_dist.model import VAEConfig
 
-    return VAEConfig(widths=(8, 16, 16, 32), latent_dim=16) if tiny else VAEConfig()
+    if tiny:
+        return VAEConfig(widths=(8, 16, 16, 32), latent_dim=16, image_size=image_size)
+    return VAEConfig(image_size=image_size)
 
 
 def memory(device: torch.device) -> dict:

@@ -13,6 +13,7 @@ import torch
 
 from vae_dist.bench import CPU_BATCH_SIZES, GPU_BATCH_SIZES
 from vae_dist.bench.common import model_cfg, row_or_reason, sync, timed
+from vae_dist.data.pack import check_image_size
 from vae_dist.errors import UserError
 from vae_dist.flops import peak_flops, train_flops_per_image
 
@@ -56,7 +57,8 @@ def bench_step(args) -> list[dict]:
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     on_gpu = device.type == "cuda"
-    cfg = model_cfg(args.tiny)
+    check_image_size(args.image_size)
+    cfg = model_cfg(args.tiny, args.image_size)
     default_batches = "8" if args.tiny else GPU_BATCH_SIZES if on_gpu else CPU_BATCH_SIZES
     batch_sizes = [int(b) for b in (args.batch_sizes or default_batches).split(",")]
     dtypes = (args.dtypes or ("fp32,bf16" if on_gpu else "fp32")).split(",")
@@ -102,7 +104,8 @@ def bench_step(args) -> list[dict]:
 
             median, rates = timed(window, args.repeats)
             new_graphs = _compiled_graphs()[0] - graphs  # > 0: a recompile inside the timed windows
-            row = {"name": name, "img_per_s": median, "batch_size": bs, "steps": steps, "repeats": rates,
+            row = {"name": name, "img_per_s": median, "batch_size": bs, "image_size": cfg.image_size, "steps": steps,
+                   "repeats": rates,
                    "compile": compiled, "dtype": dtype, "autocast": str(step.autocast_dtype or "off"),
                    "channels_last": cl, "steps_per_s": median / bs, "warmup_s": warmup_s,
                    "compiled_graphs": graphs, "graph_breaks": breaks, "recompiles_while_timed": new_graphs,

@@ -65,14 +65,17 @@ def _convert(record: Record):
     return record, jpeg, reason, changes
 
 
+def check_image_size(size: int) -> None:
+    if not (size % SIZE_STEP == 0 and MIN_SIZE <= size <= MAX_SIZE):
+        raise DataError(f"--image-size must be a multiple of {SIZE_STEP} from {MIN_SIZE} to {MAX_SIZE} "
+                        f"(the VAE halves it 4 times), got {size}")
+
+
 def check_options(opts: PackOptions) -> None:
-    size = opts.image_size
-    for name, value, ok, must in (
-            ("--shard-size", opts.shard_size, opts.shard_size > 0, "positive"),
-            ("--workers", opts.workers, opts.workers >= 0, "0 (all cores) or more"),
-            ("--image-size", size, size % SIZE_STEP == 0 and MIN_SIZE <= size <= MAX_SIZE,
-             f"a multiple of {SIZE_STEP} from {MIN_SIZE} to {MAX_SIZE} (the VAE halves it 4 times)"),
-            ("--quality", opts.quality, 1 <= opts.quality <= 100, "in 1..100")):
+    check_image_size(opts.image_size)
+    for name, value, ok, must in (("--shard-size", opts.shard_size, opts.shard_size > 0, "positive"),
+                                  ("--workers", opts.workers, opts.workers >= 0, "0 (all cores) or more"),
+                                  ("--quality", opts.quality, 1 <= opts.quality <= 100, "in 1..100")):
         if not ok:
             raise DataError(f"{name} must be {must}, got {value}")
 
