@@ -65,6 +65,11 @@ def _convert(record: Record):
     return record, jpeg, reason, changes
 
 
+def available_cores() -> int:
+    """The cores this process may run on (a SLURM job's or a container's, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def check_image_size(size: int) -> None:
     if not (size % SIZE_STEP == 0 and MIN_SIZE <= size <= MAX_SIZE):
         raise DataError(f"--image-size must be a multiple of {SIZE_STEP} from {MIN_SIZE} to {MAX_SIZE} "
@@ -127,7 +132,7 @@ def _pack_listing(src: FileTree, listing, src_path, staging: Path, opts: PackOpt
         # (one name in two classes, or x.y.JPEG beside x_y.JPEG, stay two samples)
         splits[split] = [dataclasses.replace(r, key=f"{i:07d}_{r.key}") for i, r in enumerate(records)]
     total = sum(map(len, splits.values()))
-    workers = opts.workers or os.cpu_count() or 1
+    workers = opts.workers or available_cores()
     t0 = time.perf_counter()
     ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(str(src_path), src.root, opts)) as pool, \
