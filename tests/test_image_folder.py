@@ -138,13 +138,16 @@ def test_a_presplit_tree_keeps_its_val_and_trains_classes(tmp_path):
         for c in classes:
             (root / split / c).mkdir(parents=True)
             for i in range(3 if split == "train" else 1):
-                photo(48, 40, hash((split, c, i)) % 1000).save(root / split / c / f"{c}{i}.png")
-    m = pack(root, tmp_path / "out", PackOptions(shard_size=10, workers=1, image_size=16))
+                photo(48, 40, i).save(root / split / c / f"{c}{i}.png")
+    (root / "test").mkdir()
+    photo(30, 30).save(root / "test" / "unknown.jpg")  # a test split of images alone: no labels
+    m = pack(root, tmp_path / "out", PackOptions(shard_size=10, workers=1, image_size=16, splits=("train", "val", "test")))
     assert m["layout"] == {"name": "classes", "val": "val/", "presplit": True}
     assert m["classes"] == ["apple", "pear"]
     assert m["splits"]["train"]["count"] == 6 and m["splits"]["val"]["count"] == 2
     val = samples(tmp_path / "out", "val")
     assert {stem: label for stem, (_, label) in val.items()} == {"apple0": 0, "pear0": 1}
+    assert {stem: label for stem, (_, label) in samples(tmp_path / "out", "test").items()} == {"unknown": -1}
     assert [r["reason"] for r in m["rejected"]] == ["class folder plum is not in train/"]
     with pytest.raises(DataError, match="--val-fraction does not apply: .* has its own val/ folder"):
         pack(root, tmp_path / "out2", PackOptions(image_size=16, val_fraction=0.1))
@@ -166,6 +169,8 @@ def test_a_flat_folder_has_no_classes_and_a_deterministic_val(tmp_path):
     assert {label for _, label in train.values()} == {-1} and not set(train) & vals[0]
     quarter = pack(root, tmp_path / "q", PackOptions(workers=1, image_size=32, val_fraction=0.25))
     assert quarter["splits"]["val"]["count"] == 5
+    none = pack(root, tmp_path / "z", PackOptions(workers=1, image_size=32, val_fraction=0))
+    assert list(none["splits"]) == ["train"] and none["layout"]["val"] == "none"
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@
                    labels in sorted order, nested folders belong to their top-level class
     flat           SRC/**/*.<ext>: images with no classes (label -1 everywhere)
     either, split  SRC/train/..., SRC/val/..., SRC/test/...: each split folder in the layout of
-                   train/ (class folders, or images alone); val's classes are train's
+                   train/ (class folders, or images alone); val's classes are train's; a test/
+                   of images alone has no labels (-1), as Tiny ImageNet's
 
 `--layout auto` decides: wnids.txt makes Tiny ImageNet; a top-level train/ folder makes a
 pre-split tree; folders at the top make class folders; images alone make a flat folder. A
@@ -105,7 +106,7 @@ def list_source(tree: FileTree, layout: str, splits: tuple[str, ...], val_fracti
     out = Listing(layout={"name": layout, "val": ""}, classes=classes, words={c: c for c in classes})
 
     def read(split_dir: str, split: str) -> list[Record]:
-        if layout == "flat" or split == "test":  # a test split has no labels, as Tiny ImageNet's
+        if layout == "flat" or (split == "test" and not _visible(tree, split_dir)[0]):  # test/ of images: no labels
             return [_record(p, -1) for p in tree.walk(split_dir, hidden)]
         records = []
         top_folders, top_files = _visible(tree, split_dir, hidden)
@@ -138,8 +139,9 @@ def list_source(tree: FileTree, layout: str, splits: tuple[str, ...], val_fracti
         out.layout["val"] = f"held out: {fraction:g} of the images (seed {seed})"
     else:
         out.layout["val"] = "val/" if "val" in out.splits else "none"
-    if not out.splits.get("val"):
-        out.splits.pop("val", None)  # --val-fraction 0: no val split (training then refuses to start)
+    if not out.splits.get("val"):  # --val-fraction 0: no val split (training then refuses to start)
+        out.splits.pop("val", None)
+        out.layout["val"] = "none"
     out.layout["presplit"] = presplit
     out.rejected += [{"path": p, "reason": "hidden file or folder (not read)"} for p in hidden]
     if not any(out.splits.values()):
