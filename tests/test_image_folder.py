@@ -222,3 +222,14 @@ def test_sizes_that_cannot_work_are_one_line_errors(shards_128, tmp_path):
     assert f"model.image_size=64 but the shards in {shards_128} hold 128x128 images: leave model.image_size " \
            "unset" in r.stderr
     assert not (tmp_path / "r").exists()  # refused before the run folder is made
+
+
+def test_a_jpeg_decoded_at_reduced_scale_is_resized_and_counted():
+    from vae_dist.data.images import to_shard_jpeg
+
+    big = io.BytesIO()
+    halves(512, 512, (255, 0, 0), (0, 0, 255)).save(big, format="JPEG", quality=95)
+    jpeg, reason, changes = to_shard_jpeg(big.getvalue(), 128)  # libjpeg's 1/4 scale lands on 128 itself
+    pixels = np.asarray(Image.open(io.BytesIO(jpeg))).astype(int)
+    assert reason is None and changes == {"resized": 1} and pixels.shape == (128, 128, 3)
+    assert pixels[:, :48, 0].mean() > 200 and pixels[:, -48:, 2].mean() > 200

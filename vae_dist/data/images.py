@@ -68,8 +68,9 @@ def to_shard_jpeg(data: bytes, size: int, quality: int = 95, keep_source: bool =
     if orientation != 1:
         im = im.transpose(_UPRIGHT[orientation])
         changes["exif_rotated"] = 1
-    if im.size != (size, size):
+    if (w, h) != (size, size):  # as stored (libjpeg's draft may already have scaled it to S)
         changes["resized"] = 1
+    if im.size != (size, size):
         w, h = im.size
         side = min(w, h)  # the centre square, resized: the shorter side becomes S
         left, top = (w - side) // 2, (h - side) // 2
