@@ -23,6 +23,7 @@ from accelerate.utils import set_seed
 from vae_dist.checkpoint import WEIGHTS, save_weights
 from vae_dist.config import Config, dump_yaml, per_process_batch, vae_config
 from vae_dist.data.loaders import (
+    adopt_shard_size,
     build_train_and_val,
     check_model_fits_shards,
     choose_cache,
@@ -268,8 +269,7 @@ def train(cfg: Config) -> int:
         # rank 0 reads the shard folder before the run folder is touched, and every rank gets that
         # same ShardSet: one read of manifest.json per run, and a bad folder is one line
         shards = rank_zero_decides(accelerator, lambda: ShardSet.open(cfg.data.shards))
-        if cfg.model.image_size is None:  # every rank alike; a set value is checked in refuse_early
-            cfg.model.image_size = shards.image_size
+        adopt_shard_size(cfg.model, shards)  # every rank alike; a set value is checked in refuse_early
         rank_zero_decides(accelerator, lambda: refuse_early(cfg, shards, accelerator))
         check_comm_hook(accelerator, cfg.train.ddp_comm_hook)  # collective: every rank probes the backend
         if cfg.data.verify:  # damaged shards change nothing in the run folder

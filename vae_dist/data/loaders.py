@@ -179,10 +179,15 @@ def build_train_and_val(shards: ShardSet, data_cfg, batch_size: int, *, rank: in
     return tuple(loaders)
 
 
-def fit_model_to_shards(model_cfg, shards: ShardSet) -> None:
-    """model.image_size follows the shards' image_size unless it is set; then it must agree."""
+def adopt_shard_size(model_cfg, shards: ShardSet) -> None:
+    """model.image_size follows the shards' image_size unless it is set (check_model_fits_shards
+    then says whether the set value agrees)."""
     if model_cfg.image_size is None:
         model_cfg.image_size = shards.image_size
+
+
+def fit_model_to_shards(model_cfg, shards: ShardSet) -> None:
+    adopt_shard_size(model_cfg, shards)
     check_model_fits_shards(model_cfg, shards)
 
 
@@ -190,11 +195,11 @@ def check_model_fits_shards(model_cfg, shards: ShardSet, weights=None) -> None:
     """A model whose input shape is not the shards' is refused at start, in one line (not with
     a shape error at the first step). `weights`: the model is a trained one's, from that file."""
     size, halvings = shards.image_size, 2 ** len(model_cfg.widths)
-    if model_cfg.image_size != size and weights is not None:
-        raise DataError(f"the model in {weights} takes {model_cfg.image_size}x{model_cfg.image_size} images but the "
-                        f"shards in {shards.root} hold {size}x{size}: use shards packed with --image-size "
-                        f"{model_cfg.image_size}")
     if model_cfg.image_size != size:
+        if weights is not None:
+            raise DataError(f"the model in {weights} takes {model_cfg.image_size}x{model_cfg.image_size} images but "
+                            f"the shards in {shards.root} hold {size}x{size}: use shards packed with --image-size "
+                            f"{model_cfg.image_size}")
         raise DataError(f"model.image_size={model_cfg.image_size} but the shards in {shards.root} hold {size}x{size} "
                         f"images: leave model.image_size unset (it follows the shards) or pack with "
                         f"--image-size {model_cfg.image_size}")

@@ -23,12 +23,11 @@ Record is ~200 bytes, so ImageNet's 1.28 M images list in ~250 MB.
 
 from __future__ import annotations
 
-import posixpath
 import random
 from pathlib import Path
 
 from vae_dist.data import tinyimagenet
-from vae_dist.data.tree import FileTree, Listing, Record, is_hidden
+from vae_dist.data.tree import FileTree, Listing, Record, join
 from vae_dist.errors import DataError
 
 LAYOUTS = ("auto", "tinyimagenet", "classes", "flat")
@@ -46,33 +45,24 @@ def open_source(location: str | Path, layout: str = "auto") -> tuple[FileTree, s
         return tinyimagenet.Source(location), "tinyimagenet"
     if tree.is_zip:
         tree.root = _zip_root(tree)
-    folders, files = _visible(tree, "")
+    folders, files = tree.visible("")
     if not folders and not files:
         raise DataError(f"no files in {location}: pack reads Tiny ImageNet, a folder of class folders, or a folder "
                         f"of images")
-    if layout == "auto":
-        split_tree = "train" in folders
-        layout = _kind(tree, "train" if split_tree else "")
+    if layout == "auto":  # a pre-split tree takes train/'s layout
+        layout = _kind(tree, "train" if "train" in folders else "")
     return tree, layout
 
 
 def _zip_root(tree: FileTree) -> str:
     """A zip of one folder (as `zip -r photos.zip photos/` makes) is read from inside that folder."""
-    folders, files = _visible(tree, "")
+    folders, files = tree.visible("")
     return folders[0] if len(folders) == 1 and not files else ""
-
-
-def _visible(tree: FileTree, rel: str, hidden: list[str] | None = None) -> tuple[list[str], list[str]]:
-    """(subfolders, files) of `rel` that are not hidden; the hidden ones' paths go to `hidden`."""
-    folders, files = tree.entries(rel)
-    if hidden is not None:
-        hidden += [_join(rel, f) + "/" for f in folders if is_hidden(f)] + [_join(rel, f) for f in files if is_hidden(f)]
-    return [f for f in folders if not is_hidden(f)], [f for f in files if not is_hidden(f)]
 
 
 def _kind(tree: FileTree, rel: str) -> str:
     """classes where the folder holds folders, flat where it holds only files."""
-    return "classes" if _visible(tree, rel)[0] else "flat"
+    return "classes" if tree.visible(rel)[0] else "flat"
 
 
 def list_source(tree: FileTree, layout: str, splits: tuple[str, ...], val_fraction: float | None = None,
@@ -85,7 +75,7 @@ def list_source(tree: FileTree, layout: str, splits: tuple[str, ...], val_fracti
     fraction = 0.05 if val_fraction is None else val_fraction
     if not 0 <= fraction < 1:
         raise DataError(f"--val-fraction must be in [0, 1), got {fraction}")
-    folders = _visible(tree, "")[0]
+    folders = tree.visible("")[0]
     presplit = "train" in folders
     if presplit and val_fraction is not None and "val" in folders:
         raise DataError(f"--val-fraction does not apply: {tree.location} has its own val/ folder")
@@ -96,7 +86,7 @@ def list_source(tree: FileTree, layout: str, splits: tuple[str, ...], val_fracti
             raise DataError(f"--splits asks for test, but {tree.location} has no test/ folder beside train/")
     hidden: list[str] = []
     if layout == "classes":
-        classes = _visible(tree, "train" if presplit else "")[0]
+        classes = tree.visible("train" if presplit else "")[0]
         if not classes:
             where = f"{tree.location}/train" if presplit else str(tree.location)
             raise DataError(f"--layout classes, but {where} holds no class folders")
@@ -106,14 +96,14 @@ def list_source(tree: FileTree, layout: str, splits: tuple[str, ...], val_fracti
     out = Listing(layout={"name": layout, "val": ""}, classes=classes, words={c: c for c in classes})
 
     def read(split_dir: str, split: str) -> list[Record]:
-        if layout == "flat" or (split == "test" and not _visible(tree, split_dir)[0]):  # test/ of images: no labels
+        if layout == "flat" or (split == "test" and not tree.visible(split_dir)[0]):  # test/ of images: no labels
             return [_record(p, -1) for p in tree.walk(split_dir, hidden)]
         records = []
-        top_folders, top_files = _visible(tree, split_dir, hidden)
+        top_folders, top_files = tree.visible(split_dir, hidden)
         for name in top_files:
-            out.rejected.append({"path": _join(split_dir, name), "reason": "not in a class folder"})
+            out.rejected.append({"path": join(split_dir, name), "reason": "not in a class folder"})
         for name in top_folders:
-            paths = tree.walk(_join(split_dir, name), hidden)
+            paths = tree.walk(join(split_dir, name), hidden)
             if name in label_of:
                 records += [_record(p, label_of[name]) for p in paths]
             else:
@@ -121,7 +111,7 @@ def list_source(tree: FileTree, layout: str, splits: tuple[str, ...], val_fracti
         return records
 
     if presplit:
-        for name in _visible(tree, "", hidden)[1]:
+        for name in tree.visible("", hidden)[1]:
             out.rejected.append({"path": name, "reason": "beside the split folders: in no split"})
         for name in folders:
             if name not in SPLIT_FOLDERS:
@@ -157,10 +147,6 @@ def hold_out(records: list[Record], fraction: float, seed: int) -> tuple[list[Re
         count = max(1, count)
     chosen = set(random.Random(f"{seed}-val-holdout").sample(range(len(records)), count))
     return ([r for i, r in enumerate(records) if i not in chosen], [r for i, r in enumerate(records) if i in chosen])
-
-
-def _join(folder: str, name: str) -> str:
-    return posixpath.join(folder, name) if folder else name
 
 
 def _record(path: str, label: int) -> Record:

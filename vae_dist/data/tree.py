@@ -29,6 +29,11 @@ class Record:
     label: int  # class id in label order; -1: no class (a flat folder, a test split)
 
 
+def join(folder: str, name: str) -> str:
+    """A relative path below `folder` ('' = the root)."""
+    return posixpath.join(folder, name) if folder else name
+
+
 def is_hidden(name: str) -> bool:
     """Dot files and folders (.DS_Store, .ipynb_checkpoints, .git) and a zip's __MACOSX folder."""
     return name.startswith(".") or name == "__MACOSX"
@@ -122,6 +127,14 @@ class FileTree:
             return [], []
         return sorted(folders), sorted(files)
 
+    def visible(self, rel: str, hidden: list[str] | None = None) -> tuple[list[str], list[str]]:
+        """`entries(rel)` without the hidden ones, whose paths (a folder's with a trailing '/') go
+        to `hidden` when given: they are reported, never read."""
+        folders, files = self.entries(rel)
+        if hidden is not None:
+            hidden += [join(rel, f) + "/" for f in folders if is_hidden(f)] + [join(rel, f) for f in files if is_hidden(f)]
+        return [f for f in folders if not is_hidden(f)], [f for f in files if not is_hidden(f)]
+
     def list_dir(self, rel: str) -> list[str]:
         """Relative paths of the files directly inside folder `rel`, sorted."""
         return [posixpath.join(rel, name) for name in self.entries(rel)[1]]
@@ -140,19 +153,9 @@ class FileTree:
                 if (st.st_dev, st.st_ino) in seen:
                     continue
                 seen.add((st.st_dev, st.st_ino))
-            folders, files = self.entries(folder)
-            for name in files:
-                path = posixpath.join(folder, name) if folder else name
-                if is_hidden(name):
-                    hidden.append(path)
-                else:
-                    yield path
-            for name in reversed(folders):  # popped in sorted order
-                path = posixpath.join(folder, name) if folder else name
-                if is_hidden(name):
-                    hidden.append(path + "/")
-                else:
-                    stack.append(path)
+            folders, files = self.visible(folder, hidden)
+            yield from (join(folder, name) for name in files)
+            stack += [join(folder, name) for name in reversed(folders)]  # popped in sorted order
 
     def unsafe_members(self) -> list[str]:
         """Zip members with absolute or '..' paths. They are never read, only reported."""
