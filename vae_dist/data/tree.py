@@ -39,6 +39,12 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
+def _refuse_oversized(size: int) -> None:
+    """Before a byte is read: a file over MAX_FILE_BYTES is named as unreadable (OSError)."""
+    if size > MAX_FILE_BYTES:
+        raise OSError(f"{size} bytes, more than an image may hold ({MAX_FILE_BYTES >> 20} MiB)")
+
+
 class FileTree:
     """A folder or a zip; every path is relative to `root`, a folder inside it ('' = the top)."""
 
@@ -86,14 +92,11 @@ class FileTree:
         """The file's bytes; OSError (with the reason) for a file that cannot or should not be read."""
         if self._zip is None:
             path = self.location / self._full(rel)
-            size = path.stat().st_size
-            if size > MAX_FILE_BYTES:
-                raise OSError(f"{size} bytes, more than an image may hold ({MAX_FILE_BYTES >> 20} MiB)")
+            _refuse_oversized(path.stat().st_size)
             return path.read_bytes()
         try:
             info = self._zip.getinfo(self._full(rel))
-            if info.file_size > MAX_FILE_BYTES:
-                raise OSError(f"{info.file_size} bytes, more than an image may hold ({MAX_FILE_BYTES >> 20} MiB)")
+            _refuse_oversized(info.file_size)
             return self._zip.read(info)
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, KeyError, NotImplementedError) as e:
             raise OSError(f"unreadable zip member: {e}") from None
