@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,29 @@ def test_a_flat_folder_has_no_classes_and_a_deterministic_val(tmp_path):
     assert quarter["splits"]["val"]["count"] == 5
     none = pack(root, tmp_path / "z", PackOptions(workers=1, image_size=32, val_fraction=0))
     assert list(none["splits"]) == ["train"] and none["layout"]["val"] == "none"
+
+
+def test_a_file_over_256_mib_is_refused_unread_in_a_folder_and_a_zip(tmp_path):
+    """A file no image could be is named in `rejected` from its size alone: the folder's is
+    sparse and the zip's member compresses to little, and neither is read into memory."""
+    root = tmp_path / "big"
+    root.mkdir()
+    photo(40, 40).save(root / "small.jpg")
+    over = (256 << 20) + 1
+    with open(root / "huge.jpg", "wb") as f:
+        f.truncate(over)
+    archive = tmp_path / "big.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+        z.write(root / "small.jpg", "small.jpg")
+        with z.open("huge.jpg", "w", force_zip64=True) as member:
+            for _ in range(256):
+                member.write(bytes(1 << 20))
+            member.write(b"\0")
+    for src in (root, archive):
+        m = pack(src, tmp_path / f"out-{src.name}", PackOptions(workers=1, image_size=32, val_fraction=0))
+        assert m["splits"]["train"]["count"] == 1
+        assert m["rejected"] == [{"path": "huge.jpg",
+                                  "reason": f"unreadable file ({over} bytes, more than an image may hold (256 MiB))"}]
 
 
 @pytest.fixture(scope="module")
