@@ -206,8 +206,11 @@ def test_nonpositive_global_batch_is_one_line(shards, tmp_path, value):
 def test_bench_row_that_cannot_be_measured_says_why_and_the_others_are_measured(shards, sample_root, tmp_path):
     images = tmp_path / "images"
     shutil.copytree(sample_root, images)
-    victim = next((images / "train").rglob("*.JPEG"))
-    Image.new("RGB", (80, 80), "red").save(victim, "JPEG")  # the seed loader has no Resize
+    # the seed loader has no Resize: an odd-sized image breaks its batch. Every 4th one is odd,
+    # since it shuffles unseeded and drops the last partial batch: a single odd image missed
+    # all 9 batches read (1 epoch and 3 batches of 6 per epoch) in ~2% of runs
+    for victim in sorted((images / "train").rglob("*.JPEG"))[::4]:
+        Image.new("RGB", (80, 80), "red").save(victim, "JPEG")
     out = tmp_path / "d.json"
     r = run_cli("bench", "data", "--tiny", "--repeats", "1", "--shards", str(shards), "--images", str(images),
                 "--threads", "1", "--steps", "8", "--json", str(out))
