@@ -1,12 +1,17 @@
 """The whole GPU check, in phases; launch/gpu_check.sh sets up the environment and runs this.
 
-    python3 launch/gpu_check.py LABEL [env] [tests] [bench] [tin20] [--smoke]
+    python3 launch/gpu_check.py LABEL [quick] [env] [tests] [bench] [tin20] [--smoke]
 
 Every phase runs its parts as subprocesses (a crash or a hang in one is recorded, the rest
 still run), writes its output into one folder ($OUT when set, else docs/bench/LABEL/), ends
 with a one-screen summary on stdout and a JSON file `PHASE.json`, and keeps the parts' full
 output in `PHASE.log`. At most 8 files per phase come back from the device tool's $OUT.
 
+- quick  the headline in one call, needing no DALI, webdataset or wandb: env, the step rows
+         (compiled bf16 at 64/512/1024, default, reduce-overhead and a whole-step CUDA graph; eager
+         fp32 at 64), e2e through the GPU cache at 1024 and 64 beside the seed's own loop on 100k
+         images, the GPU tests that need no DALI, 20 epochs if time is left; the verdict.
+         quick.json, quick.log, step.json, e2e.json, junit-gpu.xml, tin20-metrics.jsonl
 - env    the GPU, driver, versions; which optional packages (DALI, webdataset, wandb) are present
 - tests  the GPU tests (pytest -m gpu), then the whole suite; junit XML of both
 - bench  data (DALI mixed / CPU / webdataset / seed loader / GPU cache), step (eager, compiled,
@@ -20,7 +25,8 @@ output in `PHASE.log`. At most 8 files per phase come back from the device tool'
 --smoke runs the same phases at toy sizes (minutes on a CPU; the suite runs it so it cannot rot).
 
 One call of the device tool may run for 10 minutes and is then killed with everything it left
-unwritten, so the whole invocation has a deadline, GPU_CHECK_BUDGET_S (default 540 s): every
+unwritten, so the whole invocation has a deadline, GPU_CHECK_BUDGET_S (default 540 s), counted from
+gpu_check.sh's start (GPU_CHECK_T0: the wheels' install is inside it): every
 part's timeout is cut to the time left, a part with no time left is skipped and says so, and
 each phase rewrites its JSON after every part. Parts run in their own process group, which a
 timeout or a SIGTERM to this script ends whole (no process outlives the call on the GPU).
@@ -42,7 +48,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ("env", "tests", "bench", "tin20")
+PHASES = ("quick", "env", "tests", "bench", "tin20")
 PY = sys.executable
 MARGIN_S = 25  # kept back from each part's share: the summary and the transfer back
 # the GPU issue's targets (one H100; an H200 counts, the summary says which)
@@ -50,10 +56,13 @@ TARGETS = {"e2e_cache_large_bf16": 100e3, "e2e_b64": 40e3, "e2e_vs_seed_b64": 10
 
 
 class Deadline:
-    """The invocation's time budget, shared by its phases."""
+    """The invocation's time budget, shared by its phases, counted from `start` (gpu_check.sh's
+    own start, GPU_CHECK_T0, so the wheels' install is inside it)."""
 
-    def __init__(self, seconds: float):
-        self.end = time.time() + seconds
+    def __init__(self, seconds: float, start: float | None = None):
+        self.start = start if start is not None else time.time()
+        self.seconds = seconds
+        self.end = self.start + seconds
 
     def left(self) -> float:
         return self.end - time.time()
@@ -88,12 +97,13 @@ class Phase:
         self.log.write(text + "\n")
 
     def run(self, part: str, cmd: list, timeout: float, env: dict | None = None, skip: str | None = None,
-            outputs: tuple = ()) -> dict:
+            outputs: tuple = (), keep: float = 0) -> dict:
         """Runs one part; its output goes to the log. A part that outlives its timeout (cut to
         the deadline) gets SIGTERM (the trainer checkpoints on it), then SIGKILL 20 s later.
         `outputs` are removed first, so a part that fails writes nothing a reader could take
-        for this run's (the work folder outlives a call on a warm machine)."""
-        budget = self.deadline.left() - MARGIN_S - 20
+        for this run's (the work folder outlives a call on a warm machine). `keep`: seconds
+        kept back for the parts after this one."""
+        budget = self.deadline.left() - MARGIN_S - 20 - keep
         if not skip and budget < 30:
             skip = f"no time left in this call (GPU_CHECK_BUDGET_S): {max(0, budget):.0f} s"
         if skip:
@@ -153,7 +163,9 @@ class Phase:
     def write(self) -> dict:
         ok = all(p["status"] in ("ok", "skipped") for p in self.parts)
         summary = {"phase": self.name, "label": self.label, "smoke": self.smoke, "ok": ok,
-                   "seconds": round(time.time() - self.t0, 1), "parts": self.parts, "results": self.results}
+                   "seconds": round(time.time() - self.t0, 1),
+                   "since_script_start_s": round(time.time() - self.deadline.start, 1),  # the install included
+                   "parts": self.parts, "results": self.results}
         (self.out / f"{self.name}.json").write_text(json.dumps(summary, indent=1))
         return summary
 
@@ -191,19 +203,130 @@ def _have(module: str) -> bool:
     return r.returncode == 0
 
 
-def _sample_set(phase: Phase, work: Path, name: str, train_per_class: int, val_per_class: int) -> tuple[Path, Path]:
-    """(shards, extracted root) of a sample set; reused when already packed in the work folder."""
+def _sample_set(phase: Phase, work: Path, name: str, train_per_class: int, val_per_class: int,
+                timeout: float = 900, keep: float = 0) -> tuple[Path, Path]:
+    """(shards, extracted root) of a sample set, written and packed on every core; reused when
+    already packed in the work folder."""
     src, shards = work / f"{name}-src", work / f"{name}-shards"
     if _json(shards / "manifest.json") and (src / "train").is_dir():
         phase.say(f"[{phase.name}] {name}: reusing {shards}")
         return shards, src
     shutil.rmtree(src, ignore_errors=True)
     t = phase.run(f"{name} sample-data", [PY, "-m", "vae_dist", "sample-data", src, "--train-per-class",
-                                          train_per_class, "--val-per-class", val_per_class, "--test", 0], 900)
-    p = phase.run(f"{name} pack", [PY, "-m", "vae_dist", "pack", src, shards, "--shard-size", 5000], 900)
+                                          train_per_class, "--val-per-class", val_per_class, "--test", 0], timeout,
+                  keep=keep)
+    p = phase.run(f"{name} pack", [PY, "-m", "vae_dist", "pack", src, shards, "--shard-size", 5000], timeout,
+                  keep=keep, skip=None if t["status"] == "ok" else "no sample data")
     phase.results.setdefault("data_sets", {})[name] = {
         "images": 10 * (train_per_class + val_per_class), "sample_data_s": t.get("seconds"), "pack_s": p.get("seconds")}
     return shards, src
+
+
+# -- quick ---------------------------------------------------------------------------------------
+
+# the GPU issue's targets that `quick` can judge (one H100; an H200 counts, the JSON says which)
+QUICK_TARGETS = {"e2e_cache_large_bf16": (100e3, "img/s"), "e2e_b64": (40e3, "img/s"),
+                 "e2e_vs_seed_b64": (10.0, "x"), "tin20_train_s": (20.0, "s, at most")}
+# each part's share of the budget at most, and what it keeps back for the parts after it (the
+# order is the order of value: a call cut short returns the most useful numbers)
+QUICK_STEP_ROWS = ("default:bf16:64,default:bf16:1024,eager:fp32:64,graph:bf16:64,reduce-overhead:bf16:64,"
+                   "default:bf16:512,reduce-overhead:bf16:1024,graph:bf16:1024,reduce-overhead:bf16:512")
+
+
+def phase_quick(phase: Phase, args) -> None:
+    """The headline in one call, in the order of value: env, the step rows, end to end through
+    the cache at 64 and 1024 beside the seed's own loop on a Tiny-ImageNet-sized set, the GPU
+    tests that need no DALI, then (time left) 20 epochs; the verdict against the targets."""
+    smoke, out, work, r = args.smoke, phase.out, args.work, phase.results
+    budget = phase.deadline.seconds
+    r.update(budget_s=budget, verdict={}, lines=[])
+    tiny = ["--tiny"] if smoke else []
+    reps = ["--repeats", 1, "--steps", 2, "--warmup", 1] if smoke else ["--repeats", 3]
+    r["env"] = {}
+    _probe_env(phase, r["env"])
+
+    step_json = out / "step.json"
+    rows = "eager:fp32:8,default:fp32:8,graph:fp32:8" if smoke else QUICK_STEP_ROWS
+    phase.run("step", [PY, "-m", "vae_dist", "bench", "step", *tiny, "--rows", rows, "--channels-last", "on", *reps,
+                       "--json", step_json], 0.3 * budget, keep=0.4 * budget, outputs=(step_json,))
+    r["step"] = [_step_summary(row) for row in _rows(step_json)]
+    phase.write()
+
+    per_class = (20, 6) if smoke else (10000, 1000)  # 10 classes: 100k train, 10k val, as Tiny ImageNet
+    shards, images = _sample_set(phase, work, "tin", *per_class, timeout=0.2 * budget, keep=0.25 * budget)
+    e2e = [PY, "-m", "vae_dist", "bench", "e2e", *tiny, "--shards", shards, "--images", images,
+           *(["--threads", 2] if smoke else []), *reps]
+    parts = {name: work / f"e2e-{name}.json" for name in ("cache", "seed", "graph")}
+    sizes = "32,16" if smoke else "1024,64"
+    phase.run("e2e cache", [*e2e, "--variants", "cache", "--batch-sizes", sizes, "--json", parts["cache"]],
+              0.25 * budget, keep=0.15 * budget, outputs=(parts["cache"],))
+    _e2e_rows(phase, parts)
+    phase.run("e2e seed's loop", [*e2e, "--variants", "seed", "--batch-size", 16 if smoke else 64,
+                                  "--json", parts["seed"]], 0.12 * budget, keep=0.1 * budget, outputs=(parts["seed"],))
+    _e2e_rows(phase, parts)
+
+    junit = out / "junit-gpu.xml"
+    base = [PY, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-p", "no:logging"]
+    phase.run("gpu tests (no DALI)", [*base, "-m", "gpu and not dali", "tests/test_gpu.py", f"--junitxml={junit}"],
+              0.2 * budget, keep=0.05 * budget, outputs=(junit,))
+    r["gpu_tests"] = _junit(junit)
+    phase.write()
+
+    phase.run("e2e graph", [*e2e, "--variants", "graph", "--batch-sizes", "64,1024" if not smoke else "16",
+                            "--json", parts["graph"]], 0.12 * budget, keep=0.1 * budget, outputs=(parts["graph"],),
+              skip=None if args.cuda else "no CUDA GPU: a CUDA graph needs one")
+    _e2e_rows(phase, parts)
+
+    epochs, batch = (2, 16) if smoke else (20, 64)
+    model = ["--model.widths=[8,16,16,32]", "--model.latent_dim=8"] if smoke else []
+    cache = "gpu" if args.cuda else "ram"  # the cache needs no loader package
+    _, r["tin20"] = _train_epochs(phase, shards, work / "tin20-run", epochs, batch, model, budget,
+                                  extra=(f"--data.cache={cache}",))
+    if (work / "tin20-run" / "metrics.jsonl").is_file():
+        shutil.copy(work / "tin20-run" / "metrics.jsonl", out / "tin20-metrics.jsonl")
+    r["verdict"], r["lines"] = _quick_verdict(r, judged=not smoke)
+    for line in r["lines"]:
+        phase.say("   " + line)
+
+
+def _step_summary(row: dict) -> dict:
+    keys = ("name", "img_per_s", "batch_size", "dtype", "compile_mode", "cuda_graph", "tflop_per_s", "mfu",
+            "compiled_graphs", "recompiles_while_timed", "warmup_s", "unavailable", "note")
+    return {k: row[k] for k in keys if k in row}
+
+
+def _e2e_rows(phase: Phase, parts: dict) -> None:
+    """The e2e rows so far, into e2e.json (the DESIGN.md report) and the phase's JSON."""
+    merged = _merge([p for p in parts.values()], phase.out / "e2e.json")
+    phase.results["e2e"] = [{k: row[k] for k in ("name", "img_per_s", "batch_size", "data_wait", "loader",
+                                                 "precision", "unavailable") if k in row}
+                            for row in (merged["results"] if merged else [])]
+    phase.write()
+
+
+def _quick_verdict(r: dict, judged: bool) -> tuple[dict, list[str]]:
+    """Each target's value, and met or not (not judged at toy sizes, where the seed's batch is
+    16 and a large one 32)."""
+    rows = [row for row in r.get("e2e", []) if "img_per_s" in row]
+    small, large = (64, 512) if judged else (16, 32)
+    seed64 = _rate(rows, lambda row: row["name"].startswith("seed") and row["batch_size"] == small)
+    fast = lambda row: not row["name"].startswith("seed")  # noqa: E731 - the cache rows, with or without the graph
+    got = {"e2e_cache_large_bf16": _rate(rows, lambda row: fast(row) and row["batch_size"] >= large),
+           "e2e_b64": _rate(rows, lambda row: fast(row) and row["batch_size"] == small),
+           "tin20_train_s": r.get("tin20", {}).get("train_s")}
+    got["e2e_vs_seed_b64"] = got["e2e_b64"] / seed64 if got["e2e_b64"] and seed64 else None
+    verdict, lines = {}, []
+    for row in rows:
+        lines.append(f"e2e {row['name']} b{row['batch_size']}: {row['img_per_s']:,.0f} img/s")
+    for key, (target, unit) in QUICK_TARGETS.items():
+        value = got.get(key)
+        met = None if not judged or value is None else value <= target if key == "tin20_train_s" else value >= target
+        verdict[key] = {"value": value, "target": target, "unit": unit, "met": met}
+        shown = "n/a" if value is None else f"{value:,.1f}" if unit != "img/s" else f"{value:,.0f}"
+        lines.append(f"{key:<22} {shown:>12} {unit:<11} target {target:,.0f}: "
+                     + ("toy sizes, not judged" if not judged else "not measured" if value is None
+                        else "met" if met else "NOT met"))
+    return verdict, lines
 
 
 # -- env -----------------------------------------------------------------------------------------
@@ -235,25 +358,30 @@ print("ENV " + json.dumps(out))
 """
 
 
-def phase_env(phase: Phase, args) -> None:
-    rec = phase.run("probe", [PY, "-c", ENV_PROBE], 300)
-    lines = [line for line in (phase.out / "env.log").read_text().splitlines() if line.startswith("ENV ")]
+def _probe_env(phase: Phase, into: dict) -> None:
+    """The env probe's facts (GPU, versions, a bf16 matmul, the optional packages) into `into`."""
+    rec = phase.run("env probe", [PY, "-c", ENV_PROBE], 300)
+    lines = [line for line in (phase.out / f"{phase.name}.log").read_text().splitlines() if line.startswith("ENV ")]
     if lines:
-        phase.results.update(json.loads(lines[-1][4:]))
+        into.update(json.loads(lines[-1][4:]))
     smi = shutil.which("nvidia-smi")
     if smi:
         r = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit",
                             "--format=csv,noheader"], capture_output=True, text=True)
-        phase.results["nvidia_smi"] = r.stdout.strip() or r.stderr.strip()
-    missing = [m for m in ("nvidia.dali", "webdataset", "wandb") if not phase.results.get(m)]
-    phase.results["missing_optional"] = missing
-    r = phase.results
-    phase.say(f"   GPU: {r.get('gpu', 'none')} ({r.get('nvidia_smi', 'no nvidia-smi')}), torch {r.get('torch')} "
-              f"CUDA {r.get('cuda')}, {r.get('gpus', 0)} GPU(s), {r.get('cpu_count')} cores")
+        into["nvidia_smi"] = r.stdout.strip() or r.stderr.strip()
+    missing = [m for m in ("nvidia.dali", "webdataset", "wandb") if not into.get(m)]
+    into["missing_optional"] = missing
+    phase.say(f"   GPU: {into.get('gpu', 'none')} ({into.get('nvidia_smi', 'no nvidia-smi')}), torch {into.get('torch')} "
+              f"CUDA {into.get('cuda')}, {into.get('gpus', 0)} GPU(s), {into.get('cpu_count')} cores")
     phase.say(f"   optional packages missing: {', '.join(missing) or 'none'}"
-              + (f"; bf16 matmul {r['bf16_matmul_tflops']:.0f} TFLOP/s" if "bf16_matmul_tflops" in r else ""))
+              + (f"; bf16 matmul {into['bf16_matmul_tflops']:.0f} TFLOP/s" if "bf16_matmul_tflops" in into else ""))
     if rec["status"] != "ok":
-        phase.say("   the probe failed: see env.log")
+        phase.say(f"   the probe failed: see {phase.name}.log")
+    phase.write()
+
+
+def phase_env(phase: Phase, args) -> None:
+    _probe_env(phase, phase.results)
 
 
 # -- tests ---------------------------------------------------------------------------------------
@@ -420,14 +548,8 @@ def phase_tin20(phase: Phase, args) -> None:
     batch = int(os.environ.get("TIN20_BATCH", 16 if smoke else 64))
     run = work / "tin20-run"
     model = ["--model.widths=[8,16,16,32]", "--model.latent_dim=8"] if smoke else []
-    wandb_mode = "offline" if _have("wandb") else "disabled"
-    t0 = time.time()
-    rec = phase.run(f"train {epochs} epochs", [
-        PY, "-m", "vae_dist", "train", f"--data.shards={shards}", f"--train.out_dir={run}", "--train.overwrite=true",
-        f"--train.epochs={epochs}", f"--train.batch_size={batch}", f"--log.wandb_mode={wandb_mode}",
-        f"--log.log_every={5 if smoke else 200}", "--log.image_every=100000", "--train.checkpoint_every=100000",
-        "--train.eval_every=0", *model], float(os.environ.get("TIN20_TRAIN_TIMEOUT", 480)))
-    phase.results["train"] = _training_times(run / "metrics.jsonl", t0, rec, epochs, batch)
+    rec, phase.results["train"] = _train_epochs(phase, shards, run, epochs, batch, model,
+                                                float(os.environ.get("TIN20_TRAIN_TIMEOUT", 480)))
     steps = max(1, (per_class[0] * 10) // batch)  # one epoch of the seed's loop
     seed_json = work / "tin20-seed.json"
     phase.run("seed loop, 1 epoch", [PY, "-m", "vae_dist", "bench", "e2e", *(["--tiny"] if smoke else []),
@@ -454,6 +576,19 @@ def phase_tin20(phase: Phase, args) -> None:
     if "seed" in r:
         phase.say(f"   seed loop: {r['seed']['img_per_s']:,.0f} img/s -> {r['seed']['extrapolated_s']:,.0f} s for "
                   f"{epochs} epochs (extrapolated from one); speed-up {r.get('speedup_vs_seed', 0):.1f}x")
+
+
+def _train_epochs(phase: Phase, shards: Path, run: Path, epochs: int, batch: int, model: list, timeout: float,
+                  extra: tuple = ()) -> tuple[dict, dict]:
+    """`vae-dist train` for `epochs`, evaluated at each epoch end only; (part record, times)."""
+    wandb_mode = "offline" if _have("wandb") else "disabled"
+    t0 = time.time()
+    rec = phase.run(f"train {epochs} epochs", [
+        PY, "-m", "vae_dist", "train", f"--data.shards={shards}", f"--train.out_dir={run}", "--train.overwrite=true",
+        f"--train.epochs={epochs}", f"--train.batch_size={batch}", f"--log.wandb_mode={wandb_mode}",
+        f"--log.log_every={5 if phase.smoke else 200}", "--log.image_every=100000", "--train.checkpoint_every=100000",
+        "--train.eval_every=0", *model, *extra], timeout)
+    return rec, _training_times(run / "metrics.jsonl", t0, rec, epochs, batch)
 
 
 def _training_times(metrics: Path, t0: float, rec: dict, epochs: int, batch: int) -> dict:
@@ -487,18 +622,23 @@ def main(argv=None) -> int:
     p.add_argument("phases", nargs="*", help=f"some of {', '.join(PHASES)} (default: all)")
     p.add_argument("--smoke", action="store_true", help="toy sizes, for a CPU")
     args = p.parse_args(argv)
-    phases = args.phases or list(PHASES)
+    phases = args.phases or [p for p in PHASES if p != "quick"]  # quick is its own call
     unknown = [x for x in phases if x not in PHASES]
     if unknown:
         print(f"gpu_check: unknown phase {', '.join(unknown)} (choose from {', '.join(PHASES)})", file=sys.stderr)
         return 2
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "docs" / "bench" / args.label
     out.mkdir(parents=True, exist_ok=True)
-    default_work = Path(tempfile.gettempdir()) / ("vae-dist-gpu-check" + ("-smoke" if args.smoke else ""))
-    args.work = Path(os.environ.get("VAE_DIST_WORK", default_work))
-    args.work.mkdir(parents=True, exist_ok=True)
-    run = {"env": phase_env, "tests": phase_tests, "bench": phase_bench, "tin20": phase_tin20}
-    deadline = Deadline(float(os.environ.get("GPU_CHECK_BUDGET_S", 540)))
+    private = "quick" in phases and not os.environ.get("VAE_DIST_WORK")
+    if private:  # quick makes everything it reads: a fresh folder of its own, removed at the end
+        args.work = Path(tempfile.mkdtemp(prefix="vae-dist-gpu-check-"))
+    else:  # the other phases reuse a sample set packed by an earlier call on a warm machine
+        default_work = Path(tempfile.gettempdir()) / ("vae-dist-gpu-check" + ("-smoke" if args.smoke else ""))
+        args.work = Path(os.environ.get("VAE_DIST_WORK", default_work))
+        args.work.mkdir(parents=True, exist_ok=True)
+    run = {"quick": phase_quick, "env": phase_env, "tests": phase_tests, "bench": phase_bench, "tin20": phase_tin20}
+    start = float(os.environ["GPU_CHECK_T0"]) if os.environ.get("GPU_CHECK_T0") else None
+    deadline = Deadline(float(os.environ.get("GPU_CHECK_BUDGET_S", 540)), start)
     signal.signal(signal.SIGTERM, _end_live_parts)
     args.cuda = _have_cuda()
     failed = []
@@ -511,6 +651,8 @@ def main(argv=None) -> int:
             phase.parts.append({"part": "phase", "status": "failed", "tail": [f"{type(e).__name__}: {e}"]})
         if not phase.finish()["ok"]:
             failed.append(name)
+    if private:
+        shutil.rmtree(args.work, ignore_errors=True)
     print(f"gpu_check: {len(phases) - len(failed)} of {len(phases)} phases ok" + (f"; failed: {', '.join(failed)}"
                                                                                  if failed else ""))
     return 1 if failed else 0

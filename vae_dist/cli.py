@@ -16,7 +16,7 @@ def _sample_data(args) -> int:
     from vae_dist.data.sample import make_sample_dataset
 
     out = make_sample_dataset(args.out, args.train_per_class, args.val_per_class, args.test, args.seed,
-                              make_zip=args.zip)
+                              make_zip=args.zip, workers=args.workers)
     print(f"sample dataset written to {out}" + (f" (and {out.with_suffix('.zip')})" if args.zip else ""))
     return 0
 
@@ -172,7 +172,12 @@ def add_bench_args(p) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="data and e2e: images per batch; comm: per process "
                    "micro-batch (default: data 256, e2e 64, comm 32)")
     p.add_argument("--batch-sizes", default=None, metavar="LIST",
-                   help=f"step: comma list of batch sizes (default: {GPU_BATCH_SIZES} on a GPU, {CPU_BATCH_SIZES} on a CPU)")
+                   help=f"step and e2e: comma list of batch sizes (step default: {GPU_BATCH_SIZES} on a GPU, "
+                        f"{CPU_BATCH_SIZES} on a CPU; e2e: --batch-size)")
+    p.add_argument("--rows", default=None, metavar="LIST",
+                   help="step: the rows to measure, in order, as MODE:DTYPE:BATCH (MODE eager, default, "
+                        "reduce-overhead, graph = compiled + the whole step as one CUDA graph); wins over "
+                        "--batch-sizes, --dtypes, --compile")
     p.add_argument("--threads", type=int, default=None,
                    help="decode threads = loader workers (default: all cores)")
     p.add_argument("--steps", type=int, default=None,
@@ -192,7 +197,9 @@ def add_bench_args(p) -> None:
                    help="torch.compile mode of the compiled rows (reduce-overhead: CUDA graphs)")
     p.add_argument("--channels-last", choices=["both", "on", "off"], default="both", help="step: channels_last rows")
     p.add_argument("--variants", default=None, metavar="LIST",
-                   help="e2e: comma list of seed,fast,cache (default: seed,fast,cache on a GPU, seed,fast on a CPU)")
+                   help="e2e: comma list of seed,fast,cache,graph (cache: the decoded split in GPU memory, RAM on a "
+                        "CPU; graph: cache + a whole-step CUDA graph; default: seed,fast,cache on a GPU, seed,fast "
+                        "on a CPU)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="step: a torch.profiler trace and summary of each row's steps into this folder")
     p.add_argument("--world", default=None, metavar="LIST",
@@ -224,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test", type=int, default=50, help="unlabelled test images")
     s.add_argument("--seed", type=int, default=0, help="seed of the crops")
     s.add_argument("--zip", action="store_true", help="also write OUT.zip, as Tiny ImageNet is released")
+    s.add_argument("--workers", type=int, default=0, help="rendering processes (0: all cores); the same images for any")
     s.set_defaults(run=_sample_data)
 
     s = _command(sub, "pack", "Tiny ImageNet or a folder of images (or their .zip) -> WebDataset shards + manifest.json",

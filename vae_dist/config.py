@@ -87,6 +87,7 @@ class TrainConfig:
     seed: int = 0  # global seed: weights, data order, flips, noise
     max_bad_steps: int = 20  # consecutive non-finite steps before giving up (checked every log.log_every)
     profile_steps: tuple[int, int] | None = None  # START,STOP: a torch.profiler trace of those steps in OUT_DIR/profile
+    cuda_graph: bool = False  # the whole step as one CUDA graph (one process, CUDA, bf16/fp32, no accumulation)
     # -- scale-out (docs/scaling.md): how gradients cross the processes --------------------
     grad_accum_steps: int = 1  # micro-batches of batch_size per optimizer step; one all-reduce (DDP no_sync on the others)
     ddp_comm_hook: Literal["none", "bf16", "fp16", "powersgd"] = "none"  # bf16/fp16: half the bytes; powersgd: NCCL only

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 
 import torch
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
@@ -84,6 +85,7 @@ class TrainStep:
         self.lrs = [torch.zeros((), device=self.device) for _ in self.raw_optimizer.param_groups]
         self.bind_lr()
         self.meters = torch.zeros(MAX_CONSECUTIVE + 1, device=self.device)
+        self.autocast_cache = True  # off under a whole-step CUDA graph (GraphedStep)
         if compile_mode:
             self.forward_loss = torch.compile(self._forward_loss, mode=compile_mode, dynamic=False)
             # the tail mutates grads and meters in place: no CUDA graph (its inputs change every step)
@@ -92,25 +94,37 @@ class TrainStep:
             self.forward_loss, self.tail = self._forward_loss, self._tail
 
     def bind_lr(self) -> None:
-        """Points every param group at its lr tensor (again after a checkpoint load)."""
+        """Points every param group at its lr tensor (again after a checkpoint load, which also
+        brings the `capturable` flag of a graphed run: GraphedStep sets it again when it captures)."""
         for group, lr in zip(self.raw_optimizer.param_groups, self.lrs):
             group["lr"] = lr
+            group["capturable"] = False
 
     def _forward_loss(self, images: torch.Tensor, beta: torch.Tensor):
         images = unit_float(images)  # uint8 from the loaders: converted here, fused by the compiler
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        # no cast cache under a CUDA graph capture (PyTorch's CUDA-graph notes): a cached bf16 copy of
+        # a weight would be the captured one, and replays would read stale weights
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+                            enabled=self.autocast_dtype is not None, cache_enabled=self.autocast_cache):
             x_hat, mu, logvar = self.model(images)
         recon = recon_loss(x_hat, images, self.recon_kind, self.log_sigma)
         kl, kl_objective = kl_terms(mu, logvar, self.free_bits)
         return recon + beta * kl_objective, recon, kl, kl_objective
 
     def __call__(self, images: torch.Tensor, lr: float, beta: float) -> None:
+        self.set_schedule(lr, beta)
+        self.update(images)
+
+    def set_schedule(self, lr: float, beta: float) -> None:
         for group, group_lr in zip(self.raw_optimizer.param_groups, self.lrs):
             group_lr.fill_(lr * group.get("lr_scale", 1.0))  # host -> device writes: launches, not syncs
         self.beta.fill_(beta)
+
+    def update(self, images: torch.Tensor, zero_grad: bool = True) -> None:
+        """Forward, backward, clip, meters, the optimizer's step: what a CUDA graph captures
+        (`zero_grad=False` there: the captured backward writes the same gradient tensors each replay)."""
         self.model.train()
         loss, recon, kl, kl_objective = self.forward_backward(images)
         if self.scaled:
@@ -124,7 +138,8 @@ class TrainStep:
             # skips the same steps without another collective.
             self.raw_optimizer.found_inf = found_inf
             self.raw_optimizer.step()
-            self.raw_optimizer.zero_grad(set_to_none=True)
+            if zero_grad:
+                self.raw_optimizer.zero_grad(set_to_none=True)
 
     def forward_backward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The batch's gradients, summed over its micro-batches; returns the batch's mean loss
@@ -164,3 +179,74 @@ class TrainStep:
         self.meters[:SKIPPED + 1] = 0
         self.meters[MAX_CONSECUTIVE] = self.meters[CONSECUTIVE]
         return out
+
+
+def check_cuda_graph(enabled: bool, device: torch.device, world: int, accum_steps: int, precision: str,
+                     compile_mode: str | None) -> None:
+    """train.cuda_graph: refused in one line where a whole-step graph cannot run."""
+    if not enabled:
+        return
+    why = ("training does not run on a CUDA GPU" if device.type != "cuda" else
+           f"{world} processes (DDP's all-reduce is not captured here; one process only)" if world > 1 else
+           f"train.grad_accum_steps={accum_steps} (the graph is one forward and backward)" if accum_steps > 1 else
+           "fp16's GradScaler reads its scale on the host (use bf16)" if precision == "fp16" else
+           f"model.compile_mode={compile_mode} captures CUDA graphs of its own (use default)"
+           if compile_mode in ("reduce-overhead", "max-autotune") else None)
+    if why:
+        raise ConfigError(f"train.cuda_graph=true but {why}")
+
+
+class GraphedStep:
+    """The whole step (forward, backward, clip, meters, fused Adam) captured once as one CUDA
+    graph and replayed from a static input buffer: one launch a step instead of hundreds, which
+    is what bounds the seed VAE at small batches. Captured at the first call (after a resume
+    has loaded the optimizer state), from three warm-up steps on a side stream whose updates
+    are then undone, so training starts from the same weights and fresh Adam moments as
+    without the graph. lr and beta stay device tensors that the host fills before each replay;
+    the meters, the weights and Adam's state are the graph's own tensors, updated in place.
+    Everything else (evaluation, checkpoints, the metrics window) sees the TrainStep inside."""
+
+    WARMUP = 3
+
+    def __init__(self, step: TrainStep):
+        self.step = step
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_images: torch.Tensor | None = None
+
+    def __getattr__(self, name):  # meters, take_meters, beta, lrs, ...: the TrainStep's
+        return getattr(self.step, name)
+
+    def __call__(self, images: torch.Tensor, lr: float, beta: float) -> None:
+        self.step.set_schedule(lr, beta)
+        if self.graph is None:
+            self.capture(images)
+        self.static_images.copy_(images, non_blocking=True)
+        self.graph.replay()
+
+    def capture(self, images: torch.Tensor) -> None:
+        step, opt = self.step, self.step.raw_optimizer
+        step.autocast_cache = False
+        for group in opt.param_groups:
+            group["capturable"] = True  # fused Adam keeps its step count on the device already
+        self.static_images = images.clone()
+        params = [p.detach().clone() for p in step.params]
+        meters = step.meters.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*capturable=True.*")  # "...running without capture": the warm-up
+            for _ in range(self.WARMUP):  # compiles, autotunes cuDNN, creates Adam's state
+                step.update(self.static_images)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():  # undo the warm-up: the same start as an uncaptured run
+            for p, saved in zip(step.params, params):
+                p.copy_(saved)
+            for state in opt.state.values():
+                for value in state.values():
+                    if torch.is_tensor(value):
+                        value.zero_()
+            step.meters.copy_(meters)
+        opt.zero_grad(set_to_none=True)  # the captured backward allocates the gradients it then rewrites
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            step.update(self.static_images, zero_grad=False)

@@ -25,6 +25,7 @@ from vae_dist.config import Config, dump_yaml, per_process_batch, vae_config
 from vae_dist.data.loaders import (
     adopt_shard_size,
     build_train_and_val,
+    cache_fill,
     check_model_fits_shards,
     choose_cache,
     fit_model_to_shards,
@@ -44,7 +45,7 @@ from vae_dist.optim import lr_at, make_optimizer
 from vae_dist.preemption import StopSignal
 from vae_dist.profiling import StepRangeProfiler
 from vae_dist.run_folder import RunFolderLock, choose_start, expand_out_dir, record_slurm_job
-from vae_dist.step import TrainStep, compile_mode_for
+from vae_dist.step import GraphedStep, TrainStep, check_cuda_graph, compile_mode_for
 from vae_dist.train_state import TrainCheckpoints, TrainState
 
 
@@ -80,6 +81,10 @@ class Trainer:
         self.raw_model: VAE = acc.unwrap_model(self.model)
         self.step = TrainStep(acc, self.model, self.optimizer, cfg.loss, cfg.optim.grad_clip, self.compile_mode,
                               self.channels_last, accum_steps=self.accum_steps)
+        check_cuda_graph(cfg.train.cuda_graph, self.device, self.world, self.accum_steps, acc.mixed_precision,
+                         self.compile_mode)
+        if cfg.train.cuda_graph:
+            self.step = GraphedStep(self.step)  # captured at the first step, after a resume
         self.state = TrainState()
         self.config_yaml = dump_yaml(cfg)
         self.hooks = make_hooks(acc, cfg, self.run_dir, self.val_loader, self.shards.class_names)
@@ -212,13 +217,14 @@ class Trainer:
     def describe(self) -> dict:
         acc = self.accelerator
         loader = f"{self.cache}-cache" if self.cache != "none" else resolve_loader_kind(self.cfg.data.loader)
+        fill = {"cache_fill": cache_fill(self.cfg.data)} if self.cache != "none" else {}
         return {
             "processes": self.world, "device": str(self.device), "mixed_precision": acc.mixed_precision,
-            "compile": self.compile_mode or "no", "channels_last": self.channels_last,
+            "compile": self.compile_mode or "no", "cuda_graph": self.cfg.train.cuda_graph, "channels_last": self.channels_last,
             "batch_per_process": self.micro_batch, "grad_accum_steps": self.accum_steps,
             "global_batch": self.batch_size * self.world, **self.describe_ddp(),
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-            "loader": loader, "start_step": self.state.step, "data": self.data_choice, "resumes": self.state.resumes,
+            "loader": loader, **fill, "start_step": self.state.step, "data": self.data_choice, "resumes": self.state.resumes,
         }
 
     def describe_ddp(self) -> dict:
@@ -246,11 +252,13 @@ def refuse_early(cfg: Config, shards: ShardSet, accelerator: Accelerator) -> Non
     device, world = accelerator.device, accelerator.num_processes
     per_process_batch(cfg.train, world)
     check_ddp_knobs(cfg.train)
-    compile_mode_for(cfg.model, device, world)
+    check_cuda_graph(cfg.train.cuda_graph, device, world, cfg.train.grad_accum_steps, accelerator.mixed_precision,
+                     compile_mode_for(cfg.model, device, world))
     check_model_fits_shards(cfg.model, shards)
     resolve_decode(cfg.data.decode, device)
-    choose_cache(shards, cfg.data, device)  # refuses data.cache=gpu without CUDA
-    resolve_loader_kind(cfg.data.loader)  # streaming and the caches alike read through a loader (decode_split)
+    cache, _ = choose_cache(shards, cfg.data, device)  # refuses data.cache=gpu without CUDA
+    # streaming reads through a loader package; a cache fills through DALI or the project's own reader
+    resolve_loader_kind(cfg.data.loader) if cache == "none" else cache_fill(cfg.data)
 
 
 def train(cfg: Config) -> int:

@@ -11,7 +11,7 @@ GPU_BATCH_SIZES, CPU_BATCH_SIZES = "64,256,1024,4096", "64"
 
 
 def run_bench(args) -> int:
-    from vae_dist.bench.common import sample_shards, write_report
+    from vae_dist.bench.common import sample_shards, write_partial, write_report
 
     shards, images_root, extra = args.shards, args.images, {}
     if args.what in ("data", "e2e") and shards is None:
@@ -24,7 +24,7 @@ def run_bench(args) -> int:
     elif args.what == "step":
         from vae_dist.bench.step import bench_step
 
-        results = bench_step(args)
+        results = bench_step(args, on_row=lambda rows: write_partial(args.what, shards, rows, args.json))
     elif args.what == "comm":
         from vae_dist.bench.comm import bench_comm
 
@@ -32,6 +32,7 @@ def run_bench(args) -> int:
     else:
         from vae_dist.bench.e2e import bench_e2e
 
-        results = bench_e2e(args, shards, images_root)
+        results = bench_e2e(args, shards, images_root,
+                            on_row=lambda rows: write_partial(args.what, shards, rows, args.json))
     write_report(args.what, shards, results, args.json, args.plot, extra)
     return 0

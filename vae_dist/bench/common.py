@@ -163,6 +163,18 @@ def plot(results: list[dict], title: str, path: str) -> None:
     plt.close(fig)
 
 
+def write_partial(what: str, shards: str | None, results: list[dict], json_path: str | None) -> None:
+    """The JSON so far, marked partial, after each row: a run killed at its time limit keeps
+    the rows it measured (write_report replaces it at the end)."""
+    if json_path:
+        report = {"device": device_name(), "env": environment(), "benchmark": what, "shards": shards,
+                  "results": results, "partial": True}
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(json_path).with_name(Path(json_path).name + ".partial")
+        tmp.write_text(json.dumps(report, indent=1))
+        os.replace(tmp, json_path)
+
+
 def write_report(what: str, shards: str | None, results: list[dict], json_path: str | None, plot_path: str | None,
                  extra: dict | None = None) -> None:
     """The table on stdout; the JSON (with a benchmark's `extra` keys) and the plot where asked for."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -18,29 +19,38 @@ from vae_dist.bench.common import model_cfg, row_or_reason, sync, timed
 from vae_dist.errors import UserError
 from vae_dist.metrics import Stopwatch
 
+VARIANTS = ("seed", "fast", "cache", "graph")
 
-def bench_e2e(args, shards: str, images_root: str | None) -> list[dict]:
+
+def bench_e2e(args, shards: str, images_root: str | None, on_row=None) -> list[dict]:
+    """Rows for each batch size (--batch-sizes, else --batch-size), each variant in the order
+    given: seed (the coursework's loop), fast (the Trainer streaming from the shards), cache
+    (the Trainer on the decoded split in GPU memory, RAM on a CPU), graph (cache + the whole
+    step as one CUDA graph). `on_row(results)` follows every row."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     on_gpu = device.type == "cuda"
-    bs = args.batch_size or (16 if args.tiny else 64)
+    sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [args.batch_size or
+                                                                                     (16 if args.tiny else 64)]
     steps = args.steps or (4 if args.tiny else 60 if on_gpu else 20)
     warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 20 if on_gpu else 5)
     variants = (args.variants or ("seed,fast,cache" if on_gpu else "seed,fast")).split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise UserError(f"unknown e2e variant '{unknown[0]}' (choose from {', '.join(VARIANTS)})")
     results = []
-    for variant in variants:
-        if variant == "seed":
-            if not (images_root and Path(images_root, "train").is_dir()):
-                results.append({"name": "seed", "unavailable": "pass --images (extracted root)"})
-                continue
-            results.append(row_or_reason("seed", lambda: _e2e_seed(args, images_root, bs, steps, warmup, device)))
-        elif variant in ("fast", "cache"):
-            if variant == "cache" and not on_gpu:
-                results.append({"name": "fast+gpu-cache", "unavailable": "no CUDA GPU"})
-                continue
-            results.append(row_or_reason(variant, lambda v=variant: _e2e_trainer(args, shards, v, bs, steps, warmup,
+    for bs in sizes:
+        for variant in variants:
+            if variant == "seed":
+                if not (images_root and Path(images_root, "train").is_dir()):
+                    results.append({"name": "seed", "unavailable": "pass --images (extracted root)"})
+                else:
+                    results.append(row_or_reason("seed", lambda bs=bs: _e2e_seed(args, images_root, bs, steps, warmup,
                                                                                  device)))
-        else:
-            raise UserError(f"unknown e2e variant '{variant}' (choose from seed, fast, cache)")
+            else:
+                results.append(row_or_reason(variant, lambda v=variant, bs=bs: _e2e_trainer(args, shards, v, bs, steps,
+                                                                                            warmup, device)))
+            if on_row:
+                on_row(results)
     return results
 
 
@@ -66,26 +76,31 @@ def _e2e_trainer(args, shards, variant, bs, steps, warmup, device) -> dict:
     from vae_dist.train import Trainer
 
     AcceleratorState._reset_state(reset_partial_state=True)  # one Accelerator per variant
+    torch._dynamo.reset()  # each row compiles afresh (no dynamic-shape recompile of the last row's graphs)
     out = tempfile.mkdtemp(prefix="vae-dist-bench-run-")
+    cache = "gpu" if device.type == "cuda" else "ram"
     threads = args.threads or os.cpu_count() or 1
     arch = [] if not args.tiny else ["--model.widths=[8,16,16,32]", "--model.latent_dim=16"]
     cfg = build_config(overrides=[
         f"--data.shards={shards}", f"--train.out_dir={out}", f"--train.batch_size={bs}",
         f"--data.num_threads={threads}", "--log.wandb_mode=disabled", "--model.compile=true",
         f"--model.compile_mode={args.compile_mode}", "--model.channels_last=true",
-        f"--data.cache={'gpu' if variant == 'cache' else 'none'}", *arch,
+        f"--data.cache={cache if variant != 'fast' else 'none'}", f"--train.cuda_graph={str(variant == 'graph').lower()}", *arch,
     ])
     trainer = Trainer(cfg)
     loader = trainer.train_loader
     it = itertools.chain.from_iterable(loader.epoch(e) for e in itertools.count())
     info = trainer.describe()  # what really runs: the loader DALI or its fallback, the precision
     precision = info["mixed_precision"] if info["mixed_precision"] != "no" else "fp32"
-    name = f"{'fast+gpu-cache' if variant == 'cache' else 'fast'}: {info['loader']}, compiled, channels_last, {precision}"
+    kind = {"fast": "fast", "cache": f"fast+{cache}-cache", "graph": f"graph+{cache}-cache"}[variant]
+    step = "compiled, whole-step CUDA graph" if variant == "graph" else "compiled"
+    name = f"{kind}: {info['loader']}, {step}, channels_last, {precision}"
     try:
         return _measure_training(name, it, trainer.train_step, bs, steps, warmup, args.repeats, device,
                                  loader=info["loader"], precision=precision, data=info["data"])
     finally:
         trainer.close_loaders()
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _measure_training(name, it, train_step, bs, steps, warmup, repeats, device, **extra) -> dict:

@@ -17,6 +17,7 @@ import torch
 from vae_dist.data import dali
 from vae_dist.data.partition import epoch_order, steps_per_epoch
 from vae_dist.data.shards import ShardSet
+from vae_dist.data.tar_decode import decode_split_on_cpus
 from vae_dist.data.torch_loaders import WebDatasetLoader, have_webdataset
 from vae_dist.data.verify import verify
 from vae_dist.errors import DataError, counted
@@ -122,9 +123,22 @@ class CachedLoader:
         pass  # plain tensors: freed with the loader
 
 
+def cache_fill(data_cfg) -> str:
+    """How a cache is filled: 'dali' where DALI is the loader (mixed decode on the GPU), else
+    'cpu-pool': the project's own tar reader on a process pool, which needs no loader package."""
+    if data_cfg.loader == "dali" or (data_cfg.loader == "auto" and dali.HAVE_DALI):
+        return resolve_loader_kind(data_cfg.loader)  # data.loader=dali without DALI: its one line
+    return "cpu-pool"
+
+
 def decode_split(shards: ShardSet, data_cfg, split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of a split as uint8 (N, 3, S, S) on `device`, in shard order."""
     count = shards.count(split)
+    if cache_fill(data_cfg) == "cpu-pool":
+        files = shards.files(split)
+        threads = data_cfg.num_threads if data_cfg.num_threads is not None else default_threads()
+        images, labels = decode_split_on_cpus(files.tars, files.idxs, count, shards.image_size, workers=threads)
+        return images.to(device), labels.to(device)
     loader = build_loader(shards, data_cfg, split, min(256, max(1, count)), rank=0, world=1, device=device,
                           train=False, seed=0)
     size = shards.image_size

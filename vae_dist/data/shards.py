@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import mmap
 import os
 import re
 import struct
@@ -18,6 +19,8 @@ import sys
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from vae_dist.errors import DataError
 from vae_dist.files import sha256_file, write_atomic
@@ -223,3 +226,57 @@ class ShardSet:
             tars.append(str(tar))
             idxs.append(str(idx))
         return SplitFiles(tuple(tars), tuple(idxs), tuple(int(s["count"]) for s in info["shards"]), int(info["count"]))
+
+
+class ShardIndex:
+    """Where each sample's JPEG lies (tar, offset, size), read from the `.idx` files, and its label."""
+
+    def __init__(self, tar_paths, idx_paths):
+        self.tar_paths, self.idx_paths = list(tar_paths), list(idx_paths)
+        self.maps, self.arrays = [], []  # the mmaps, and a uint8 view of each (slicing a view is cheap)
+        tars, offsets, sizes, labels = [], [], [], []
+        for t, (tar, idx) in enumerate(zip(tar_paths, idx_paths)):
+            with open(tar, "rb") as f:
+                self.maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            self.arrays.append(np.frombuffer(self.maps[-1], dtype=np.uint8))
+            lines = Path(idx).read_text().splitlines()[1:]
+            for n, line in enumerate(lines, start=2):
+                try:
+                    parts = parse_index_line(line)
+                except ValueError:
+                    raise DataError(f"{idx} line {n} does not parse ({line[:80]!r}; a sample key with a space?): "
+                                    f"pack the data again with `vae-dist pack`") from None
+                if "jpg" not in parts or "label" not in parts:
+                    raise DataError(f"{idx}: a sample without jpg or label ({line[:80]})")
+                (jpg_at, jpg_size), (label_at, label_size) = parts["jpg"], parts["label"]
+                tars.append(t)
+                offsets.append(jpg_at)
+                sizes.append(jpg_size)
+                labels.append(decode_label(self.maps[t][label_at:label_at + label_size]))
+        self.tar, self.offset, self.end = np.array(tars), np.array(offsets), np.array(offsets) + np.array(sizes)
+        self.labels = np.array(labels, dtype=np.int32)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def where(self, sample_id: int) -> tuple[str, str]:
+        """(tar path, sample key) of one sample, read from its .idx line (only to name it)."""
+        t = int(self.tar[sample_id])
+        line = int(sample_id - np.searchsorted(self.tar, t))  # its line in the tar's .idx, after the header
+        name = Path(self.idx_paths[t]).read_text().splitlines()[1 + line].split()[3]
+        return self.tar_paths[t], name.rpartition(".")[0]
+
+    def close(self) -> None:
+        """Unmaps the tars (a view still held keeps its map open until it is dropped)."""
+        self.arrays = []
+        for m in self.maps:
+            try:
+                m.close()
+            except BufferError:
+                pass
+        self.maps = []
+
+    def jpegs(self, ids: np.ndarray) -> list[np.ndarray]:
+        arrays = self.arrays
+        return [arrays[t][a:b] for t, a, b in zip(self.tar[ids].tolist(), self.offset[ids].tolist(),
+                                                   self.end[ids].tolist())]
