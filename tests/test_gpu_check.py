@@ -1,25 +1,85 @@
 """launch/gpu_check.sh cannot rot: its phases run at toy sizes here (on a CPU, or on a GPU
-machine at toy sizes too), write their JSON summaries, and a bad phase name is one line."""
+machine at toy sizes too), write their JSON summaries, and a bad phase name is one line.
+`quick` runs as on a bare GPU machine: DALI, webdataset and wandb hidden."""
 
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from .conftest import ROOT, needs_loader
 
+HIDDEN = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "tests" / "hide_modules"), os.environ.get("PYTHONPATH"))
+                                        if p),
+          "VAE_DIST_HIDE_MODULES": "nvidia.dali,webdataset,wandb"}
+in_gpu_check = pytest.mark.skipif(bool(os.environ.get("VAE_DIST_IN_GPU_CHECK")),
+                                  reason="run by gpu_check itself: the real phases run")
 
-def _check(tmp_path, *args, timeout=900):
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "VAE_DIST_WORK": str(tmp_path / "work"), "PYTHON": sys.executable,
-           "VAE_DIST_SITE": str(tmp_path / "site")}
+
+def _check(tmp_path, *args, timeout=900, env=None, work=True):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "VAE_DIST_SITE": str(tmp_path / "site"),
+           **({"VAE_DIST_WORK": str(tmp_path / "work")} if work else {}), **(env or {})}
     return subprocess.run(["bash", str(ROOT / "launch" / "gpu_check.sh"), *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=tmp_path)
 
 
+@in_gpu_check
+def test_quick_smoke_brings_the_headline_back_without_dali_webdataset_or_wandb(tmp_path):
+    """The one call a bare GPU machine gets, at toy sizes: every part in order, at most 8 files,
+    the step rows, the e2e cache rows beside the seed's loop, the tests and the verdict."""
+    r = _check(tmp_path, "--smoke", "cpu", "quick", env=HIDDEN, work=False)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    out = tmp_path / "out"
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and {"quick.json", "quick.log", "step.json", "e2e.json", "junit-gpu.xml"} <= set(files), files
+    q = json.loads((out / "quick.json").read_text())
+    assert q["ok"] and q["smoke"] and 0 < q["since_script_start_s"] <= q["results"]["budget_s"]
+    done = [p["part"] for p in q["parts"] if p["status"] == "ok"]
+    assert done == ["env probe", "step", "tin sample-data", "tin pack", "e2e cache", "e2e seed's loop",
+                    "gpu tests (no DALI)", "train 2 epochs"], q["parts"]
+    res = q["results"]
+    assert res["env"]["missing_optional"] == ["nvidia.dali", "webdataset", "wandb"]
+    steps = {row["name"]: row for row in res["step"]}
+    assert steps["eager fp32 channels_last b8"]["img_per_s"] > 0
+    compiled = steps["compiled fp32 channels_last b8"]
+    assert compiled["compiled_graphs"] >= 2 and compiled["recompiles_while_timed"] == 0, compiled
+    assert "does not run on a CUDA GPU" in steps["graph[whole step, compiled] fp32 channels_last b8"]["unavailable"]
+    e2e = [(row["name"].split(":")[0], row["batch_size"]) for row in res["e2e"] if row.get("img_per_s", 0) > 0]
+    assert e2e == [("fast+ram-cache", 32), ("fast+ram-cache", 16), ("seed", 16)], res["e2e"]
+    assert res["gpu_tests"]["tests"] >= 5 and res["gpu_tests"]["failures"] == 0  # skipped here, run on a GPU
+    assert res["tin20"]["status"] == "ok" and res["tin20"]["train_s"] > 0 and res["tin20"]["final_val"]["bpd"] > 0
+    verdict = res["verdict"]
+    assert set(verdict) == {"e2e_cache_large_bf16", "e2e_b64", "e2e_vs_seed_b64", "tin20_train_s"}
+    assert all(v["met"] is None and v["value"] > 0 for v in verdict.values()), verdict  # toy sizes: not judged
+    report = json.loads((out / "e2e.json").read_text())
+    assert report["env"]["torch"] and len(report["results"]) == 3 and not report.get("partial")
+    assert "graph" in " ".join(p["part"] for p in q["parts"] if p["status"] == "skipped")  # no CUDA: said so
+
+
+@in_gpu_check
+def test_the_budget_counts_from_the_scripts_start_and_a_call_never_passes_it(tmp_path):
+    """GPU_CHECK_T0 20 s ago (as if the wheels' install took that long) and 120 s in all: the
+    first part fits, the parts that no longer do are skipped and say why (and so are those that
+    need their output), and the call ends inside its budget."""
+    t0 = time.time() - 20
+    r = _check(tmp_path, "--smoke", "cpu", "quick", env={**HIDDEN, "GPU_CHECK_T0": f"{t0:.3f}",
+                                                         "GPU_CHECK_BUDGET_S": "120"}, work=False)
+    ended = time.time() - t0
+    q = json.loads((tmp_path / "out" / "quick.json").read_text())
+    assert ended <= 120 and q["since_script_start_s"] <= 120, (ended, q["since_script_start_s"])
+    status = {p["part"]: p for p in q["parts"]}
+    assert status["env probe"]["status"] == "ok", q["parts"]
+    for part in ("step", "tin sample-data"):  # each would run past the time kept for the parts after it
+        assert status[part]["status"] == "skipped" and status[part]["why"].startswith("no time left in this call"), q
+    assert status["train 2 epochs"]["why"] == "no sample set (its parts did not run)", q["parts"]
+    assert r.returncode == 0 and "gpu_check: 1 of 1 phases ok" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+
 @needs_loader
-@pytest.mark.skipif(bool(os.environ.get("VAE_DIST_IN_GPU_CHECK")), reason="run by gpu_check itself: the real phases run")
+@in_gpu_check
 def test_smoke_runs_every_phase_and_writes_its_summary(tmp_path):
     r = _check(tmp_path, "--smoke", "smoke")
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
@@ -52,7 +112,7 @@ def test_smoke_runs_every_phase_and_writes_its_summary(tmp_path):
 def test_a_bad_phase_is_one_line_and_a_failing_part_is_recorded(tmp_path):
     r = _check(tmp_path, "cpu", "warp")
     assert r.returncode == 2 and r.stderr.strip() == \
-        "gpu_check: unknown phase warp (choose from env, tests, bench, tin20)", r.stderr
+        "gpu_check: unknown phase warp (choose from quick, env, tests, bench, tin20)", r.stderr
     env = {**os.environ, "OUT": str(tmp_path / "o2")}
     code = ("import sys; sys.path.insert(0, 'launch'); import gpu_check as g; from pathlib import Path; "
             "out = Path(sys.argv[1]); stale = out / 'stale.json'; stale.write_text('{}'); "
