@@ -414,9 +414,11 @@ def phase_tests(phase: Phase, args) -> None:
         base.append("--timeout=300")
     gpu_xml, suite_xml = phase.out / "junit-gpu.xml", phase.out / "junit-suite.xml"
     # smoke: one quick GPU test (the suite runs the smoke, and the GPU tests themselves, once);
-    # GPU_TESTS_K selects, e.g. GPU_TESTS_K=dali once DALI has arrived
+    # GPU_TESTS_M selects by marker, e.g. GPU_TESTS_M=dali once DALI has arrived (every DALI test
+    # carries the marker); GPU_TESTS_K by name
     k = "know_what_is_installed" if args.smoke else os.environ.get("GPU_TESTS_K")
-    phase.run("gpu tests", [*base, "-m", "gpu", "tests/test_gpu.py", *(["-k", k] if k else []),
+    m = f"gpu and ({os.environ['GPU_TESTS_M']})" if os.environ.get("GPU_TESTS_M") else "gpu"
+    phase.run("gpu tests", [*base, "-m", m, "tests/test_gpu.py", *(["-k", k] if k else []),
                             f"--junitxml={gpu_xml}"], 600, outputs=(gpu_xml,))
     phase.results["gpu_tests"] = _junit(gpu_xml)
     if args.smoke:  # the whole suite runs gpu_check --smoke: a small part of it here, not itself

@@ -39,9 +39,19 @@ def have(module: str) -> bool:
 HAVE_DALI, HAVE_WEBDATASET, HAVE_WANDB = have("nvidia.dali"), have("webdataset"), have("wandb")
 HAVE_LOADER = HAVE_DALI or HAVE_WEBDATASET
 needs_loader = pytest.mark.skipif(not HAVE_LOADER, reason="no data loader: neither NVIDIA DALI nor webdataset is installed")
-needs_dali = pytest.mark.skipif(not HAVE_DALI, reason="NVIDIA DALI is not installed")
+NO_DALI = "NVIDIA DALI is not installed"
+# a DALI test: skipped without DALI, and marked `dali` by that skip (pytest_collection_modifyitems),
+# so `pytest -m dali` selects every one of them, the GPU ones included
+needs_dali = pytest.mark.skipif(not HAVE_DALI, reason=NO_DALI)
 needs_webdataset = pytest.mark.skipif(not HAVE_WEBDATASET, reason="webdataset is not installed")
 needs_wandb = pytest.mark.skipif(not HAVE_WANDB, reason="wandb is not installed")
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that skips without DALI is a DALI test: it carries the `dali` marker."""
+    for item in items:
+        if any(m.kwargs.get("reason") == NO_DALI for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.dali)
 
 
 def with_loader(*kinds: str) -> list:

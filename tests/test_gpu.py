@@ -94,7 +94,6 @@ def test_dali_mixed_decode_matches_the_cpu_decode(shards, train):
     assert (diff > 8).float().mean() < 0.01, f"{(diff > 8).float().mean():.2%} of subpixels differ by more than 8"
 
 
-@needs_loader
 def test_gpu_cache_serves_each_train_sample_once_per_epoch(shards, tmp_path):
     from vae_dist.data.loaders import CachedLoader
 
@@ -113,7 +112,6 @@ def test_gpu_cache_serves_each_train_sample_once_per_epoch(shards, tmp_path):
 
 # -- the step ------------------------------------------------------------------------------------
 
-@needs_loader
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "no"])
 def test_nonfinite_batch_leaves_weights_and_adam_state_bit_identical(shards, tmp_path, precision):
     trainer = _trainer(shards, tmp_path, f"--train.precision={precision}", "--data.cache=gpu")
@@ -126,7 +124,6 @@ def test_nonfinite_batch_leaves_weights_and_adam_state_bit_identical(shards, tmp
     assert not _same(params, _snapshot(trainer)[0]), "good batches did not train"
 
 
-@needs_loader
 @pytest.mark.parametrize("data", ["cache", pytest.param("dali", marks=needs_dali)])
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_twenty_steps_never_wait_for_the_device(shards, tmp_path, data, mode):
@@ -156,7 +153,6 @@ def test_twenty_steps_never_wait_for_the_device(shards, tmp_path, data, mode):
         trainer.close_loaders()  # DALI's pipeline while CUDA is up, also when an assert failed
 
 
-@needs_loader
 def test_compiled_bf16_channels_last_does_not_recompile_and_matches_eager(shards, tmp_path, monkeypatch):
     from torch._dynamo.utils import counters
 
@@ -181,17 +177,41 @@ def test_compiled_bf16_channels_last_does_not_recompile_and_matches_eager(shards
     assert counters["stats"]["unique_graphs"] == graphs and counters["frames"]["total"] == frames
 
 
+def test_a_whole_step_cuda_graph_starts_fresh_trains_skips_nonfinite_and_never_waits(shards, tmp_path):
+    """train.cuda_graph: the capture's warm-up is undone (after one step Adam has counted one),
+    replays update the live weights, a NaN batch leaves everything bit-identical, 20 replays
+    make no host sync, and the loss falls as without the graph."""
+    trainer = _trainer(shards, tmp_path, "--train.cuda_graph=true", "--model.compile=true",
+                       "--train.precision=bf16", "--data.cache=gpu")
+    batches = trainer.train_loader.epoch(0)
+    good = next(batches)[0].float() / 255  # float batches: the static input can then hold a NaN
+    before = _snapshot(trainer)[0]
+    trainer.train_step(good)  # captures
+    assert trainer.step.graph is not None
+    state = trainer.step.raw_optimizer.state
+    assert {int(s["step"].item()) for s in state.values()} == {1}, "the warm-up's steps were not undone"
+    assert not _same(before, _snapshot(trainer)[0])
+    first = trainer.step.meters[LOSS].item()
+    assert_nan_step_changes_nothing(trainer, good)
+    with no_host_sync():
+        for _ in range(20):
+            trainer.train_step(good)
+    torch.cuda.synchronize()
+    meters = trainer.step.take_meters()
+    assert meters[GOOD].item() == 21 and meters[LOSS].item() / 21 < first
+
+
 # -- whole runs ----------------------------------------------------------------------------------
 
-@needs_loader
 def test_a_cpu_checkpoint_resumes_on_cuda(shards, tmp_path):
     """Written on the CPU (fp32, default layout), resumed on the GPU (bf16, channels_last,
-    fused Adam): the moments take their parameters' layout and training continues."""
+    fused Adam): the moments take their parameters' layout and training continues. Both from
+    the caches (RAM, then GPU), which need no loader package."""
     run = tmp_path / "run"
     args = ["train", f"--data.shards={shards}", f"--train.out_dir={run}", *COMMON, "--log.log_every=2"]
-    r = run_cli(*args, "--train.max_steps=4", env=CPU_ONLY)
+    r = run_cli(*args, "--train.max_steps=4", "--data.cache=ram", env=CPU_ONLY)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run_cli(*args, "--train.max_steps=8")
+    r = run_cli(*args, "--train.max_steps=8", "--data.cache=gpu")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "at step 4" in r.stdout and "device=cuda" in r.stdout, r.stdout[-2000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

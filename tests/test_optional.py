@@ -7,9 +7,7 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-from .conftest import HAVE_DALI, ROOT, TINY_MODEL
+from .conftest import ROOT, TINY_MODEL, needs_dali
 
 HIDE = ROOT / "tests" / "hide_modules"
 ALL_THREE = "nvidia.dali,webdataset,wandb"
@@ -62,7 +60,7 @@ def test_commands_without_a_loader_say_so_in_one_line_and_bench_step_runs(shards
     assert r.returncode == 0 and "eager fp32" in r.stdout, r.stderr[-2000:]
 
 
-@pytest.mark.skipif(not HAVE_DALI, reason="NVIDIA DALI is not installed")
+@needs_dali
 def test_training_with_dali_alone(shards, tmp_path):
     """The GPU machine once the DALI parts arrived but not small.tar: DALI streams, no W&B."""
     r = _run("webdataset,wandb", "-m", "vae_dist", "train", f"--data.shards={shards}",
@@ -76,3 +74,21 @@ def test_training_with_dali_alone(shards, tmp_path):
              "--log.wandb_mode=disabled")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "webdataset package is not installed" in lines[0], r.stderr
+
+
+def test_every_dali_test_carries_the_dali_marker():
+    """`pytest -m dali` selects every test that needs DALI (the DALI window on a GPU machine runs
+    just those), the GPU ones and the streaming one included; `-m "not dali"` none of them."""
+    def collect(expr):
+        r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", expr,
+                            "tests"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        return {line for line in r.stdout.splitlines() if "::" in line}
+
+    dali, other = collect("dali"), collect("not dali")
+    names = " ".join(dali)
+    for test in ("test_streaming_run_exits_zero_with_flat_gpu_memory_over_twenty_evaluations",
+                 "test_dali_mixed_decode_matches_the_cpu_decode", "test_a_damaged_sample_under_dali_mixed_decode_is_one_line",
+                 "test_training_with_dali_alone", "test_twenty_steps_never_wait_for_the_device[default-dali]"):
+        assert test in names, test
+    assert not [t for t in other if "[dali" in t or "-dali]" in t or "dali_" in t.split("::")[-1][:10]], other

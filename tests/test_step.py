@@ -282,3 +282,33 @@ def test_a_run_reads_manifest_json_once(shards, tmp_path, monkeypatch, verify):
     assert [r["step"] for r in rows if r.get("split") == "val"] == [2, 4]  # steps, evals, pictures all ran
     assert (tmp_path / "run" / "images").is_dir()
     assert len(reads) == 1, "manifest.json was opened more than once:\n" + "\n---\n".join(reads)
+
+
+@pytest.mark.parametrize("device, world, accum, precision, mode, why", [
+    ("cpu", 1, 1, "no", "default", "training does not run on a CUDA GPU"),
+    ("cuda", 2, 1, "bf16", "default", "2 processes"),
+    ("cuda", 1, 2, "bf16", "default", "train.grad_accum_steps=2"),
+    ("cuda", 1, 1, "fp16", "default", "fp16's GradScaler"),
+    ("cuda", 1, 1, "bf16", "reduce-overhead", "model.compile_mode=reduce-overhead"),
+])
+def test_a_whole_step_cuda_graph_is_refused_where_it_cannot_run(device, world, accum, precision, mode, why):
+    from vae_dist.errors import ConfigError
+    from vae_dist.step import check_cuda_graph
+
+    with pytest.raises(ConfigError, match="^train.cuda_graph=true but ") as e:
+        check_cuda_graph(True, torch.device(device), world, accum, precision, mode)
+    assert why in str(e.value)
+    check_cuda_graph(False, torch.device(device), world, accum, precision, mode)  # off: nothing to refuse
+    check_cuda_graph(True, torch.device("cuda"), 1, 1, "bf16", "default")  # where it runs
+
+
+def test_train_with_a_cuda_graph_on_a_cpu_is_one_line_and_writes_nothing(shards, tmp_path):
+    from .conftest import run_cli
+
+    run = tmp_path / "run"
+    r = run_cli("train", f"--data.shards={shards}", f"--train.out_dir={run}", *TINY_MODEL, "--train.cuda_graph=true",
+                "--log.wandb_mode=disabled", "--train.max_steps=2", env={"CUDA_VISIBLE_DEVICES": ""})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and lines == ["vae-dist: error: train.cuda_graph=true but training does not run on a "
+                                           "CUDA GPU"], r.stderr[-2000:]
+    assert not run.exists()
