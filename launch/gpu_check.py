@@ -12,6 +12,9 @@ output in `PHASE.log`. At most 8 files per phase come back from the device tool'
          fp32 at 64), e2e through the GPU cache at 1024 and 64 beside the seed's own loop on 100k
          images, the GPU tests that need no DALI, 20 epochs if time is left; the verdict.
          quick.json, quick.log, step.json, e2e.json, junit-gpu.xml, tin20-metrics.jsonl
+- dali   the DALI window's last call (DALI installed from launch/pack_dali.sh's parts): the DALI
+         GPU tests, bench data (mixed decode with and without fancy upsampling), streaming e2e at
+         1024 and 64, the CPU DALI tests. dali.json, dali.log, data.json, e2e-dali.json, 2 junit
 - env    the GPU, driver, versions; which optional packages (DALI, webdataset, wandb) are present
 - tests  the GPU tests (pytest -m gpu), then the whole suite; junit XML of both
 - bench  data (DALI mixed / CPU / webdataset / seed loader / GPU cache), step (eager, compiled,
@@ -48,7 +51,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ("quick", "env", "tests", "bench", "tin20")
+PHASES = ("quick", "dali", "env", "tests", "bench", "tin20")
 PY = sys.executable
 MARGIN_S = 25  # kept back from each part's share: the summary and the transfer back
 # the GPU issue's targets (one H100; an H200 counts, the summary says which)
@@ -331,6 +334,60 @@ def _quick_verdict(r: dict, judged: bool) -> tuple[dict, list[str]]:
     return verdict, lines
 
 
+# -- dali ----------------------------------------------------------------------------------------
+
+def phase_dali(phase: Phase, args) -> None:
+    """The DALI window's last call (DALI installed from its parts by gpu_check.sh): the DALI GPU
+    tests, the data bench (mixed decode with and without fancy upsampling, CPU decode, the
+    cache, the seed's loader), streaming e2e at 1024 and 64, then the CPU DALI tests."""
+    smoke, out, work, r = args.smoke, phase.out, args.work, phase.results
+    budget = phase.deadline.seconds
+    r["dali"] = _dali_version()
+    if not r["dali"]:
+        phase.run("dali", [], 0, skip="no NVIDIA DALI here: carry launch/pack_dali.sh's parts (docs/gpu_check.md)")
+        return
+    base = [PY, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-p", "no:logging"]
+    gpu_xml, cpu_xml = out / "junit-dali-gpu.xml", out / "junit-dali-cpu.xml"
+    phase.run("dali gpu tests", [*base, "-m", "gpu and dali", "tests/test_gpu.py", f"--junitxml={gpu_xml}"],
+              0.3 * budget, keep=0.45 * budget, outputs=(gpu_xml,))
+    r["gpu_tests"] = _junit(gpu_xml)
+    phase.write()
+    shards, images = _sample_set(phase, work, "bench", *((20, 5) if smoke else (1000, 50)), timeout=0.1 * budget,
+                                 keep=0.35 * budget)
+    tiny, threads = (["--tiny"], ["--threads", 2]) if smoke else ([], [])
+    reps = ["--repeats", 1, "--steps", 2, "--warmup", 1] if smoke else ["--repeats", 3]
+    data_json, e2e_json = out / "data.json", out / "e2e-dali.json"
+    bench = [PY, "-m", "vae_dist", "bench"]
+    phase.run("bench data", [*bench, "data", *tiny, "--shards", shards, "--images", images, *threads,
+                             *(reps if smoke else ["--repeats", 3, "--steps", 50]), "--json", data_json],
+              0.15 * budget, keep=0.2 * budget, outputs=(data_json,))
+    phase.run("e2e streaming", [*bench, "e2e", *tiny, "--shards", shards, *threads, *reps, "--variants", "fast",
+                                "--batch-sizes", "32,16" if smoke else "1024,64", "--json", e2e_json],
+              0.25 * budget, keep=0.05 * budget, outputs=(e2e_json,))
+    cpu_tests = ["-k", "index_matches_dalis_wds2idx"] if smoke else (["-n", "8"] if _have("xdist") else [])
+    phase.run("dali cpu tests", [*base, "-m", "dali and not gpu", "tests", *cpu_tests, f"--junitxml={cpu_xml}"],
+              budget, outputs=(cpu_xml,))
+    r["cpu_tests"] = _junit(cpu_xml)
+    data, e2e = _rows(data_json), _rows(e2e_json)
+    fancy = _rate(data, lambda row: row["name"] == "dali-gpu (mixed decode)")
+    plain = _rate(data, lambda row: row["name"].startswith("dali-gpu (mixed decode, plain"))
+    r["data"] = {row["name"]: row.get("img_per_s", row.get("unavailable")) for row in data}
+    r["e2e"] = {f"{row['name']} b{row.get('batch_size')}": row.get("img_per_s", row.get("unavailable")) for row in e2e}
+    r["fancy_upsampling_cost"] = 1 - fancy / plain if fancy and plain else None
+    target = TARGETS["dali_mixed_decode"]
+    r["verdict"] = {"dali_mixed_decode": {"value": fancy, "target": target,
+                                          "met": None if smoke or fancy is None else fancy >= target}}
+    for name, value in {**r["data"], **r["e2e"]}.items():
+        phase.say(f"   {name}: {value:,.0f} img/s" if isinstance(value, float) else f"   {name}: {value}")
+    if r["fancy_upsampling_cost"] is not None:
+        phase.say(f"   fancy chroma upsampling costs {r['fancy_upsampling_cost']:.1%} of mixed decode's img/s")
+
+
+def _dali_version() -> str | None:
+    got = subprocess.run([PY, "-c", "import nvidia.dali as d; print(d.__version__)"], capture_output=True, text=True)
+    return got.stdout.strip() if got.returncode == 0 else None
+
+
 # -- env -----------------------------------------------------------------------------------------
 
 ENV_PROBE = r"""
@@ -507,7 +564,7 @@ def _bench_verdicts(data, step, e2e, judged: bool = True) -> dict:
     drows, srows, erows = (r["results"] if r else [] for r in (data, step, e2e))
     seed64 = _rate(erows, lambda r: r["name"].startswith("seed") and r["batch_size"] == 64)
     got = {
-        "dali_mixed_decode": _rate(drows, lambda r: "dali-gpu" in r["name"]),
+        "dali_mixed_decode": _rate(drows, lambda r: r["name"] == "dali-gpu (mixed decode)"),  # fancy upsampling
         "e2e_b64": _rate(erows, lambda r: not r["name"].startswith("seed") and r["batch_size"] == 64),
         "e2e_cache_large_bf16": _rate(erows, lambda r: "gpu-cache" in r["name"] and r["batch_size"] >= 512),
     }
@@ -626,21 +683,22 @@ def main(argv=None) -> int:
     p.add_argument("phases", nargs="*", help=f"some of {', '.join(PHASES)} (default: all)")
     p.add_argument("--smoke", action="store_true", help="toy sizes, for a CPU")
     args = p.parse_args(argv)
-    phases = args.phases or [p for p in PHASES if p != "quick"]  # quick is its own call
+    phases = args.phases or [p for p in PHASES if p not in ("quick", "dali")]  # each its own call
     unknown = [x for x in phases if x not in PHASES]
     if unknown:
         print(f"gpu_check: unknown phase {', '.join(unknown)} (choose from {', '.join(PHASES)})", file=sys.stderr)
         return 2
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "docs" / "bench" / args.label
     out.mkdir(parents=True, exist_ok=True)
-    private = "quick" in phases and not os.environ.get("VAE_DIST_WORK")
-    if private:  # quick makes everything it reads: a fresh folder of its own, removed at the end
+    private = bool({"quick", "dali"} & set(phases)) and not os.environ.get("VAE_DIST_WORK")
+    if private:  # quick and dali make everything they read: a fresh folder of their own, removed at the end
         args.work = Path(tempfile.mkdtemp(prefix="vae-dist-gpu-check-"))
     else:  # the other phases reuse a sample set packed by an earlier call on a warm machine
         default_work = Path(tempfile.gettempdir()) / ("vae-dist-gpu-check" + ("-smoke" if args.smoke else ""))
         args.work = Path(os.environ.get("VAE_DIST_WORK", default_work))
         args.work.mkdir(parents=True, exist_ok=True)
-    run = {"quick": phase_quick, "env": phase_env, "tests": phase_tests, "bench": phase_bench, "tin20": phase_tin20}
+    run = {"quick": phase_quick, "dali": phase_dali, "env": phase_env, "tests": phase_tests, "bench": phase_bench,
+           "tin20": phase_tin20}
     start = float(os.environ["GPU_CHECK_T0"]) if os.environ.get("GPU_CHECK_T0") else None
     deadline = Deadline(float(os.environ.get("GPU_CHECK_BUDGET_S", 540)), start)
     signal.signal(signal.SIGTERM, _end_live_parts)

@@ -7,9 +7,10 @@
 #   bash launch/gpu_check.sh --smoke cpu         # the same phases at toy sizes, on a CPU
 # Output: $OUT when set (the device tool's folder), else docs/bench/LABEL/.
 # Packages the machine lacks: where .devwheels/ (docs/gpu_check.md says what it holds)
-# travelled along, small.tar (webdataset, wandb) is installed, and DALI once all its dali-NN
-# parts are there (the tar they make up reads to its end), into $VAE_DIST_SITE (default
+# travelled along, small.tar (webdataset, wandb) is installed, and DALI once all its dali-slim-NN
+# parts (launch/pack_dali.sh) have arrived over one or more calls, into $VAE_DIST_SITE (default
 # /tmp/vae-dist-site), which goes on PYTHONPATH with the checkout. Nothing is downloaded.
+#   bash launch/gpu_check.sh h200 stash          # a call that only carries a DALI part
 # Without them it runs what it can: the env phase says what is missing, the tests skip with
 # the reason, the bench rows say "unavailable".
 set -uo pipefail
@@ -29,21 +30,56 @@ install() {  # install NAME WHEEL_DIR: the wheels into $site, once
   fi
 }
 mkdir -p "$site"
-if [ -f .devwheels/small.tar ]; then
+carried=${GPU_CHECK_DEVWHEELS:-.devwheels}  # what travelled with this call
+if [ -f "$carried/small.tar" ]; then
   rm -rf /tmp/vae-dist-wheels-small && mkdir -p /tmp/vae-dist-wheels-small
-  tar xf .devwheels/small.tar -C /tmp/vae-dist-wheels-small && install small /tmp/vae-dist-wheels-small
+  tar xf "$carried/small.tar" -C /tmp/vae-dist-wheels-small && install small /tmp/vae-dist-wheels-small
+fi
+# DALI travels as launch/pack_dali.sh's parts, one per call (docs/gpu_check.md: the DALI window):
+# every call stashes the parts it carried on the machine, and once they make a whole archive the
+# installed tree is unpacked into $site (no pip: seconds). `quick` needs no DALI and installs none.
+stash=${GPU_CHECK_DALI_STASH:-/tmp/vae-dist-dali-parts}
+if compgen -G "$carried/dali-slim-*" >/dev/null; then
+  mkdir -p "$stash" && cp "$carried"/dali-slim-* "$stash"/
+  echo "gpu_check: stashed $(ls "$carried"/dali-slim-* | xargs -n1 basename | tr '\n' ' ')in $stash ($(ls "$stash" | wc -l) parts there)"
 fi
 quick=0
-for a in "$@"; do [ "$a" = quick ] && quick=1; done
-if [ "$quick" = 1 ]; then
-  : # the headline needs no DALI: its install (a minute or more) would eat the call's budget
-elif compgen -G ".devwheels/dali-*" >/dev/null; then
-  if cat .devwheels/dali-* | tar t >/dev/null 2>&1; then
-    rm -rf /tmp/vae-dist-wheels-dali && mkdir -p /tmp/vae-dist-wheels-dali
-    cat .devwheels/dali-* | tar x -C /tmp/vae-dist-wheels-dali && install dali /tmp/vae-dist-wheels-dali
-  else
-    echo "gpu_check: .devwheels/dali-* do not make a whole tar yet ($(ls .devwheels/dali-* | wc -l) parts): no DALI" >&2
-  fi
+for a in "$@"; do
+  [ "$a" = quick ] && quick=1
+  [ "$a" = stash ] && exit 0  # the part is on the machine; the next call brings the next one
+done
+if [ "$quick" = 0 ] && [ ! -f "$site/.installed-dali" ] && compgen -G "$stash/dali-slim-*" >/dev/null; then
+  "$PY" - "$stash" "$site" <<'PYEOF' && touch "$site/.installed-dali"
+import glob, io, lzma, os, shutil, sys, tarfile, time
+stash, site = sys.argv[1:3]
+parts = sorted(glob.glob(os.path.join(stash, "dali-slim-*")))
+
+class Parts(io.RawIOBase):  # the parts read as one stream, in order
+    def __init__(self, paths):
+        self.files = [open(p, "rb") for p in paths]
+    def readable(self):
+        return True
+    def readinto(self, buf):
+        while self.files:
+            n = self.files[0].readinto(buf)
+            if n:
+                return n
+            self.files.pop(0).close()
+        return 0
+
+t0, tmp = time.time(), site + ".dali-partial"
+shutil.rmtree(tmp, ignore_errors=True)
+try:
+    with tarfile.open(fileobj=io.BufferedReader(Parts(parts), 1 << 20), mode="r|xz") as tar:
+        tar.extractall(tmp, filter="data")
+except (EOFError, lzma.LZMAError, tarfile.TarError, OSError) as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"gpu_check: the {len(parts)} DALI parts in {stash} do not make a whole archive yet ({e}): no DALI", file=sys.stderr)
+    sys.exit(1)
+shutil.copytree(tmp, site, dirs_exist_ok=True)
+shutil.rmtree(tmp)
+print(f"gpu_check: installed DALI from {len(parts)} parts into {site} in {time.time() - t0:.0f} s")
+PYEOF
 fi
 export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export WANDB_SILENT=true WANDB_MODE=${WANDB_MODE:-offline}

@@ -46,9 +46,8 @@ def test_bench_tiny(what, tmp_path, shards, sample_root):
         for name, present in (("dali-cpu", HAVE_DALI), ("webdataset", HAVE_WEBDATASET)):
             row = next(v for k, v in rows.items() if name in k)
             assert ("img_per_s" in row) == present, row
-        if HAVE_DALI or HAVE_WEBDATASET:
-            cache = next(v for k, v in rows.items() if cache_row in k)
-            assert cache["build_s"] > 0 and cache["build_img_per_s"] > 0
+        cache = next(v for k, v in rows.items() if cache_row in k)  # filled by the project's own reader if need be
+        assert cache["build_s"] > 0 and cache["build_img_per_s"] > 0
         assert all(r["rss_mib"] > 100 for r in rows.values() if "img_per_s" in r)  # memory beside speed
     elif what == "step":
         rows = _check(report, ["eager fp32"])

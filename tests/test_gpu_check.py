@@ -112,7 +112,7 @@ def test_smoke_runs_every_phase_and_writes_its_summary(tmp_path):
 def test_a_bad_phase_is_one_line_and_a_failing_part_is_recorded(tmp_path):
     r = _check(tmp_path, "cpu", "warp")
     assert r.returncode == 2 and r.stderr.strip() == \
-        "gpu_check: unknown phase warp (choose from quick, env, tests, bench, tin20)", r.stderr
+        "gpu_check: unknown phase warp (choose from quick, dali, env, tests, bench, tin20)", r.stderr
     env = {**os.environ, "OUT": str(tmp_path / "o2")}
     code = ("import sys; sys.path.insert(0, 'launch'); import gpu_check as g; from pathlib import Path; "
             "out = Path(sys.argv[1]); stale = out / 'stale.json'; stale.write_text('{}'); "
@@ -130,3 +130,36 @@ def test_a_bad_phase_is_one_line_and_a_failing_part_is_recorded(tmp_path):
     assert parts[0]["rc"] == 3 and not (tmp_path / "o2" / "stale.json").exists()  # nothing stale passes for new
     (late,) = json.loads((tmp_path / "o2" / "tests.json").read_text())["parts"]
     assert late["status"] == "skipped" and late["why"].startswith("no time left in this call")
+
+
+def test_dali_parts_carried_over_calls_install_once_whole_and_dali_says_when_missing(tmp_path):
+    """launch/pack_dali.sh's format (an installed tree, tar'ed, xz'ed, split), here with a stand-in
+    package: a call carrying the first part stashes it and installs nothing; the call carrying
+    the last installs the whole tree, which the phases then import. Without DALI, the dali phase
+    says so in one skipped part."""
+    import io
+    import lzma
+    import tarfile
+
+    tree = io.BytesIO()
+    with tarfile.open(fileobj=tree, mode="w") as tar:
+        code = b"VERSION = 'stand-in'\n" + b"# padding\n" * 20000  # ~200 KB, so the parts are two
+        info = tarfile.TarInfo("standin_dali/__init__.py")
+        info.size = len(code)
+        tar.addfile(info, io.BytesIO(code))
+    packed = lzma.compress(tree.getvalue(), preset=0)
+    half = len(packed) // 2
+    calls = [tmp_path / "call1", tmp_path / "call2"]
+    for call, part in zip(calls, (packed[:half], packed[half:])):
+        call.mkdir()
+        (call / f"dali-slim-0{calls.index(call)}").write_bytes(part)
+    env = {**HIDDEN, "GPU_CHECK_DALI_STASH": str(tmp_path / "stash")}
+    first = _check(tmp_path, "cpu", "stash", env={**env, "GPU_CHECK_DEVWHEELS": str(calls[0])})
+    assert first.returncode == 0 and "stashed dali-slim-00" in first.stdout, first.stdout + first.stderr
+    assert not (tmp_path / "site" / "standin_dali").exists() and not (tmp_path / "out").exists()
+    second = _check(tmp_path, "--smoke", "cpu", "dali", env={**env, "GPU_CHECK_DEVWHEELS": str(calls[1])})
+    assert "installed DALI from 2 parts" in second.stdout, second.stdout + second.stderr
+    assert (tmp_path / "site" / "standin_dali" / "__init__.py").read_bytes().startswith(b"VERSION = 'stand-in'")
+    dali = json.loads((tmp_path / "out" / "dali.json").read_text())
+    (part,) = dali["parts"]
+    assert part["status"] == "skipped" and part["why"].startswith("no NVIDIA DALI here"), part

@@ -32,6 +32,7 @@ class DataConfig:
     prefetch: int = 2  # DALI prefetch queue depth
     shuffle_buffer: int = 4096  # webdataset loader's shuffle buffer (DALI and the cache permute the whole split)
     hw_decoder_load: float = 0.65  # DALI mixed decode: share of images sent to the GPU's hardware JPEG decoder
+    fancy_upsampling: bool = True  # DALI: upsample JPEG chroma as libjpeg-turbo does, so GPU and CPU pixels agree
     flip: bool = True  # random horizontal flip on train
     cache: Literal["auto", "none", "ram", "gpu"] = "auto"  # decode train+val once (uint8); auto: into the GPU if they fit
     cache_budget: float = 0.5  # data.cache=auto caches when the decoded splits fit in this share of free memory

@@ -36,8 +36,9 @@ def bench_data(args, shards: str, images_root: str | None) -> list[dict]:
     def stream(make):  # an endless batch stream over epochs
         return itertools.chain.from_iterable(make(e) for e in itertools.count())
 
-    configs = [
+    configs = [  # fancy upsampling is the default; the row without it says what matching the CPU's pixels costs
         ("dali-gpu (mixed decode)", "dali", "gpu", gpu),
+        ("dali-gpu (mixed decode, plain chroma upsampling)", "dali", "gpu-plain", gpu),
         ("dali-cpu", "dali", "cpu", cpu),
         ("webdataset+torchvision (PyTorch)", "webdataset", "cpu", cpu),
     ]
@@ -50,7 +51,8 @@ def bench_data(args, shards: str, images_root: str | None) -> list[dict]:
             continue
 
         def measure(name=name, loader=loader, decode=decode, device=device):
-            cfg = DataConfig(shards=shards, loader=loader, decode=decode, num_threads=threads)
+            cfg = DataConfig(shards=shards, loader=loader, decode=decode.split("-")[0], num_threads=threads,
+                             fancy_upsampling=not decode.endswith("-plain"))
             ld = build_loader(shard_set, cfg, "train", bs, rank=0, world=1, device=device, train=True, seed=0)
             try:
                 return measure_stream(name, stream(ld.epoch), bs, steps, warmup, args.repeats, device,

@@ -63,15 +63,16 @@ class _BatchStream:
                 self._flips[rows].astype(np.int32).reshape(-1, 1))
 
 
-def _pipeline(stream, decode, image_size, hw_decoder_load):
+def _pipeline(stream, decode, image_size, hw_decoder_load, fancy_upsampling=True):
     jpegs, labels, mirror = fn.external_source(source=stream, num_outputs=3, batch=True,
                                                dtype=[types.UINT8, types.INT32, types.INT32])
     extra = {"hw_decoder_load": hw_decoder_load} if decode == "mixed" else {}
     # output_type=RGB: grayscale/CMYK JPEGs still give 3 channels, so batches are dense.
-    # jpeg_fancy_upsampling: nvJPEG upsamples 4:2:0 chroma as libjpeg-turbo does (smoothly), so
-    # GPU- and CPU-decoded pixels agree; its default (off on the GPU) differed by more than 8
-    # levels on ~1.3% of subpixels of the sample set's JPEGs.
-    images = fn.decoders.image(jpegs, device=decode, output_type=types.RGB, jpeg_fancy_upsampling=True, **extra)
+    # jpeg_fancy_upsampling (data.fancy_upsampling): nvJPEG upsamples 4:2:0 chroma as libjpeg-turbo
+    # does (smoothly), so GPU- and CPU-decoded pixels agree; DALI's default (off on the GPU)
+    # differed by more than 8 levels on ~1.3% of subpixels of the sample set's JPEGs.
+    images = fn.decoders.image(jpegs, device=decode, output_type=types.RGB, jpeg_fancy_upsampling=fancy_upsampling,
+                               **extra)
     # pack made every image SxS; the crop (padding if ever smaller) only guarantees a dense
     # batch without paying for a resize of images that are already the right size.
     images = fn.crop_mirror_normalize(
@@ -97,7 +98,7 @@ class DaliLoader:
 
     def __init__(self, paths, index_paths, count, batch_size, *, rank=0, world=1, train=True,
                  gpu_id: int | None = None, num_threads=4, prefetch=2, seed=0, flip=True,
-                 image_size=64, hw_decoder_load=0.65, limit: int | None = None):
+                 image_size=64, hw_decoder_load=0.65, limit: int | None = None, fancy_upsampling: bool = True):
         if not HAVE_DALI:
             raise DataError("NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
         self.index = ShardIndex(paths, index_paths)
@@ -108,7 +109,7 @@ class DaliLoader:
         self.rank, self.world, self.train = rank, world, train
         self.gpu_id, self.num_threads, self.prefetch = gpu_id, num_threads, prefetch
         self.seed, self.flip, self.image_size = seed, flip and train, image_size
-        self.hw_decoder_load = hw_decoder_load
+        self.hw_decoder_load, self.fancy_upsampling = hw_decoder_load, fancy_upsampling
         self.steps_per_epoch = steps_per_epoch(self.count, batch_size, rank, world, train)
         self._it = None
         self._position = None  # (epoch, batch) the pipeline delivers next
@@ -122,7 +123,7 @@ class DaliLoader:
                                                        world=self.world, train=self.train, seed=self.seed,
                                                        flip=self.flip),
                          self.batch_size, self.steps_per_epoch, epoch, batch, self._fed), decode, self.image_size,
-            self.hw_decoder_load, batch_size=self.batch_size, num_threads=self.num_threads,
+            self.hw_decoder_load, self.fancy_upsampling, batch_size=self.batch_size, num_threads=self.num_threads,
             device_id=self.gpu_id,  # None: a CPU-only pipeline
             prefetch_queue_depth=self.prefetch, seed=rank_seed(self.seed, epoch, self.rank),
         )

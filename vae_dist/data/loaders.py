@@ -68,6 +68,7 @@ def build_loader(shards: ShardSet, data_cfg, split: str, batch_size: int, *, ran
             gpu_id=gpu_id if resolve_decode(data_cfg.decode, device) == "gpu" else None,
             num_threads=threads, prefetch=data_cfg.prefetch, seed=seed, flip=data_cfg.flip,
             image_size=shards.image_size, hw_decoder_load=data_cfg.hw_decoder_load, limit=limit,
+            fancy_upsampling=data_cfg.fancy_upsampling,
         )
         return _OnDevice(loader, device)
     return WebDatasetLoader(files.tars, files.counts, batch_size, rank=rank, world=world, train=train,
