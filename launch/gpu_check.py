@@ -232,6 +232,7 @@ QUICK_TARGETS = {"e2e_cache_large_bf16": (100e3, "img/s"), "e2e_b64": (40e3, "im
                  "e2e_vs_seed_b64": (10.0, "x"), "tin20_train_s": (20.0, "s, at most")}
 # each part's share of the budget at most, and what it keeps back for the parts after it (the
 # order is the order of value: a call cut short returns the most useful numbers)
+PRESET = ROOT / "launch" / "configs" / "throughput.yaml"
 QUICK_STEP_ROWS = ("default:bf16:64,default:bf16:1024,eager:fp32:64,graph:bf16:64,reduce-overhead:bf16:64,"
                    "default:bf16:512,reduce-overhead:bf16:1024,graph:bf16:1024,reduce-overhead:bf16:512")
 
@@ -260,7 +261,7 @@ def phase_quick(phase: Phase, args) -> None:
     no_data = None if _json(shards / "manifest.json") else "no sample set (its parts did not run)"
     e2e = [PY, "-m", "vae_dist", "bench", "e2e", *tiny, "--shards", shards, "--images", images,
            *(["--threads", 2] if smoke else []), *reps]
-    parts = {name: work / f"e2e-{name}.json" for name in ("cache", "seed", "graph")}
+    parts = {name: work / f"e2e-{name}.json" for name in ("cache", "seed", "graph", "preset")}
     sizes = "32,16" if smoke else "1024,64"
     phase.run("e2e cache", [*e2e, "--variants", "cache", "--batch-sizes", sizes, "--json", parts["cache"]],
               0.25 * budget, keep=0.15 * budget, outputs=(parts["cache"],), skip=no_data)
@@ -280,6 +281,10 @@ def phase_quick(phase: Phase, args) -> None:
     phase.run("e2e graph", [*e2e, "--variants", "graph", "--batch-sizes", "64,1024" if not smoke else "16",
                             "--json", parts["graph"]], 0.12 * budget, keep=0.1 * budget, outputs=(parts["graph"],),
               skip=no_data or (None if args.cuda else "no CUDA GPU: a CUDA graph needs one"))
+    _e2e_rows(phase, parts)
+    phase.run("e2e throughput preset", [*e2e, "--variants", "cache", "--config", PRESET,
+                                        *(["--batch-size", 32] if smoke else []), "--json", parts["preset"]],
+              0.1 * budget, keep=0.08 * budget, outputs=(parts["preset"],), skip=no_data)
     _e2e_rows(phase, parts)
 
     epochs, batch = (2, 16) if smoke else (20, 64)

@@ -72,7 +72,8 @@ def test_seed_flops_match_the_design_count():
 
 def test_unknown_e2e_variant_is_a_one_line_error(shards):
     r = run_cli("bench", "e2e", "--tiny", "--shards", str(shards), "--variants", "warp")
-    assert r.returncode == 2 and r.stderr.strip() == "vae-dist: error: unknown e2e variant 'warp' (choose from seed, fast, cache)"
+    assert r.returncode == 2 and r.stderr.strip() == \
+        "vae-dist: error: unknown e2e variant 'warp' (choose from seed, fast, cache, graph)"
 
 
 def test_every_compiled_step_row_really_compiled_its_own_graphs(tmp_path):

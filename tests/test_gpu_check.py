@@ -39,7 +39,7 @@ def test_quick_smoke_brings_the_headline_back_without_dali_webdataset_or_wandb(t
     assert q["ok"] and q["smoke"] and 0 < q["since_script_start_s"] <= q["results"]["budget_s"]
     done = [p["part"] for p in q["parts"] if p["status"] == "ok"]
     assert done == ["env probe", "step", "tin sample-data", "tin pack", "e2e cache", "e2e seed's loop",
-                    "gpu tests (no DALI)", "train 2 epochs"], q["parts"]
+                    "gpu tests (no DALI)", "e2e throughput preset", "train 2 epochs"], q["parts"]
     res = q["results"]
     assert res["env"]["missing_optional"] == ["nvidia.dali", "webdataset", "wandb"]
     steps = {row["name"]: row for row in res["step"]}
@@ -48,14 +48,15 @@ def test_quick_smoke_brings_the_headline_back_without_dali_webdataset_or_wandb(t
     assert compiled["compiled_graphs"] >= 2 and compiled["recompiles_while_timed"] == 0, compiled
     assert "does not run on a CUDA GPU" in steps["graph[whole step, compiled] fp32 channels_last b8"]["unavailable"]
     e2e = [(row["name"].split(":")[0], row["batch_size"]) for row in res["e2e"] if row.get("img_per_s", 0) > 0]
-    assert e2e == [("fast+ram-cache", 32), ("fast+ram-cache", 16), ("seed", 16)], res["e2e"]
+    assert e2e == [("fast+ram-cache", 32), ("fast+ram-cache", 16), ("seed", 16), ("fast+ram-cache", 32)], res["e2e"]
+    assert res["e2e"][-1]["name"].endswith("[throughput.yaml]")
     assert res["gpu_tests"]["tests"] >= 5 and res["gpu_tests"]["failures"] == 0  # skipped here, run on a GPU
     assert res["tin20"]["status"] == "ok" and res["tin20"]["train_s"] > 0 and res["tin20"]["final_val"]["bpd"] > 0
     verdict = res["verdict"]
     assert set(verdict) == {"e2e_cache_large_bf16", "e2e_b64", "e2e_vs_seed_b64", "tin20_train_s"}
     assert all(v["met"] is None and v["value"] > 0 for v in verdict.values()), verdict  # toy sizes: not judged
     report = json.loads((out / "e2e.json").read_text())
-    assert report["env"]["torch"] and len(report["results"]) == 3 and not report.get("partial")
+    assert report["env"]["torch"] and len(report["results"]) == 4 and not report.get("partial")
     assert "graph" in " ".join(p["part"] for p in q["parts"] if p["status"] == "skipped")  # no CUDA: said so
 
 

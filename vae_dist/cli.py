@@ -200,6 +200,9 @@ def add_bench_args(p) -> None:
                    help="e2e: comma list of seed,fast,cache,graph (cache: the decoded split in GPU memory, RAM on a "
                         "CPU; graph: cache + a whole-step CUDA graph; default: seed,fast,cache on a GPU, seed,fast "
                         "on a CPU)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="e2e: a config file for the Trainer's rows (e.g. launch/configs/throughput.yaml); its "
+                        "train.batch_size is the default batch; the bench's own settings win")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="step: a torch.profiler trace and summary of each row's steps into this folder")
     p.add_argument("--world", default=None, metavar="LIST",

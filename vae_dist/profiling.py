@@ -91,7 +91,7 @@ class StepRangeProfiler:
         if step == self.start and self._prof is None:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
             _sync(self.device)
-            self._prof = profile(activities=activities)
+            self._prof = profile(activities=activities, acc_events=True)  # one cycle; torch 2.11 warns without
             self._prof.__enter__()
             self._t0 = time.perf_counter()
 

@@ -29,7 +29,8 @@ def bench_e2e(args, shards: str, images_root: str | None, on_row=None) -> list[d
     step as one CUDA graph). `on_row(results)` follows every row."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     on_gpu = device.type == "cuda"
-    sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [args.batch_size or
+    preset = _preset_batch(args.config) if getattr(args, "config", None) else None  # a config file's batch
+    sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [args.batch_size or preset or
                                                                                      (16 if args.tiny else 64)]
     steps = args.steps or (4 if args.tiny else 60 if on_gpu else 20)
     warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 20 if on_gpu else 5)
@@ -52,6 +53,12 @@ def bench_e2e(args, shards: str, images_root: str | None, on_row=None) -> list[d
             if on_row:
                 on_row(results)
     return results
+
+
+def _preset_batch(config: str) -> int | None:
+    from vae_dist.config import build_config
+
+    return build_config(config).train.batch_size
 
 
 def _e2e_seed(args, images_root, bs, steps, warmup, device) -> dict:
@@ -81,7 +88,8 @@ def _e2e_trainer(args, shards, variant, bs, steps, warmup, device) -> dict:
     cache = "gpu" if device.type == "cuda" else "ram"
     threads = args.threads or os.cpu_count() or 1
     arch = [] if not args.tiny else ["--model.widths=[8,16,16,32]", "--model.latent_dim=16"]
-    cfg = build_config(overrides=[
+    config = getattr(args, "config", None)
+    cfg = build_config(config, overrides=[
         f"--data.shards={shards}", f"--train.out_dir={out}", f"--train.batch_size={bs}",
         f"--data.num_threads={threads}", "--log.wandb_mode=disabled", "--model.compile=true",
         f"--model.compile_mode={args.compile_mode}", "--model.channels_last=true",
@@ -94,7 +102,7 @@ def _e2e_trainer(args, shards, variant, bs, steps, warmup, device) -> dict:
     precision = info["mixed_precision"] if info["mixed_precision"] != "no" else "fp32"
     kind = {"fast": "fast", "cache": f"fast+{cache}-cache", "graph": f"graph+{cache}-cache"}[variant]
     step = "compiled, whole-step CUDA graph" if variant == "graph" else "compiled"
-    name = f"{kind}: {info['loader']}, {step}, channels_last, {precision}"
+    name = f"{kind}: {info['loader']}, {step}, channels_last, {precision}" + (f" [{Path(config).name}]" if config else "")
     try:
         return _measure_training(name, it, trainer.train_step, bs, steps, warmup, args.repeats, device,
                                  loader=info["loader"], precision=precision, data=info["data"])
