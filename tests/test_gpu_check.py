@@ -164,3 +164,22 @@ def test_dali_parts_carried_over_calls_install_once_whole_and_dali_says_when_mis
     dali = json.loads((tmp_path / "out" / "dali.json").read_text())
     (part,) = dali["parts"]
     assert part["status"] == "skipped" and part["why"].startswith("no NVIDIA DALI here"), part
+
+
+def test_a_test_part_cut_short_still_says_which_tests_passed(tmp_path):
+    """pytest writes its junit XML only at the end: quick reads a cut-short part's -v lines
+    (plain and pytest-xdist's) from its log instead, from where that part began."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    log = tmp_path / "quick.log"
+    log.write_text("tests/test_gpu.py::test_old PASSED  [ 1%]\n")
+    start = log.stat().st_size
+    with log.open("a") as f:
+        f.write("tests/test_gpu.py::test_a PASSED    [ 10%]\n[gw1] [ 50%] FAILED tests/test_gpu.py::test_b[bf16]\n"
+                "tests/test_gpu.py::test_c SKIPPED (no CUDA GPU)   [ 60%]\n")
+    got = gpu_check._results_in_log(log, start)
+    assert (got["passed"], got["failures"], got["skipped"], got["tests"]) == (1, 1, 1, 3), got
+    assert got["failed"] == ["tests/test_gpu.py::test_b[bf16]"] and "test_old" not in str(got["results"])

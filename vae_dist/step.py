@@ -85,7 +85,6 @@ class TrainStep:
         self.lrs = [torch.zeros((), device=self.device) for _ in self.raw_optimizer.param_groups]
         self.bind_lr()
         self.meters = torch.zeros(MAX_CONSECUTIVE + 1, device=self.device)
-        self.autocast_cache = True  # off under a whole-step CUDA graph (GraphedStep)
         if compile_mode:
             self.forward_loss = torch.compile(self._forward_loss, mode=compile_mode, dynamic=False)
             # the tail mutates grads and meters in place: no CUDA graph (its inputs change every step)
@@ -104,10 +103,12 @@ class TrainStep:
         images = unit_float(images)  # uint8 from the loaders: converted here, fused by the compiler
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        # no cast cache under a CUDA graph capture (PyTorch's CUDA-graph notes): a cached bf16 copy of
-        # a weight would be the captured one, and replays would read stale weights
+        # no cast cache: under a CUDA graph capture a cached bf16 copy of a weight would be the
+        # captured one and replays would read stale weights (PyTorch's CUDA-graph notes), and the
+        # cache saves nothing here (each weight is cast once a forward); the same setting with and
+        # without the graph also lets both share one compiled graph (inductor's cache)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None, cache_enabled=self.autocast_cache):
+                            enabled=self.autocast_dtype is not None, cache_enabled=False):
             x_hat, mu, logvar = self.model(images)
         recon = recon_loss(x_hat, images, self.recon_kind, self.log_sigma)
         kl, kl_objective = kl_terms(mu, logvar, self.free_bits)
@@ -225,7 +226,6 @@ class GraphedStep:
 
     def capture(self, images: torch.Tensor) -> None:
         step, opt = self.step, self.step.raw_optimizer
-        step.autocast_cache = False
         for group in opt.param_groups:
             group["capturable"] = True  # fused Adam keeps its step count on the device already
         self.static_images = images.clone()
