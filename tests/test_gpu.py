@@ -178,18 +178,21 @@ def test_compiled_bf16_channels_last_does_not_recompile_and_matches_eager(shards
 
 
 def test_a_whole_step_cuda_graph_starts_fresh_trains_skips_nonfinite_and_never_waits(shards, tmp_path):
-    """train.cuda_graph: the capture's warm-up is undone (after one step Adam has counted one),
-    replays update the live weights, a NaN batch leaves everything bit-identical, 20 replays
-    make no host sync, and the loss falls as without the graph."""
+    """train.cuda_graph: the capture's warm-up is undone (two uncaptured steps first, as a resumed
+    run brings: after the first graphed step Adam has counted three), replays update the live
+    weights, a NaN batch leaves everything bit-identical, 20 replays make no host sync, and the
+    loss falls."""
     trainer = _trainer(shards, tmp_path, "--train.cuda_graph=true", "--model.compile=true",
                        "--train.precision=bf16", "--data.cache=gpu")
     batches = trainer.train_loader.epoch(0)
     good = next(batches)[0].float() / 255  # float batches: the static input can then hold a NaN
+    for _ in range(2):
+        trainer.step.step(good, 1e-3, 0.0)  # the TrainStep inside, uncaptured: an optimizer state to keep
     before = _snapshot(trainer)[0]
     trainer.train_step(good)  # captures
     assert trainer.step.graph is not None
     state = trainer.step.raw_optimizer.state
-    assert {int(s["step"].item()) for s in state.values()} == {1}, "the warm-up's steps were not undone"
+    assert {int(s["step"].item()) for s in state.values()} == {3}, "the warm-up's steps were not undone"
     assert not _same(before, _snapshot(trainer)[0])
     first = trainer.step.meters[LOSS].item()
     assert_nan_step_changes_nothing(trainer, good)

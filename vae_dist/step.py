@@ -202,8 +202,8 @@ class GraphedStep:
     graph and replayed from a static input buffer: one launch a step instead of hundreds, which
     is what bounds the seed VAE at small batches. Captured at the first call (after a resume
     has loaded the optimizer state), from three warm-up steps on a side stream whose updates
-    are then undone, so training starts from the same weights and fresh Adam moments as
-    without the graph. lr and beta stay device tensors that the host fills before each replay;
+    are then undone, so training starts from the same weights and Adam state (fresh, or the
+    resumed one) as without the graph. lr and beta stay device tensors that the host fills before each replay;
     the meters, the weights and Adam's state are the graph's own tensors, updated in place.
     Everything else (evaluation, checkpoints, the metrics window) sees the TrainStep inside."""
 
@@ -231,6 +231,7 @@ class GraphedStep:
         self.static_images = images.clone()
         params = [p.detach().clone() for p in step.params]
         meters = step.meters.clone()
+        state = {p: {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for p, s in opt.state.items()}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), warnings.catch_warnings():
@@ -238,12 +239,14 @@ class GraphedStep:
             for _ in range(self.WARMUP):  # compiles, autotunes cuDNN, creates Adam's state
                 step.update(self.static_images)
         torch.cuda.current_stream().wait_stream(side)
-        with torch.no_grad():  # undo the warm-up: the same start as an uncaptured run
+        with torch.no_grad():  # undo the warm-up: the same start as an uncaptured run (or a resumed one)
             for p, saved in zip(step.params, params):
                 p.copy_(saved)
-            for state in opt.state.values():
-                for value in state.values():
-                    if torch.is_tensor(value):
+            for p, values in opt.state.items():  # a resumed state as loaded; one the warm-up made: fresh
+                for k, value in values.items():
+                    if torch.is_tensor(value) and p in state:
+                        value.copy_(state[p][k])
+                    elif torch.is_tensor(value):
                         value.zero_()
             step.meters.copy_(meters)
         opt.zero_grad(set_to_none=True)  # the captured backward allocates the gradients it then rewrites
