@@ -289,7 +289,7 @@ def test_the_gpu_tests_know_what_is_installed():
 
     if not HAVE_DALI:
         warnings.warn(f"no NVIDIA DALI on this GPU machine ({torch.cuda.get_device_name()}): the DALI GPU tests "
-                      "skipped; carry the dali-NN parts (launch/gpu_check.sh)", stacklevel=1)
+                      "skipped; carry the dali-slim parts (docs/gpu_check.md: the DALI window)", stacklevel=1)
     if GPUS < 2:
         warnings.warn(f"{GPUS} GPU: the DDP replica test skipped", stacklevel=1)
     assert GPUS >= 1 and Path(ROOT / "tests" / "ddp_replicas.py").is_file()
