@@ -133,7 +133,7 @@ def test_a_bad_phase_is_one_line_and_a_failing_part_is_recorded(tmp_path):
     assert late["status"] == "skipped" and late["why"].startswith("no time left in this call")
 
 
-def test_dali_parts_carried_over_calls_install_once_whole_and_dali_says_when_missing(tmp_path):
+def test_the_dali_parts_carried_over_calls_install_once_whole_and_the_phase_says_when_dali_is_missing(tmp_path):
     """launch/pack_dali.sh's format (an installed tree, tar'ed, xz'ed, split), here with a stand-in
     package: a call carrying the first part stashes it and installs nothing; the call carrying
     the last installs the whole tree, which the phases then import. Without DALI, the dali phase
