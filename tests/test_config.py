@@ -217,3 +217,16 @@ def test_a_word_for_a_text_key_stays_text():
     assert (cfg.log.name, cfg.log.tags, cfg.log.group) == ("no", ("yes", "off"), "on")
     r = run_cli("train", "--print-config", "--train.precision=false")
     assert r.returncode == 0 and "precision: 'no'" in r.stdout  # false is fp32 too
+
+def test_the_throughput_preset_loads_and_follows_its_rule():
+    """launch/configs/throughput.yaml: batch 512 at the square-root lr rule, a tenth of Tiny
+    ImageNet's steps of warm-up, 4x the seed's epochs (docs/scaling.md, the lr study)."""
+    from pathlib import Path
+
+    from vae_dist.config import build_config
+
+    cfg = build_config(str(Path(__file__).resolve().parents[1] / "launch" / "configs" / "throughput.yaml"))
+    t, o = cfg.train, cfg.optim
+    assert t.batch_size == 512 and t.epochs == 4 * 20
+    assert o.lr == pytest.approx(1e-3 * (512 / 64) ** 0.5, rel=0.02)
+    assert o.warmup_steps == pytest.approx(0.1 * (100_000 // 512) * t.epochs, rel=0.01)
