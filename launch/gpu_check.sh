@@ -38,7 +38,9 @@ fi
 # DALI travels as launch/pack_dali.sh's parts, one per call (docs/gpu_check.md: the DALI window):
 # every call stashes the parts it carried on the machine, and once they make a whole archive the
 # installed tree is unpacked into $site (no pip: seconds). `quick` needs no DALI and installs none.
-stash=${GPU_CHECK_DALI_STASH:-/tmp/vae-dist-dali-parts}
+# the stash lives in the checkout (git-ignored), which a warm device machine keeps between calls:
+# private to this checkout, never a folder that other runs on the machine share
+stash=${GPU_CHECK_DALI_STASH:-$PWD/.dali-stash}
 if compgen -G "$carried/dali-slim-*" >/dev/null; then
   mkdir -p "$stash" && cp "$carried"/dali-slim-* "$stash"/
   echo "gpu_check: stashed $(ls "$carried"/dali-slim-* | xargs -n1 basename | tr '\n' ' ')in $stash ($(ls "$stash" | wc -l) parts there)"
@@ -75,6 +77,13 @@ try:
 except (EOFError, lzma.LZMAError, tarfile.TarError, OSError) as e:
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"gpu_check: the {len(parts)} DALI parts in {stash} do not make a whole archive yet ({e}): no DALI", file=sys.stderr)
+    sys.exit(1)
+built = glob.glob(os.path.join(tmp, "nvidia", "dali", "backend_impl.cpython-*.so"))
+mine = f"cpython-{sys.version_info.major}{sys.version_info.minor}-"
+if built and not any(mine in b for b in built):  # launch/pack_dali.sh keeps one Python's modules (3.12)
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"gpu_check: the DALI parts in {stash} hold DALI for {os.path.basename(built[0]).split('.')[1]}, not "
+          f"this Python {sys.version.split()[0]}: no DALI", file=sys.stderr)
     sys.exit(1)
 shutil.copytree(tmp, site, dirs_exist_ok=True)
 shutil.rmtree(tmp)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: creates the environment if needed, lints, runs the whole suite.
-#   bash launch/test.sh            # everything (about 14 minutes on 2 CPU cores)
+#   bash launch/test.sh            # everything (about 27 minutes on 2 CPU cores, measured)
 #   bash launch/test.sh -k data    # extra arguments go to pytest
 #   PYTHON=python3 bash launch/test.sh -m gpu   # a machine that has everything: no venv (env.sh)
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"

@@ -20,7 +20,11 @@ in_gpu_check = pytest.mark.skipif(bool(os.environ.get("VAE_DIST_IN_GPU_CHECK")),
 
 
 def _check(tmp_path, *args, timeout=900, env=None, work=True):
+    """gpu_check.sh as on the device, with nothing carried (never a developer's own .devwheels/)
+    and its site, stash and work folders in tmp_path."""
+    (tmp_path / "carried").mkdir(exist_ok=True)
     env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "VAE_DIST_SITE": str(tmp_path / "site"),
+           "GPU_CHECK_DEVWHEELS": str(tmp_path / "carried"), "GPU_CHECK_DALI_STASH": str(tmp_path / "stash"),
            **({"VAE_DIST_WORK": str(tmp_path / "work")} if work else {}), **(env or {})}
     return subprocess.run(["bash", str(ROOT / "launch" / "gpu_check.sh"), *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=tmp_path)
