@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("quick", "dali", "env", "tests", "bench", "tin20")
 PY = sys.executable
 MARGIN_S = 25  # kept back from each part's share: the summary and the transfer back
+PYTEST = [PY, "-m", "pytest", "-rs", "-p", "no:cacheprovider", "-p", "no:logging"]  # + -q or -v
 # the GPU issue's targets (one H100; an H200 counts, the summary says which)
 TARGETS = {"e2e_cache_large_bf16": 100e3, "e2e_b64": 40e3, "e2e_vs_seed_b64": 10.0, "dali_mixed_decode": 50e3}
 
@@ -231,8 +232,6 @@ def _sample_set(phase: Phase, work: Path, name: str, train_per_class: int, val_p
 # the GPU issue's targets that `quick` can judge (one H100; an H200 counts, the JSON says which)
 QUICK_TARGETS = {"e2e_cache_large_bf16": (100e3, "img/s"), "e2e_b64": (40e3, "img/s"),
                  "e2e_vs_seed_b64": (10.0, "x"), "tin20_train_s": (20.0, "s, at most")}
-# each part's share of the budget at most, and what it keeps back for the parts after it (the
-# order is the order of value: a call cut short returns the most useful numbers)
 PRESET = ROOT / "launch" / "configs" / "throughput.yaml"
 # a graph row after the default row of its batch: both compile the same graph, so the second
 # finds it in inductor's on-disk cache (as do the e2e and 20-epoch runs at 64 and 1024 later)
@@ -244,7 +243,9 @@ QUICK_STEP_ROWS = ("default:bf16:64,graph:bf16:64,eager:fp32:64,default:bf16:102
 def phase_quick(phase: Phase, args) -> None:
     """The headline in one call, in the order of value: env, the step rows, end to end through
     the cache at 64 and 1024 beside the seed's own loop on a Tiny-ImageNet-sized set, the GPU
-    tests that need no DALI, then (time left) 20 epochs; the verdict against the targets."""
+    tests that need no DALI, then (time left) 20 epochs; the verdict against the targets. Each
+    part runs for a share of the budget at most and keeps time back for the parts after it, so
+    a call cut short returns the most useful numbers."""
     smoke, out, work, r = args.smoke, phase.out, args.work, phase.results
     budget = phase.deadline.seconds
     r.update(budget_s=budget, verdict={}, lines=[])
@@ -279,7 +280,7 @@ def phase_quick(phase: Phase, args) -> None:
     # -v: each result is a line in the log as it comes, so a part cut at its time still says
     # which passed (the junit XML is written only at the end); 4 workers share the one GPU
     workers = ["-n", "4"] if _have("xdist") and not smoke else []
-    base = [PY, "-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider", "-p", "no:logging", *workers]
+    base = [*PYTEST, "-v", *workers]
     log_start = (out / "quick.log").stat().st_size
     phase.run("gpu tests (no DALI)", [*base, "-m", "gpu and not dali", "tests/test_gpu.py", f"--junitxml={junit}"],
               0.2 * budget, keep=0.05 * budget, outputs=(junit,))
@@ -377,7 +378,7 @@ def phase_dali(phase: Phase, args) -> None:
     if not r["dali"]:
         phase.run("dali", [], 0, skip="no NVIDIA DALI here: carry launch/pack_dali.sh's parts (docs/gpu_check.md)")
         return
-    base = [PY, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-p", "no:logging"]
+    base = [*PYTEST, "-q"]
     gpu_xml, cpu_xml = out / "junit-dali-gpu.xml", out / "junit-dali-cpu.xml"
     phase.run("dali gpu tests", [*base, "-m", "gpu and dali", "tests/test_gpu.py", f"--junitxml={gpu_xml}"],
               0.3 * budget, keep=0.45 * budget, outputs=(gpu_xml,))
@@ -497,7 +498,7 @@ def _junit(path: Path) -> dict:
 
 
 def phase_tests(phase: Phase, args) -> None:
-    base = [PY, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-p", "no:logging"]
+    base = [*PYTEST, "-q"]
     if _have("pytest_timeout"):  # one hung test must not take the call with it
         base.append("--timeout=300")
     gpu_xml, suite_xml = phase.out / "junit-gpu.xml", phase.out / "junit-suite.xml"

@@ -5,7 +5,14 @@ Every loader yields uint8 NCHW batches: a quarter of the bytes of float to decod
 copy and move to the GPU; the step turns them into floats inside its compiled region.
 """
 
+import os
+
 import torch
+
+
+def available_cores() -> int:
+    """The cores this process may run on (a SLURM job's or a container's, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def unit_float(images: torch.Tensor) -> torch.Tensor:

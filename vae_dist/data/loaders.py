@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-from vae_dist.data import dali
+from vae_dist.data import available_cores, dali
 from vae_dist.data.partition import epoch_order, steps_per_epoch
 from vae_dist.data.shards import ShardSet
 from vae_dist.data.tar_decode import decode_split_on_cpus
@@ -30,7 +30,7 @@ def local_processes() -> int:
 
 def default_threads() -> int:
     """Decode threads per process: this node's cores shared by its processes."""
-    return max(1, len(os.sched_getaffinity(0)) // local_processes())
+    return max(1, available_cores() // local_processes())
 
 
 def resolve_loader_kind(kind: str) -> str:

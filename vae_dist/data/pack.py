@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from vae_dist.data import available_cores
 from vae_dist.data.images import to_shard_jpeg
 from vae_dist.data.shards import MANIFEST, ShardWriter, shard_name, write_json_atomic
 from vae_dist.data.sources import list_source, open_source
@@ -63,11 +64,6 @@ def _convert(record: Record):
         return record, None, f"unreadable file ({e})", {}
     jpeg, reason, changes = to_shard_jpeg(data, _OPTS.image_size, _OPTS.quality, _OPTS.keep_source)
     return record, jpeg, reason, changes
-
-
-def available_cores() -> int:
-    """The cores this process may run on (a SLURM job's or a container's, not the machine's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def check_image_size(size: int) -> None:

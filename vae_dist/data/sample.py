@@ -11,7 +11,6 @@ the resizing and JPEG encoding (the cost: ~1 ms an image) is spread over process
 from __future__ import annotations
 
 import multiprocessing
-import os
 import random
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from vae_dist.data import available_cores
 from vae_dist.files import output_dir
 
 # (file in skimage/data, class name). All ship in the scikit-image wheel.
@@ -81,7 +81,7 @@ def make_sample_dataset(
 ) -> Path:
     """`workers`: rendering processes (0: the cores this process may use); the images are the same for any."""
     out = output_dir(out, "sample-data output folder")
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or available_cores()
     rng = random.Random(seed)
     photos = []
     _PHOTOS.clear()

@@ -11,12 +11,12 @@ Measured on 2 CPU cores (docs/gpu_check.md): ~2x one process, and no DALI pipeli
 from __future__ import annotations
 
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
 
+from vae_dist.data import available_cores
 from vae_dist.data.shards import ShardIndex, damaged_sample, decode_failure, decode_rgb
 from vae_dist.errors import DataError
 
@@ -42,7 +42,7 @@ def decode_shard(tar: str, idx: str, image_size: int) -> tuple[np.ndarray, np.nd
 
 def pool_workers(shards: int, workers: int | None = None) -> int:
     """Processes for `shards` tasks: the cores this process may use (a SLURM job's), at most one per shard."""
-    cores = workers or len(os.sched_getaffinity(0))
+    cores = workers or available_cores()
     return max(1, min(cores, shards))
 
 
