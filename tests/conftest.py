@@ -79,7 +79,20 @@ def shards(sample_root, tmp_path_factory) -> Path:
 
 
 def run_cli(*args: str, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
-    """`python -m vae_dist ...` as a user runs it."""
+    """`vae-dist ...` run in this process (tests/in_process.py): its exit code, stdout and stderr
+    as a user's process gives them, without the interpreter start. A call that hides the GPUs
+    (CUDA_VISIBLE_DEVICES=) on a GPU machine gets a real process: CUDA, once up, stays visible."""
+    env = {"WANDB_SILENT": "true", **(env or {})}
+    if CUDA and env.get("CUDA_VISIBLE_DEVICES") == "":
+        return run_process(*args, cwd=cwd, env=env, timeout=timeout)
+    from .in_process import run_in_process
+
+    return run_in_process(list(args), env, cwd=cwd)
+
+
+def run_process(*args: str, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """`python -m vae_dist ...`: a real process, where the process is the point (its exit as the
+    shell sees it, what only a fresh interpreter shows)."""
     full_env = {**os.environ, "WANDB_SILENT": "true", **(env or {})}
     return subprocess.run([sys.executable, "-m", "vae_dist", *args], capture_output=True, text=True,
                           cwd=cwd, env=full_env, timeout=timeout)
