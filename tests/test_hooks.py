@@ -1,24 +1,29 @@
-"""Rank-zero hooks: W&B offline runs read back from disk, pictures, broken loggers, viz."""
+"""Rank-zero hooks: W&B offline runs read back from disk, pictures, broken loggers, viz.
+The two-rank W&B run is read back by tests/test_train.py's DDP launch (check_pictures_and_wandb)."""
 
 import json
 from pathlib import Path
 
 from vae_dist.hooks import wandb_mode
 
-from .conftest import TINY_MODEL, accelerate_launch, library_warnings, needs_loader, needs_wandb, run_cli
+from .conftest import HAVE_WANDB, TINY_MODEL, needs_loader, needs_wandb, run_cli
 from .wandb_reader import history_keys
 
 ARGS = [*TINY_MODEL, "--train.batch_size=16", "--data.num_threads=1", "--log.log_every=2",
         "--train.eval_every=6", "--log.image_every=6", "--train.checkpoint_every=0", "--train.max_steps=12"]
 
 
-@needs_loader
-@needs_wandb
-def test_wandb_offline_run_has_scalars_and_pictures_and_one_run_for_two_ranks(shards, tmp_path):
-    run = tmp_path / "run"
-    r = accelerate_launch(2, "train", f"--data.shards={shards}", f"--train.out_dir={run}", *ARGS,
-                          "--log.wandb_mode=offline", env={"WANDB_API_KEY": ""})
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+def check_pictures_and_wandb(run: Path, steps: tuple[int, ...]) -> None:
+    """What rank 0 alone writes in a run of two ranks (tests/test_train.py's launch): the pictures
+    at each image step, the loss curves, and, with wandb, one offline W&B run (rank 1 made none)
+    holding every scalar and the pictures."""
+    for picture in ("reconstructions", "samples", "interpolations", "latent_space", "traversal"):
+        for step in steps:
+            assert (run / "images" / f"{picture}_step{step:07d}.png").is_file(), (picture, step)
+    assert (run / "images" / "loss_curves.png").stat().st_size > 1000
+    _check_loss_curves(run / "metrics.jsonl")
+    if not HAVE_WANDB:
+        return
     runs = list((run / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs  # rank 1 made none
     wandb_files = list(runs[0].glob("run-*.wandb"))
@@ -31,13 +36,6 @@ def test_wandb_offline_run_has_scalars_and_pictures_and_one_run_for_two_ranks(sh
     for picture in ("reconstructions", "samples", "interpolations", "latent_space"):
         assert f"images/{picture}/path" in keys, picture
         assert list(runs[0].glob(f"files/media/images/images/{picture}_*.png")), picture
-    # the same pictures as PNG files in the run folder, and the loss curves
-    for picture in ("reconstructions", "samples", "interpolations", "latent_space", "traversal"):
-        assert (run / "images" / f"{picture}_step0000006.png").is_file()
-        assert (run / "images" / f"{picture}_step0000012.png").is_file()
-    assert (run / "images" / "loss_curves.png").stat().st_size > 1000
-    assert library_warnings(r.stderr) == [], r.stderr
-    _check_loss_curves(run / "metrics.jsonl")
 
 
 def _check_loss_curves(metrics: Path) -> None:

@@ -3,6 +3,7 @@ wire) and gradient accumulation (train.grad_accum_steps, no all-reduce on the mi
 docs/scaling.md says what they are for."""
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -53,25 +54,28 @@ def test_each_comm_hook_trains_and_the_replicas_stay_identical(shards, tmp_path,
     assert sum(x["loss"] for x in rows[-3:]) < sum(x["loss"] for x in rows[:3])  # the loss goes down
 
 
-def test_accumulation_matches_the_doubled_batch_and_all_reduces_once_a_step(shards, tmp_path):
+def test_accumulation_matches_the_doubled_batch_all_reduces_once_a_step_and_resumes_exactly(shards, tmp_path):
     """2 processes x 2 micro-batches of 8 is, step for step, 2 processes x batch 16 (the same
     images, the mean of the two micro-batch gradients is the batch's), and each optimizer step
-    all-reduces the gradient buckets once, not once per micro-batch."""
-    profiled = ["--train.profile_steps=1,3", "--train.max_steps=4"]
-    accum, doubled = tmp_path / "accum", tmp_path / "doubled"
-    r = accelerate_launch(2, "train", f"--data.shards={shards}", f"--train.out_dir={accum}", *EXACT, *profiled,
-                          "--train.batch_size=8", "--train.grad_accum_steps=2")
+    all-reduces the gradient buckets once, not once per micro-batch. Checkpoints and agreed stops
+    fall on optimizer steps: 3 steps, a checkpoint, 3 more from it give the weights of the 6
+    steps in one go, bit for bit."""
+    base = ["train", f"--data.shards={shards}", *EXACT, "--train.checkpoint_every=3",
+            "--loss.kl_schedule=constant"]  # the same beta whatever max_steps (the linear warm-up spans the run)
+    accum = [*base, "--train.batch_size=8", "--train.grad_accum_steps=2"]
+    profiled = ["--train.profile_steps=1,3", "--train.max_steps=6"]  # the profiler changes no number
+    whole, doubled, halves = tmp_path / "accum", tmp_path / "doubled", tmp_path / "halves"
+    r = accelerate_launch(2, *accum, f"--train.out_dir={whole}", *profiled)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "batch_per_process=8, grad_accum_steps=2, global_batch=32" in r.stdout
-    r = accelerate_launch(2, "train", f"--data.shards={shards}", f"--train.out_dir={doubled}", *EXACT, *profiled,
-                          "--train.batch_size=16")
+    r = accelerate_launch(2, *base, f"--train.out_dir={doubled}", *profiled, "--train.batch_size=16")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    a, b = _rows(accum), _rows(doubled)
-    assert [x["step"] for x in a] == [x["step"] for x in b] == [1, 2, 3, 4, 4]  # 4 steps, then the final eval
+    a, b = _rows(whole), _rows(doubled)
+    assert [x["step"] for x in a] == [x["step"] for x in b] == [1, 2, 3, 4, 5, 6, 6]  # 6 steps, then the final eval
     for x, y in zip(a, b):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
     assert all(x["img_per_s"] > 0 for x in a if "split" not in x)
-    wa, wb = load_file(str(accum / "model.safetensors")), load_file(str(doubled / "model.safetensors"))
+    wa, wb = load_file(str(whole / "model.safetensors")), load_file(str(doubled / "model.safetensors"))
     torch.manual_seed(0)  # the trainer's init for train.seed=0
     w0 = VAE(VAEConfig(widths=(8, 16, 16, 32), latent_dim=8)).state_dict()
     da = torch.cat([(wa[k] - w0[k]).flatten() for k in w0])
@@ -79,44 +83,52 @@ def test_accumulation_matches_the_doubled_batch_and_all_reduces_once_a_step(shar
     # the same updates up to float rounding (summing two half-batch gradients rounds otherwise)
     assert db.norm() > 1e-3 and (da - db).norm() / db.norm() < 1e-4, float((da - db).norm() / db.norm())
     # two profiled steps: the same bucket all-reduces per optimizer step with and without accumulation
-    assert _allreduces(accum) == _allreduces(doubled) > 0
-    assert _allreduces(accum, rank=1) == _allreduces(accum)
+    assert _allreduces(whole) == _allreduces(doubled) > 0
+    assert _allreduces(whole, rank=1) == _allreduces(whole)
 
-
-def test_a_resume_with_accumulation_continues_exactly(shards, tmp_path):
-    """Checkpoints and agreed stops fall on optimizer steps: 3 steps, a checkpoint, 3 more from
-    it give the weights of 6 steps in one go, bit for bit."""
-    args = ["train", f"--data.shards={shards}", *EXACT, "--train.batch_size=8", "--train.grad_accum_steps=2",
-            "--train.checkpoint_every=3", "--log.log_every=3",
-            "--loss.kl_schedule=constant"]  # the same beta whatever max_steps (the linear warm-up spans the run)
-    whole, halves = tmp_path / "whole", tmp_path / "halves"
-    r = accelerate_launch(2, *args, f"--train.out_dir={whole}", "--train.max_steps=6")
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    r = accelerate_launch(2, *args, f"--train.out_dir={halves}", "--train.max_steps=3")
+    r = accelerate_launch(2, *accum, f"--train.out_dir={halves}", "--train.max_steps=3", "--log.log_every=3")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     state = json.loads((halves / "checkpoints" / "step_0000003" / "trainer_state.json").read_text())
     assert state["step"] == 3 and state["batch_in_epoch"] == 3 and state["batch_size"] == 16  # 2 x 8 per step
-    r = accelerate_launch(2, *args, f"--train.out_dir={halves}", "--train.max_steps=6")
+    r = accelerate_launch(2, *accum, f"--train.out_dir={halves}", "--train.max_steps=6", "--log.log_every=3")
     assert r.returncode == 0 and "at step 3" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
-    wa, wb = load_file(str(whole / "model.safetensors")), load_file(str(halves / "model.safetensors"))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    wh = load_file(str(halves / "model.safetensors"))
+    assert all(torch.equal(wa[k], wh[k]) for k in wa)
     assert [x["step"] for x in _rows(halves) if "split" not in x] == [3, 6]
 
 
-@pytest.mark.parametrize("extra, error", [
-    (["--train.ddp_static_graph=true", "--train.grad_accum_steps=2"],
-     "train.ddp_static_graph=true cannot run with train.grad_accum_steps=2"),
-    # PowerSGD chains each bucket's all-reduces through callbacks on gloo's threads: with the seed's
-    # 3 buckets the ranks issued them in different orders and gloo aborted (bench comm, measured)
-    (["--train.ddp_comm_hook=powersgd"],
-     "train.ddp_comm_hook=powersgd on gloo"),
-    (["--train.global_batch_size=20", "--train.grad_accum_steps=4"],
-     "train.global_batch_size=20 does not divide by 2 processes x 4 accumulation steps: make it a multiple of 8"),
-])
-def test_a_knob_ddp_cannot_run_is_refused_in_one_line(shards, tmp_path, extra, error):
+def test_powersgd_on_gloo_is_refused_on_every_rank_in_one_line(shards, tmp_path):
+    """check_comm_hook runs on every rank alike (a collective probe for the wire dtypes), after
+    the start is decided and before the folder is claimed: one line for the run, nothing written.
+    PowerSGD chains each bucket's all-reduces through callbacks on gloo's threads: with the seed's
+    3 buckets the ranks issued them in different orders and gloo aborted (bench comm, measured)."""
     run = tmp_path / "run"
     r = accelerate_launch(2, "train", f"--data.shards={shards}", f"--train.out_dir={run}", *EXACT,
-                          "--train.max_steps=2", *extra)
+                          "--train.max_steps=2", "--train.ddp_comm_hook=powersgd")
     errors = [line for line in r.stderr.splitlines() if line.startswith("vae-dist: error:")]
-    assert r.returncode != 0 and len(errors) == 1 and error in errors[0], r.stderr[-3000:]
+    assert r.returncode != 0 and len(errors) == 1 and "train.ddp_comm_hook=powersgd on gloo" in errors[0], \
+        r.stderr[-3000:]
     assert not run.exists()
+
+
+@pytest.mark.parametrize("overrides, error", [
+    (["--train.ddp_static_graph=true", "--train.grad_accum_steps=2"],
+     "train.ddp_static_graph=true cannot run with train.grad_accum_steps=2"),
+    (["--train.global_batch_size=20", "--train.grad_accum_steps=4"],
+     "train.global_batch_size=20 does not divide by 2 processes x 4 accumulation steps: make it a multiple of 8"),
+    (["--model.compile=true", "--model.compile_mode=max-autotune"], "model.compile_mode=max-autotune with 2 processes"),
+])
+def test_what_two_processes_cannot_run_is_refused_by_the_early_checks(overrides, error):
+    """The checks `refuse_early` makes on rank 0 before the run folder is claimed, for a world of
+    two, in this process; how a refusal reaches both ranks as one line with nothing written is
+    tests/test_train.py's two-process launch (test_a_refused_start_under_two_processes...)."""
+    from vae_dist.config import build_config, per_process_batch
+    from vae_dist.distributed import check_ddp_knobs
+    from vae_dist.errors import ConfigError
+    from vae_dist.step import compile_mode_for
+
+    cfg = build_config(None, overrides)
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        per_process_batch(cfg.train, 2)
+        check_ddp_knobs(cfg.train)
+        compile_mode_for(cfg.model, torch.device("cpu"), 2)

@@ -1,6 +1,7 @@
 """Real training: one process and `accelerate launch` with 2 processes (gloo on CPU)."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,8 +14,19 @@ from safetensors.torch import load_file
 from vae_dist.checkpoint import latest_checkpoint, load_weights
 from vae_dist.model import VAE, VAEConfig
 
-from .conftest import CPU_ONLY, CUDA, TINY_MODEL, accelerate_launch, launch_command, library_warnings, needs_loader, run_cli
-from .test_faults import _wait_for_rows
+from .conftest import (
+    CPU_ONLY,
+    CUDA,
+    HAVE_WANDB,
+    TINY_MODEL,
+    accelerate_launch,
+    launch_command,
+    library_warnings,
+    needs_loader,
+    run_cli,
+)
+from .test_faults import _children, _rank_of, _wait_for_rows
+from .test_hooks import check_pictures_and_wandb
 
 pytestmark = needs_loader
 
@@ -27,14 +39,18 @@ def _rows(run: Path, split=None):
     return [r for r in rows if r.get("split") == split]
 
 
-def test_two_process_ddp_checkpoints_and_resumes(shards, tmp_path):
+def test_two_process_ddp_logs_once_checkpoints_and_resumes(shards, tmp_path):
+    """Two ranks, one run: rank 0 alone writes the rows, the pictures and the one W&B run
+    (offline, read back: scalars and pictures); both ranks checkpoint; a resume continues."""
     run = tmp_path / "run"
     args = ["train", f"--data.shards={shards}", f"--train.out_dir={run}", *COMMON, "--optim.lr=3e-3",
-            "--train.checkpoint_every=12", "--train.eval_every=12"]
-    r = accelerate_launch(2, *args, "--train.max_steps=24")
+            "--train.checkpoint_every=12", "--train.eval_every=12", "--log.image_every=12",
+            *(["--log.wandb_mode=offline"] if HAVE_WANDB else [])]  # the last value counts
+    r = accelerate_launch(2, *args, "--train.max_steps=24", env={"WANDB_API_KEY": ""})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("training: processes=2") == 1  # rank 0's lines once
     assert library_warnings(r.stderr) == [], r.stderr  # e.g. DDP's broadcast_buffers FutureWarning, once a rank
+    check_pictures_and_wandb(run, steps=(12, 24))
     rows = _rows(run)
     assert [row["step"] for row in rows] == list(range(2, 25, 2))  # rank 0 alone writes: no duplicate rows
     assert sum(x["loss"] for x in rows[-3:]) < sum(x["loss"] for x in rows[:3])  # loss goes down
@@ -46,7 +62,8 @@ def test_two_process_ddp_checkpoints_and_resumes(shards, tmp_path):
     assert state["world_size"] == 2 and state["step"] == 24
     assert len(_rows(run, "val")) >= 2 and all(v["images"] == 60 for v in _rows(run, "val"))  # each val sample once
 
-    r = accelerate_launch(2, *args, "--train.max_steps=36", "--train.resume=auto")
+    r = accelerate_launch(2, *args, "--train.max_steps=36", "--train.resume=auto", "--log.wandb_mode=disabled",
+                          "--log.image_every=1000")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("resumed from") == 1 and "at step 24" in r.stdout
     assert library_warnings(r.stderr) == [], r.stderr
@@ -88,33 +105,60 @@ def test_one_process_2b_equals_two_processes_b(shards, tmp_path):
     assert (da - db).norm() / da.norm() < 0.03
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_sigterm_checkpoints_and_resumes(shards, tmp_path, nproc):
-    """SIGTERM (preemption) to `python -m vae_dist` or to `accelerate launch`, which
-    forwards it to both ranks: they agree on a step, checkpoint, and exit 143."""
+def test_sigterm_checkpoints_and_resumes(shards, tmp_path):
+    """SIGTERM (preemption) to `python -m vae_dist`: it checkpoints at the next sync point,
+    exits 143, and a resume continues from there to its last step."""
     run = tmp_path / "run"
     args = ["train", f"--data.shards={shards}", f"--train.out_dir={run}", *COMMON,
             "--train.checkpoint_every=0", "--train.eval_every=0"]
-    cmd = [sys.executable, "-m", "vae_dist", *args, "--train.max_steps=100000"]
-    if nproc == 2:
-        cmd = launch_command(2) + cmd[3:]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "vae_dist", *args, "--train.max_steps=100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_rows(run, proc, rows=3)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert "stopped by signal 15" in out, err[-3000:]
-    if nproc == 1:
-        assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    step = _stopped_step(run, nproc=1)
+    r = run_cli(*args, f"--train.max_steps={step + 4}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"at step {step}" in r.stdout
+    assert latest_checkpoint(run).name == f"step_{step + 4:07d}"
+
+
+def test_sigterm_to_the_launcher_or_to_one_rank_stops_both_ranks_at_one_step(shards, tmp_path):
+    """Under `accelerate launch`, two ways a signal comes: to the launcher, which forwards it to
+    both ranks, and to rank 1 alone (at any moment; epochs of 6 steps end in an evaluation).
+    Either way the ranks agree at the next sync point, both checkpoint that step, nothing hangs,
+    and the next launch resumes from it."""
+    run = tmp_path / "run"
+    args = ["train", f"--data.shards={shards}", f"--train.out_dir={run}", *COMMON,
+            "--train.checkpoint_every=0", "--train.max_steps=100000"]
+    launcher = subprocess.Popen(launch_command(2) + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_rows(run, launcher, rows=3)
+    launcher.send_signal(signal.SIGTERM)
+    out, err = launcher.communicate(timeout=120)
+    assert "stopped by signal 15" in out, err[-3000:]
+    first = _stopped_step(run, nproc=2)
+
+    resumed = subprocess.Popen(launch_command(2) + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_rows(run, resumed, rows=len((run / "metrics.jsonl").read_text().splitlines()) + 2)
+    workers = {_rank_of(p): p for p in _children(resumed.pid)}
+    assert set(workers) >= {0, 1}, workers
+    os.kill(workers[1], signal.SIGTERM)
+    out, err = resumed.communicate(timeout=180)
+    assert f"at step {first}" in out and "stopped by signal 15" in out, err[-3000:]
+    assert _stopped_step(run, nproc=2) > first
+
+
+def _stopped_step(run: Path, nproc: int) -> int:
+    """The step of the checkpoint a stop wrote: every rank's RNG in it, at a sync point."""
     ckpt = latest_checkpoint(run)
     assert ckpt is not None, "no checkpoint after SIGTERM"
     assert sorted(p.name for p in ckpt.glob("rng_rank*.pt")) == [f"rng_rank{r}.pt" for r in range(nproc)]
     step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
-    assert step >= 6
-    resume = [*args, f"--train.max_steps={step + 4}"]
-    r = run_cli(*resume) if nproc == 1 else accelerate_launch(2, *resume)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert f"at step {step}" in r.stdout
-    assert latest_checkpoint(run).name == f"step_{step + 4:07d}"
+    assert step >= 6, step
+    assert nproc == 1 or step % 2 == 0, step  # ranks agree at a sync point (log.log_every=2)
+    return step
 
 
 def test_nonfinite_loss_stops_with_a_clear_message(shards, tmp_path):
@@ -168,16 +212,15 @@ def test_eval_scores_the_same_images_with_one_sigma_whatever_the_launch(shards, 
     assert a["sigma"] == pytest.approx(b["sigma"], rel=0.02)  # the same images, other noise
 
 
-@pytest.mark.parametrize("case", ["missing shards", "compile mode", "batch split"])
+@pytest.mark.parametrize("case", ["missing shards", "batch split"])
 def test_a_refused_start_under_two_processes_is_one_line_and_writes_nothing(shards, tmp_path, case):
-    """Rank 0 opens the shard folder and checks what the Trainer's setup would refuse, and hands
-    every rank the result (or its error), before the run folder is claimed: one line for the
-    run, and no run folder left behind (nor its parent, made for it)."""
+    """Rank 0 opens the shard folder and checks what the Trainer's setup would refuse
+    (`refuse_early`), and hands every rank the result (or its error), before the run folder is
+    claimed: one line for the run, and no run folder left behind (nor its parent, made for it).
+    The other checks `refuse_early` makes for two processes: test_scale_out.py, in-process."""
     run = tmp_path / "new" / "run"
     shard_dir, extra, error = {
         "missing shards": (tmp_path / "missing", [], f"shard folder not found: {tmp_path / 'missing'}"),
-        "compile mode": (shards, ["--model.compile=true", "--model.compile_mode=max-autotune"],
-                         "model.compile_mode=max-autotune with 2 processes"),
         "batch split": (shards, ["--train.global_batch_size=15"], "train.global_batch_size=15 does not divide by 2"),
     }[case]
     r = accelerate_launch(2, "train", f"--data.shards={shard_dir}", f"--train.out_dir={run}", *COMMON,
