@@ -9,4 +9,8 @@ if "$PY" -m ruff --version >/dev/null 2>&1; then
 else
   echo "test.sh: ruff is not installed here: lint skipped" >&2
 fi
-exec "$PY" -m pytest -q -p no:logging "$@"
+# two pytest-xdist workers (TEST_WORKERS=0: one process), each test handed to the first free one;
+# a later -n in the arguments wins
+workers=()
+[ "${TEST_WORKERS:-2}" != 0 ] && "$PY" -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-2}" --dist worksteal)
+exec "$PY" -m pytest -q -p no:logging "${workers[@]}" "$@"

@@ -33,9 +33,15 @@ needs_slurm = pytest.mark.skipif(_cluster_up() is not None, reason=str(_cluster_
 pytestmark = needs_loader
 
 
+def _submit_env() -> dict:
+    """The environment sbatch hands the job, without the suite's OMP_NUM_THREADS (conftest.py): the
+    script sets its own from the job's CPUs, and that is what is tested."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    return {**env, "GPUS_PER_NODE": "1", "PYTHON": sys.executable, "WANDB_SILENT": "true", **CPU_ONLY}
+
+
 def _sbatch(shards, out: Path, *extra, env=None) -> str:
-    env = {**os.environ, "GPUS_PER_NODE": "1", "PYTHON": sys.executable, "WANDB_SILENT": "true", **CPU_ONLY,
-           **(env or {})}
+    env = {**_submit_env(), **(env or {})}
     r = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1",
                         f"--output={out}/slurm-%j.out", "launch/train_slurm.sh", f"--data.shards={shards}",
                         f"--train.out_dir={out / 'run'}", *ARGS, *extra],
@@ -127,7 +133,7 @@ def test_signalled_job_requeues_once_resumes_and_completes(shards, tmp_path):
 def test_job_without_training_arguments_trains_with_the_defaults(tmp_path):
     """No arguments after the script: `vae-dist train` with its defaults, run in the submit
     folder (here without a `shards` folder, so its one-line error, not an empty argument's)."""
-    env = {**os.environ, "GPUS_PER_NODE": "1", "PYTHON": sys.executable, "WANDB_SILENT": "true", **CPU_ONLY}
+    env = _submit_env()
     r = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1",
                         f"--output={tmp_path}/slurm-%j.out", str(ROOT / "launch" / "train_slurm.sh")],
                        cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
