@@ -76,6 +76,7 @@ def test_unknown_e2e_variant_is_a_one_line_error(shards):
         "vae-dist: error: unknown e2e variant 'warp' (choose from seed, fast, cache, graph)"
 
 
+@pytest.mark.slow
 def test_every_compiled_step_row_really_compiled_its_own_graphs(tmp_path):
     """Rows of different batch sizes each compile afresh (dynamo reset, dynamic=False): none
     recompiles while it is timed, none silently ran eager; --profile writes each row's trace."""
@@ -97,6 +98,7 @@ def test_every_compiled_step_row_really_compiled_its_own_graphs(tmp_path):
     assert "graphs in" in r.stdout
 
 
+@pytest.mark.slow
 def test_bench_comm_splits_the_ddp_step_into_compute_and_all_reduce(tmp_path):
     """Two real gloo processes (one `accelerate launch`): the all-reduce sweep with its fit, and
     the real step per DDP knob, split into compute and exposed all-reduce."""

@@ -111,6 +111,7 @@ def test_checkpoint_files_and_folders_are_fsynced(tmp_path, monkeypatch):
     assert checkpoint.verify_checkpoint(path) is None
 
 
+@pytest.mark.slow
 @needs_loader
 def test_second_run_into_a_busy_folder_exits_at_once_naming_the_holder(shards, tmp_path):
     run = tmp_path / "run"
@@ -178,6 +179,7 @@ def test_all_checkpoints_damaged_is_refused_not_restarted_over_them(shards, tmp_
     assert "no checkpoint that verifies" in r.stderr and "train.overwrite=true" in r.stderr
 
 
+@pytest.mark.slow
 @needs_webdataset
 def test_training_without_dali_falls_back_to_webdataset(shards, tmp_path):
     """As on a machine where the DALI wheel is missing: importing it fails."""
@@ -294,6 +296,7 @@ def test_small_cli_cases(tmp_path):
     _one_line(run_cli("demo", "--steps", "0", "--out", str(tmp_path / "d")), "demo --steps must be positive")
 
 
+@pytest.mark.slow
 @needs_loader
 def test_demo_with_two_steps(tmp_path):
     r = run_cli("demo", "--steps", "2", "--out", str(tmp_path / "demo"))

@@ -30,6 +30,7 @@ def _check(tmp_path, *args, timeout=900, env=None, work=True):
                           env=env, timeout=timeout, cwd=tmp_path)
 
 
+@pytest.mark.slow
 @in_gpu_check
 def test_quick_smoke_brings_the_headline_back_without_dali_webdataset_or_wandb(tmp_path):
     """The one call a bare GPU machine gets, at toy sizes: every part in order, at most 8 files,
@@ -64,6 +65,7 @@ def test_quick_smoke_brings_the_headline_back_without_dali_webdataset_or_wandb(t
     assert "graph" in " ".join(p["part"] for p in q["parts"] if p["status"] == "skipped")  # no CUDA: said so
 
 
+@pytest.mark.slow
 @in_gpu_check
 def test_the_budget_counts_from_the_scripts_start_and_a_call_never_passes_it(tmp_path):
     """GPU_CHECK_T0 20 s ago (as if the wheels' install took that long) and 120 s in all: the
@@ -83,6 +85,7 @@ def test_the_budget_counts_from_the_scripts_start_and_a_call_never_passes_it(tmp
     assert r.returncode == 0 and "gpu_check: 1 of 1 phases ok" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
 
 
+@pytest.mark.slow
 @needs_loader
 @in_gpu_check
 def test_smoke_runs_every_phase_and_writes_its_summary(tmp_path):

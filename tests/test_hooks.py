@@ -4,6 +4,8 @@ The two-rank W&B run is read back by tests/test_train.py's DDP launch (check_pic
 import json
 from pathlib import Path
 
+import pytest
+
 from vae_dist.hooks import wandb_mode
 
 from .conftest import HAVE_WANDB, TINY_MODEL, needs_loader, needs_wandb, run_cli
@@ -104,6 +106,7 @@ def test_wandb_mode_defaults_offline_without_a_key(monkeypatch):
     assert wandb_mode("disabled") == "disabled"
 
 
+@pytest.mark.slow
 @needs_loader
 def test_progress_plain_lines_in_a_log_and_a_live_bar_on_a_terminal(shards, tmp_path):
     import os

@@ -1,5 +1,6 @@
 """The VAE: the seed architecture exactly, shapes, gradients, sample/interpolate, compile."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -58,6 +59,7 @@ def test_configurable_size_and_depth():
     assert x_hat.shape == (2, 3, 32, 32) and mu.shape == (2, 10)
 
 
+@pytest.mark.slow
 def test_compiled_matches_eager_and_channels_last():
     torch.manual_seed(0)
     m = VAE(VAEConfig(widths=(8, 16, 16, 32), latent_dim=8)).eval()

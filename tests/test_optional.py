@@ -7,7 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import ROOT, TINY_MODEL, needs_dali
+
+pytestmark = pytest.mark.slow  # a fresh interpreter per check, all of it
 
 HIDE = ROOT / "tests" / "hide_modules"
 ALL_THREE = "nvidia.dali,webdataset,wandb"

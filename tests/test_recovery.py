@@ -59,6 +59,7 @@ def _launcher_exits(stderr: str) -> dict[int, int]:
     return {int(rank): int(code) for rank, code in found}
 
 
+@pytest.mark.slow
 def test_a_checkpoint_on_a_full_disk_is_one_line_and_the_older_ones_stay(shards, tmp_path):
     small = tmp_path / "small"
     why = _small_filesystem(small, "8m")
@@ -176,6 +177,7 @@ def _kill_between_checkpoints(proc, run: Path, min_steps: int, timeout=180) -> N
     proc.wait()
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumed_reads_as_one_run(shards, tmp_path):
     """SIGKILL after the last checkpoint: the resumed run moves the rows past it aside, so
     metrics.jsonl (and the loss curves drawn from it) go forward only; in W&B (offline, read

@@ -35,6 +35,7 @@ def _rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hook", ["bf16", "fp16"])  # powersgd: refused on gloo (below), tests/test_gpu.py on NCCL
 def test_each_comm_hook_trains_and_the_replicas_stay_identical(shards, tmp_path, hook):
     out = tmp_path / "replicas.json"
@@ -54,6 +55,7 @@ def test_each_comm_hook_trains_and_the_replicas_stay_identical(shards, tmp_path,
     assert sum(x["loss"] for x in rows[-3:]) < sum(x["loss"] for x in rows[:3])  # the loss goes down
 
 
+@pytest.mark.slow
 def test_accumulation_matches_the_doubled_batch_all_reduces_once_a_step_and_resumes_exactly(shards, tmp_path):
     """2 processes x 2 micro-batches of 8 is, step for step, 2 processes x batch 16 (the same
     images, the mean of the two micro-batch gradients is the batch's), and each optimizer step
@@ -97,6 +99,7 @@ def test_accumulation_matches_the_doubled_batch_all_reduces_once_a_step_and_resu
     assert [x["step"] for x in _rows(halves) if "split" not in x] == [3, 6]
 
 
+@pytest.mark.slow
 def test_powersgd_on_gloo_is_refused_on_every_rank_in_one_line(shards, tmp_path):
     """check_comm_hook runs on every rank alike (a collective probe for the wire dtypes), after
     the start is decided and before the folder is claimed: one line for the run, nothing written.

@@ -30,7 +30,7 @@ def _cluster_up() -> str | None:
 
 
 needs_slurm = pytest.mark.skipif(_cluster_up() is not None, reason=str(_cluster_up()))
-pytestmark = needs_loader
+pytestmark = [needs_loader, pytest.mark.slow]  # real processes and a cluster, all of it
 
 
 def _submit_env() -> dict:

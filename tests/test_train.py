@@ -39,6 +39,7 @@ def _rows(run: Path, split=None):
     return [r for r in rows if r.get("split") == split]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_logs_once_checkpoints_and_resumes(shards, tmp_path):
     """Two ranks, one run: rank 0 alone writes the rows, the pictures and the one W&B run
     (offline, read back: scalars and pictures); both ranks checkpoint; a resume continues."""
@@ -74,6 +75,7 @@ def test_two_process_ddp_logs_once_checkpoints_and_resumes(shards, tmp_path):
     assert model.cfg.latent_dim == 8
 
 
+@pytest.mark.slow
 def test_one_process_2b_equals_two_processes_b(shards, tmp_path):
     """DDP averages gradients: 2 x batch 8 on two ranks is one step of batch 16 on one rank.
     The cached loader hands rank r the images perm[r::2], so both runs see the same 16 images."""
@@ -105,6 +107,7 @@ def test_one_process_2b_equals_two_processes_b(shards, tmp_path):
     assert (da - db).norm() / da.norm() < 0.03
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resumes(shards, tmp_path):
     """SIGTERM (preemption) to `python -m vae_dist`: it checkpoints at the next sync point,
     exits 143, and a resume continues from there to its last step."""
@@ -125,6 +128,7 @@ def test_sigterm_checkpoints_and_resumes(shards, tmp_path):
     assert latest_checkpoint(run).name == f"step_{step + 4:07d}"
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_or_to_one_rank_stops_both_ranks_at_one_step(shards, tmp_path):
     """Under `accelerate launch`, two ways a signal comes: to the launcher, which forwards it to
     both ranks, and to rank 1 alone (at any moment; epochs of 6 steps end in an evaluation).
@@ -183,6 +187,7 @@ def test_user_errors_are_one_line(shards, tmp_path, args, words):
     assert len(lines) == 1 and words in lines[0], r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_eval_scores_the_same_images_with_one_sigma_whatever_the_launch(shards, tmp_path):
     """train.eval_images caps the global count (the same val images for 1 and 2 processes);
     the MSE decoder's sigma is one value agreed by the ranks: the root mean train recon per
@@ -212,6 +217,7 @@ def test_eval_scores_the_same_images_with_one_sigma_whatever_the_launch(shards, 
     assert a["sigma"] == pytest.approx(b["sigma"], rel=0.02)  # the same images, other noise
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing shards", "batch split"])
 def test_a_refused_start_under_two_processes_is_one_line_and_writes_nothing(shards, tmp_path, case):
     """Rank 0 opens the shard folder and checks what the Trainer's setup would refuse
@@ -231,6 +237,7 @@ def test_a_refused_start_under_two_processes_is_one_line_and_writes_nothing(shar
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.slow
 def test_a_diverged_run_under_two_processes_says_so_once(shards, tmp_path):
     """Every rank reads the same all-reduced counters and stops at the same sync point; the run
     reports it in one line, not one per rank, and keeps the rows written before."""
