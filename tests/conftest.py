@@ -1,4 +1,7 @@
-"""Shared fixtures: the sample data set and its shards, built once per test session.
+"""Shared fixtures: the sample data set and its shards, built once per test session (per
+pytest-xdist worker), and the ways a test runs `vae-dist`: `run_cli` in this process
+(tests/in_process.py; most tests), `run_process` and `launch_command` as real processes where
+the process is the point (signals, ranks, a launcher, a fresh interpreter).
 
 On a GPU machine the same suite runs: training runs from the command line stay eager (a
 compile per run would take minutes), and every multi-process run is pinned to the CPU with
