@@ -91,8 +91,9 @@ def shards(sample_root, tmp_path_factory) -> Path:
 
 def run_cli(*args: str, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
     """`vae-dist ...` run in this process (tests/in_process.py): its exit code, stdout and stderr
-    as a user's process gives them, without the interpreter start. A call that hides the GPUs
-    (CUDA_VISIBLE_DEVICES=) on a GPU machine gets a real process: CUDA, once up, stays visible."""
+    as a user's process gives them, without the interpreter start (`timeout` bounds a real process
+    only). A call that hides the GPUs (CUDA_VISIBLE_DEVICES=) on a GPU machine gets a real
+    process: CUDA, once up, stays visible."""
     env = {"WANDB_SILENT": "true", **(env or {})}
     if CUDA and env.get("CUDA_VISIBLE_DEVICES") == "":
         return run_process(*args, cwd=cwd, env=env, timeout=timeout)
