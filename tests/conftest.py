@@ -92,10 +92,11 @@ def shards(sample_root, tmp_path_factory) -> Path:
 def run_cli(*args: str, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
     """`vae-dist ...` run in this process (tests/in_process.py): its exit code, stdout and stderr
     as a user's process gives them, without the interpreter start (`timeout` bounds a real process
-    only). A call that hides the GPUs (CUDA_VISIBLE_DEVICES=) on a GPU machine gets a real
-    process: CUDA, once up, stays visible."""
+    only). On a GPU machine every call is a real process, as before: a run there sets process-wide
+    CUDA state (TF32, cuDNN autotuning, a CUDA context, DALI's teardown) that must not leak into
+    the next test, and GPUs hidden by CUDA_VISIBLE_DEVICES= stay visible once CUDA is up."""
     env = {"WANDB_SILENT": "true", **(env or {})}
-    if CUDA and env.get("CUDA_VISIBLE_DEVICES") == "":
+    if CUDA:
         return run_process(*args, cwd=cwd, env=env, timeout=timeout)
     from .in_process import run_in_process
 
