@@ -12,8 +12,10 @@ What makes it the same run as `python -m vae_dist ...`:
   own Accelerator; signal handlers, if a call leaves any, are put back; W&B's service is
   stopped at the end, as a process's exit stops it, so its files are whole on disk;
 - an exception that escapes `main` is a traceback on stderr and exit code 1, as in a process.
-What it cannot be: a second process (a rank, a signal target, a launcher's child). Tests of those
-keep a real one (`conftest.run_process`, `launch_command`).
+tests/test_cli_help.py checks these surroundings. What it cannot be: a second process (a rank,
+a signal target, a launcher's child); tests of those keep a real one (`conftest.run_process`,
+`launch_command`). On a GPU machine conftest.run_cli takes real processes throughout (a run
+there sets process-wide CUDA state).
 """
 
 from __future__ import annotations
@@ -85,18 +87,27 @@ def _end_wandb() -> None:
         sys.modules["wandb"].teardown()
 
 
-def run_in_process(argv: list[str], env: dict[str, str], cwd=None) -> subprocess.CompletedProcess:
-    from vae_dist.cli import main
-
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    old_cwd = os.getcwd()
-    _reset_accelerate()
+@contextlib.contextmanager
+def process_like(env: dict[str, str]):
+    """The surroundings of a fresh process for the block: `env` in the environment, fd 1 and 2
+    captured, a fresh process's warnings shown on stderr. Yields [stdout, stderr], filled once
+    the block has ended."""
     with _environment(env), _captured_fds() as texts, warnings.catch_warnings():
         # a fresh process's filters (DeprecationWarning hidden), shown on stderr; setting a
         # filter also voids every module's once-per-place memory, so this call sees its own
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
             warnings.formatwarning(message, category, filename, lineno, line))
+        yield texts
+
+
+def run_in_process(argv: list[str], env: dict[str, str], cwd=None) -> subprocess.CompletedProcess:
+    from vae_dist.cli import main
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    old_cwd = os.getcwd()
+    _reset_accelerate()
+    with process_like(env) as texts:
         try:
             if cwd is not None:
                 os.chdir(cwd)

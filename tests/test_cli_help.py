@@ -66,3 +66,25 @@ def test_bench_help_gives_the_batch_sweep_the_code_runs():
 
     r = run_cli("bench", "--help")
     assert GPU_BATCH_SIZES in " ".join(r.stdout.split()), r.stdout
+
+
+def test_a_command_run_in_the_test_process_prints_and_warns_as_a_fresh_process_would():
+    """tests/in_process.py, which most tests run `vae-dist` through: what C writes to fd 2 is
+    captured with Python's output, a warning shows in every call (a fresh process's once-per-place
+    memory) while DeprecationWarning stays hidden, and the call's environment is its own."""
+    import os
+    import warnings
+
+    from .in_process import process_like
+
+    for _ in range(2):
+        with process_like({"VAE_DIST_TEST_VAR": "1"}) as texts:
+            print("to stdout")
+            os.write(2, b"from C\n")
+            warnings.warn("careful", FutureWarning, stacklevel=1)
+            warnings.warn("old", DeprecationWarning, stacklevel=1)
+            assert os.environ["VAE_DIST_TEST_VAR"] == "1"
+        out, err = texts
+        assert out == "to stdout\n" and "from C" in err and "FutureWarning: careful" in err, (out, err)
+        assert "DeprecationWarning" not in err, err
+    assert "VAE_DIST_TEST_VAR" not in os.environ
