@@ -78,17 +78,17 @@ def test_unknown_e2e_variant_is_a_one_line_error(shards):
 
 @pytest.mark.slow
 def test_every_compiled_step_row_really_compiled_its_own_graphs(tmp_path):
-    """Rows of different batch sizes each compile afresh (dynamo reset, dynamic=False): none
+    """Rows of different batch sizes (two show it) each compile afresh (dynamo reset, dynamic=False): none
     recompiles while it is timed, none silently ran eager; --profile writes each row's trace."""
     out = tmp_path / "step.json"
     r = run_cli("bench", "step", "--tiny", "--repeats", "1", "--compile", "on", "--channels-last", "off",
-                "--batch-sizes", "4,8,16", "--steps", "2", "--warmup", "2", "--json", str(out),
+                "--batch-sizes", "4,8", "--steps", "2", "--warmup", "2", "--json", str(out),
                 "--profile", str(tmp_path / "prof"))
     assert r.returncode == 0, r.stderr[-3000:]
     # torch.compile's C++ backend on a CPU machine with a CUDA toolkit: its notice is filtered (step.py)
     assert "No CUDA runtime" not in r.stderr and library_warnings(r.stderr) == [], r.stderr
     rows = json.loads(out.read_text())["results"]
-    assert [row["batch_size"] for row in rows] == [4, 8, 16]
+    assert [row["batch_size"] for row in rows] == [4, 8]
     for row in rows:
         assert row["compile"] and row["compiled_graphs"] >= 2, row  # the forward+loss and the step's tail
         assert row["recompiles_while_timed"] == 0 and "note" not in row, row
