@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vae_dist.data import available_cores
 from vae_dist.distributed import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +34,9 @@ CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}  # a process that sees no GPU: gloo, fp3
 # them oversubscribed a 2-core machine (152 s -> 102 s for four of the suite's files, measured).
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
 if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
-    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))  # the processes it starts
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # this one (its pool starts at the first op)
+    _threads = max(1, available_cores() // _WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)  # the processes it starts
+    torch.set_num_threads(_threads)  # this one (its pool starts at the first op)
 
 
 def have(module: str) -> bool:

@@ -46,8 +46,8 @@ def _environment(env: dict[str, str]):
 
 @contextlib.contextmanager
 def _captured_fds():
-    """fd 1 and 2 (and sys.stdout/stderr on them) into two temp files; yields a function that
-    reads both back once the block has ended."""
+    """fd 1 and 2 (and sys.stdout/stderr on them) into two temp files; yields a list that holds
+    their texts, [stdout, stderr], once the block has ended."""
     sys.stdout.flush()
     sys.stderr.flush()
     files = [tempfile.TemporaryFile(mode="w+b") for _ in range(2)]
