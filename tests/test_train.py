@@ -3,8 +3,10 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -152,6 +154,39 @@ def test_sigterm_to_the_launcher_or_to_one_rank_stops_both_ranks_at_one_step(sha
     out, err = resumed.communicate(timeout=180)
     assert f"at step {first}" in out and "stopped by signal 15" in out, err[-3000:]
     assert _stopped_step(run, nproc=2) > first
+
+
+# issue 43, case 5: a stopped rank is named within train.collective_timeout_s, not torch's 30 minutes
+@pytest.mark.slow
+def test_a_stopped_rank_is_named_within_the_collective_timeout_and_the_run_resumes(shards, tmp_path):
+    run, timeout = tmp_path / "run", 4
+    args = ["train", f"--data.shards={shards}", f"--train.out_dir={run}", *COMMON, "--train.checkpoint_every=4",
+            "--train.max_steps=100000", f"--train.collective_timeout_s={timeout}"]
+    launcher = subprocess.Popen(launch_command(2) + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_rows(run, launcher, rows=5)  # past the checkpoint of step 8
+    workers = {_rank_of(p): p for p in _children(launcher.pid)}
+    os.kill(workers[1], signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        while Path(f"/proc/{workers[0]}").exists() and time.monotonic() - stopped_at < 120:
+            time.sleep(0.1)
+        detected = time.monotonic() - stopped_at
+    finally:
+        os.kill(workers[1], signal.SIGKILL)  # a stopped process keeps a SIGTERM pending: the launcher's would wait
+    out, err = launcher.communicate(timeout=120)
+    assert launcher.returncode != 0
+    (line,) = [x for x in err.splitlines() if x.startswith("vae-dist: error:")]
+    newest = latest_checkpoint(run)
+    assert f"rank 1 (pid {workers[1]} on {socket.gethostname()}, last at step " in line, line + err[-3000:]
+    assert "stopped answering" in line and f"(train.collective_timeout_s={timeout}): the run stops; the newest " \
+        f"checkpoint {newest.name} is intact: train.resume=auto continues from it" in line, line
+    assert "Traceback" not in err.split("vae-dist: error:")[0], err[-3000:]  # nothing from the ranks before it
+    assert timeout <= detected < timeout + 15, detected
+    print(f"detected a stopped rank {detected:.1f} s after SIGSTOP (train.collective_timeout_s={timeout})")
+
+    step = json.loads((newest / "trainer_state.json").read_text())["step"]
+    r = run_cli("train", *args[1:3], *COMMON, f"--train.max_steps={step + 2}")  # one process goes on
+    assert r.returncode == 0 and f"resumed from {newest}" in r.stdout, r.stderr[-2000:]
 
 
 def _stopped_step(run: Path, nproc: int) -> int:

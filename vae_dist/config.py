@@ -87,6 +87,10 @@ class TrainConfig:
     precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # autocast; auto: bf16 on CUDA. accelerate launch wins
     seed: int = 0  # global seed: weights, data order, flips, noise
     max_bad_steps: int = 20  # consecutive non-finite steps before giving up (checked every log.log_every)
+    # seconds no rank may go without progress before the run stops naming the rank that stalled
+    # (watchdog.py); above the longest legitimate wait: a checkpoint, an evaluation. 0: torch's 30 min
+    collective_timeout_s: float = 300.0
+    resume_other_data: bool = False  # resume a checkpoint on shards other than those it was trained on
     profile_steps: tuple[int, int] | None = None  # START,STOP: a torch.profiler trace of those steps in OUT_DIR/profile
     cuda_graph: bool = False  # the whole step as one CUDA graph (one process, CUDA, bf16/fp32, no accumulation)
     # -- scale-out (docs/scaling.md): how gradients cross the processes --------------------
@@ -327,6 +331,8 @@ def validate(cfg: Config) -> None:
         ("train.checkpoint_every", t.checkpoint_every, t.checkpoint_every >= 0, "0 or more"),
         ("train.keep_last", t.keep_last, t.keep_last > 0, "positive"),
         ("train.max_bad_steps", t.max_bad_steps, t.max_bad_steps > 0, "positive"),
+        ("train.collective_timeout_s", t.collective_timeout_s, t.collective_timeout_s >= 0,
+         "0 (torch's own 30 minutes) or more"),
         ("train.grad_accum_steps", t.grad_accum_steps, t.grad_accum_steps > 0, "positive"),
         ("train.ddp_bucket_mb", t.ddp_bucket_mb, t.ddp_bucket_mb > 0, "positive"),
         ("train.powersgd_rank", t.powersgd_rank, t.powersgd_rank > 0, "positive"),

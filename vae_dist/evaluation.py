@@ -23,8 +23,10 @@ from vae_dist.train_state import TrainState
 class Evaluator:
     """Collective: every rank evaluates its part; the hooks log the row (rank 0)."""
 
-    def __init__(self, accelerator, model: VAE, val_loader, loss_cfg, step: TrainStep, *, every: int, hooks):
+    def __init__(self, accelerator, model: VAE, val_loader, loss_cfg, step: TrainStep, *, every: int, hooks,
+                 progress=lambda: None):
         self.accelerator, self.model, self.val_loader = accelerator, model, val_loader
+        self.progress = progress  # told of every batch (the stall watchdog: a long val pass is not a hang)
         self.recon_kind, self.step, self.every, self.hooks = loss_cfg.recon, step, every, hooks
         self.device = accelerator.device
 
@@ -75,6 +77,7 @@ class Evaluator:
                 kl_divergence(mu, logvar).double() * n, (x_mean.float() - x).pow(2).sum().double(),
                 log_px.double(), sums.new_full((), n),  # a fill kernel: no blocking host-to-device copy
             ])
+            self.progress()
         model.train()
         sums = self.accelerator.reduce(sums, reduction="sum")  # collective: all ranks
         recon, kl, sq_err, log_px, count = sums.tolist()  # SYNC

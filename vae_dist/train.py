@@ -47,6 +47,7 @@ from vae_dist.profiling import StepRangeProfiler
 from vae_dist.run_folder import RunFolderLock, choose_start, expand_out_dir, record_slurm_job
 from vae_dist.step import GraphedStep, TrainStep, check_cuda_graph, compile_mode_for
 from vae_dist.train_state import TrainCheckpoints, TrainState
+from vae_dist.watchdog import RankWatchdog
 
 
 class Trainer:
@@ -86,6 +87,7 @@ class Trainer:
         if cfg.train.cuda_graph:
             self.step = GraphedStep(self.step)  # captured at the first step, after a resume
         self.state = TrainState()
+        self.watchdog = RankWatchdog(self.rank, self.world, cfg.train.collective_timeout_s, self.run_dir)
         self.config_yaml = dump_yaml(cfg)
         self.hooks = make_hooks(acc, cfg, self.run_dir, self.val_loader, self.shards.class_names)
         self.window = MetricsWindow(
@@ -94,7 +96,7 @@ class Trainer:
             flops_per_image=train_flops_per_image(self.raw_model.cfg), free_bits=cfg.loss.free_bits,
             peak_flops=peak_flops(self.device, acc.mixed_precision, cfg.log.peak_tflops))
         self.evaluator = Evaluator(acc, self.raw_model, self.val_loader, cfg.loss, self.step,
-                                   every=cfg.train.eval_every, hooks=self.hooks)
+                                   every=cfg.train.eval_every, hooks=self.hooks, progress=self.watchdog.progress)
         self.checkpoints = TrainCheckpoints(acc, self.run_dir, self.raw_model, self.optimizer, self.step,
                                             self.config_yaml, batch_size=self.batch_size, hooks=self.hooks,
                                             every=cfg.train.checkpoint_every, keep_last=cfg.train.keep_last)
@@ -112,6 +114,7 @@ class Trainer:
         if checkpoint is not None:
             self.hooks.say(f"resumed from {checkpoint} at step {self.state.step} (epoch {self.state.epoch})")
         stop = StopSignal()
+        self.watchdog.start(self.state.step)
         try:
             while self.state.step < self.total_steps and not stop.agreed:
                 self.run_epoch(stop)
@@ -120,6 +123,7 @@ class Trainer:
             self.hooks.close(failed=True)  # the W&B run is finished (as failed), files flushed
             raise
         finally:
+            self.watchdog.close()
             stop.restore()
             self.profiler.close(self.state.step)
             self.close_loaders()
@@ -148,6 +152,7 @@ class Trainer:
         self.step(images, self.lr_at(step), self.beta_at(step))
         self.state.step += 1
         self.state.batch_in_epoch += 1
+        self.watchdog.progress(self.state.step)
         self.profiler.after_step(self.state.step)
 
     def maybe_sync(self, stop: StopSignal) -> None:
