@@ -50,6 +50,9 @@ class Hooks:
 
     def close(self, weights: Path | None = None, failed: bool = False, stopped_by: int = 0) -> None: ...
 
+    def detach(self) -> None:
+        """The run folder is lost: nothing more is written into it (or into a new one at its path)."""
+
 
 def make_hooks(accelerator, cfg, run_dir: Path, val_loader, class_names: list[str]) -> Hooks:
     """`class_names`: the labels' names in order (the run's ShardSet), for the latent-space picture."""
@@ -214,6 +217,12 @@ class RankZeroHooks(Hooks):
         # the W&B step the next row gets: where log.wandb_resume=rewind cuts the run back to
         step = self._guard("wandb", lambda: self.wandb.step) if self.wandb is not None else None
         return {"wandb_step": step} if step is not None else {}
+
+    def detach(self) -> None:
+        self._failed |= {"metrics.jsonl", "pictures"}
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
 
     def close(self, weights: Path | None = None, failed: bool = False, stopped_by: int = 0) -> None:
         """Flushes metrics.jsonl and finishes the W&B run, once: marked failed after an error,

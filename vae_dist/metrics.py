@@ -56,14 +56,15 @@ class WindowMeters:
     consecutive: int  # non-finite steps in a row now
     max_consecutive: int  # their longest run in the window
     stop_signal: int  # the highest signal any rank received (0: none)
+    folder_lost: int  # 1: rank 0 found the run folder gone, replaced or read-only (the Trainer stops)
 
 
-def read_window(accelerator, step: TrainStep, stop_received: int) -> WindowMeters:
+def read_window(accelerator, step: TrainStep, stop_received: int, folder_lost: bool = False) -> WindowMeters:
     """The window's meters, agreed by every rank; starts a fresh window. Collective: two small
     all-reduces, then one host read (SYNC)."""
     window = step.take_meters()
     sums = accelerator.reduce(window[:GOOD + 1], reduction="mean")  # collective: all ranks
-    flags = torch.cat([window[SKIPPED:], window.new_tensor([stop_received])])
+    flags = torch.cat([window[SKIPPED:], window.new_tensor([stop_received, folder_lost])])
     flags = accelerator.reduce(flags, reduction="max")  # collective: all ranks
     values = torch.cat([sums, flags]).tolist()  # SYNC: the only host read between sync points
     return WindowMeters(*values[:GOOD + 1], *(int(v) for v in values[GOOD + 1:]))
@@ -96,11 +97,14 @@ class MetricsWindow:
         """A sync point: every log.log_every steps and at the last."""
         return step % self.log_every == 0 or step == self.total_steps
 
-    def sync(self, state, stop_received: int) -> int:
+    def sync(self, state, stop_received: int, folder_lost: bool = False) -> WindowMeters:
         """The sync point: the window's meters, agreed by every rank, counted into `state`; its
         train row logged; train.max_bad_steps enforced (so up to log.log_every steps late).
-        Returns the stop signal every rank agrees on (0: none). Collective."""
-        m = read_window(self.accelerator, self.step, stop_received)  # SYNC
+        Returns the meters: the stop signal and the lost run folder every rank agrees on, read
+        before any row is written (a lost folder gets none). Collective."""
+        m = read_window(self.accelerator, self.step, stop_received, folder_lost)  # SYNC
+        if m.folder_lost:
+            return m
         state.add_window(m)
         if m.good or m.skipped:  # the window trained: its row
             last = state.step - 1
@@ -109,7 +113,7 @@ class MetricsWindow:
         if m.max_consecutive >= self.max_bad_steps:
             raise DivergedError(f"{m.max_consecutive} non-finite steps in a row by step {state.step}: training "
                                 f"diverged (lower optim.lr, set optim.grad_clip, or use fp32/bf16 instead of fp16)")
-        return m.stop_signal
+        return m
 
     def restart(self, step: int) -> None:
         self.start_step = step

@@ -73,6 +73,7 @@ class RunFolderLock:
         self.path = Path(run_dir) / LOCK
         self.held = False
         self.made: list[Path] = []  # the folders acquire made, deepest first
+        self._ids: tuple | None = None  # (folder, lock file) as (device, inode): what `lost` compares
 
     def acquire(self) -> None:
         folder = self.path.parent.absolute()
@@ -89,6 +90,7 @@ class RunFolderLock:
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self.held = True
+            self._ids = (_file_id(folder), _file_id(self.path))
             return
         raise UserError(f"could not take the lock {self.path}")
 
@@ -137,11 +139,35 @@ class RunFolderLock:
         grave.unlink(missing_ok=True)
         return got == holder
 
+    def lost(self) -> str | None:
+        """Why this run can no longer write its folder, None while it can: the folder (or the
+        lock in it) deleted or replaced since `acquire` (an `rm -rf`, another run started over it),
+        or the folder become read-only. A stat and an access call: cheap at every sync point."""
+        if not self.held:
+            return None
+        folder = self.path.parent
+        folder_id, lock_id = self._ids
+        if _file_id(folder) is None:
+            return f"run folder {folder} was deleted while training"
+        if _file_id(folder) != folder_id:
+            return f"run folder {folder} was replaced by another folder while training"
+        if _file_id(self.path) != lock_id:
+            return f"the lock {self.path} of this run was removed or replaced: another run may be writing {folder}"
+        if not os.access(folder, os.W_OK):
+            return f"run folder {folder} became read-only while training"
+        return None
+
     def release(self) -> None:
         """Lets go of the folder; one this start made and left empty (it failed before writing
-        anything) is removed, so a refused start leaves nothing behind."""
+        anything) is removed, so a refused start leaves nothing behind. Only our own lock is
+        removed (not one of a run that has since taken the path); one that cannot be removed (a
+        read-only folder) stays, and the next start takes it over as a dead process's."""
         if self.held:
-            self.path.unlink(missing_ok=True)
+            if self._ids is not None and _file_id(self.path) == self._ids[1]:
+                try:
+                    self.path.unlink()
+                except OSError:
+                    pass
             self.held = False
             for folder in self.made:
                 try:
@@ -149,6 +175,15 @@ class RunFolderLock:
                 except OSError:
                     break
             self.made = []
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of `path`: the same only for the very same file or folder; None where gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 @dataclass

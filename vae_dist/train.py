@@ -35,6 +35,7 @@ from vae_dist.data.loaders import (
 )
 from vae_dist.data.shards import ShardSet
 from vae_dist.distributed import check_comm_hook, check_ddp_knobs, make_accelerator, print_once, rank_zero_decides
+from vae_dist.errors import SharedError
 from vae_dist.evaluation import Evaluator
 from vae_dist.flops import peak_flops, train_flops_per_image
 from vae_dist.hooks import make_hooks
@@ -53,11 +54,13 @@ from vae_dist.watchdog import RankWatchdog
 class Trainer:
     """Setup, then `fit`: the loop, which hands each thing that follows a step to its part."""
 
-    def __init__(self, cfg: Config, accelerator: Accelerator | None = None, shards: ShardSet | None = None):
+    def __init__(self, cfg: Config, accelerator: Accelerator | None = None, shards: ShardSet | None = None,
+                 lock: RunFolderLock | None = None):
         self.cfg = cfg
         self.accelerator = acc = accelerator or make_accelerator(cfg)
         self.device, self.world, self.rank = acc.device, acc.num_processes, acc.process_index
         self.run_dir = Path(cfg.train.out_dir)
+        self.lock = lock or RunFolderLock(self.run_dir)  # rank 0's, held by `train`: it tells a lost folder
         self.shards = shards or ShardSet.open(cfg.data.shards)  # the only read of manifest.json
         # a forward sees a micro-batch; an optimizer step takes grad_accum_steps of them per process
         self.micro_batch, self.accum_steps = per_process_batch(cfg.train, self.world), cfg.train.grad_accum_steps
@@ -161,7 +164,11 @@ class Trainer:
         if self.world == 1:
             stop.agreed = stop.received  # nothing to agree on: stop at once
         if self.window.due(self.state.step):
-            stop.agreed = self.window.sync(self.state, stop.received)  # SYNC, collective
+            lost = self.lock.lost()  # rank 0's look at the run folder (None elsewhere)
+            m = self.window.sync(self.state, stop.received, folder_lost=lost is not None)  # SYNC, collective
+            if m.folder_lost:
+                self.stop_for_lost_folder(lost)
+            stop.agreed = m.stop_signal
 
     def side_work(self) -> None:
         """What follows a step, in an order a resume relies on: the epoch's end and the
@@ -181,7 +188,22 @@ class Trainer:
 
     def maybe_checkpoint(self) -> None:
         if self.checkpoints.due(self.state.step):
-            self.checkpoints.save(self.state)
+            self.save_checkpoint()
+
+    def save_checkpoint(self) -> None:
+        """A checkpoint, into this run's own folder only: one gone, replaced or read-only since
+        the last sync point stops the run instead (the check is rank 0's, shared by all)."""
+        lost = rank_zero_decides(self.accelerator, self.lock.lost)  # collective
+        if lost is not None:
+            self.stop_for_lost_folder(lost)
+        self.checkpoints.save(self.state)
+
+    def stop_for_lost_folder(self, lost: str | None) -> None:
+        """Every rank alike; rank 0 (which knows why) says it. Nothing more is written anywhere:
+        not into a new folder at the old path, nor into the files the old one held."""
+        self.hooks.detach()
+        raise SharedError(f"{lost or 'the run folder was lost'} (at step {self.state.step}): the run stops and "
+                          f"writes nothing more; start it again in a folder of its own")
 
     # -- how a run starts and ends --------------------------------------------------------
     def resume(self, checkpoint: Path | None) -> None:
@@ -198,7 +220,7 @@ class Trainer:
         return 0
 
     def stopped(self, signum: int) -> int:
-        self.checkpoints.save(self.state)
+        self.save_checkpoint()
         self.hooks.say(f"stopped by signal {signum} at step {self.state.step}; checkpoint saved; "
                        f"continue with train.resume=auto")
         self.hooks.close(stopped_by=signum)
@@ -206,7 +228,7 @@ class Trainer:
 
     def finish(self) -> int:
         self.evaluator.evaluate(self.state)
-        self.checkpoints.save(self.state)
+        self.save_checkpoint()
         self.hooks.maybe_images(self.state.step, self.raw_model, final=True)
         if self.accelerator.is_main_process:
             save_weights(self.raw_model, self.run_dir / WEIGHTS)
@@ -290,7 +312,7 @@ def train(cfg: Config) -> int:
         start = rank_zero_decides(accelerator, claim_folder)
         for line in start.report(run_dir):
             print_once(accelerator, line)
-        code = Trainer(cfg, accelerator, shards).fit(start.checkpoint)
+        code = Trainer(cfg, accelerator, shards, lock).fit(start.checkpoint)
         lock.release()
         # nobody exits before rank 0 has let go of the folder (srun --kill-on-bad-exit ends
         # the other ranks as soon as one exits with a signal's code)
