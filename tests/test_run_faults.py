@@ -2,6 +2,9 @@
 other data or another process count, a diverged run's checkpoints. Each ends in one line (or
 is said plainly at the start) and nothing of the user's is lost or written over."""
 
+import hashlib
+import json
+import math
 import shutil
 import subprocess
 import sys
@@ -10,8 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from .conftest import needs_loader
+from vae_dist.checkpoint import CHECKSUMS, list_checkpoints
+
+from .conftest import needs_loader, run_cli
 from .test_faults import COMMON, _one_line, _train, _wait_for_rows
 
 pytestmark = needs_loader
@@ -84,3 +91,48 @@ def test_a_run_folder_made_read_only_is_one_line_and_the_next_start_takes_over_i
     r = _train(shards, run, "--train.checkpoint_every=4", "--train.max_steps=12")
     assert r.returncode == 0 and "which is no longer running" in r.stderr, r.stderr[-2000:]
     assert f"resumed from {run / 'checkpoints'}" in r.stdout
+
+
+def _edit_checkpoint_file(ckpt: Path, name: str, data: bytes) -> None:
+    """A checkpoint file replaced and its checksum made to match: only what is inside tells."""
+    (ckpt / name).write_bytes(data)
+    record = json.loads((ckpt / CHECKSUMS).read_text())
+    record["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ckpt / CHECKSUMS).write_text(json.dumps(record))
+
+
+# issue 43, case 4: divergence writes no checkpoint, logs skipped steps as NaN, and eval refuses its weights
+def test_a_diverging_run_writes_no_checkpoint_and_its_skipped_steps_are_nan_not_zero(shards, tmp_path):
+    run = tmp_path / "run"
+    assert _train(shards, run, "--train.checkpoint_every=2", "--train.max_steps=4").returncode == 0
+    r = _train(shards, run, "--train.checkpoint_every=2", "--train.max_steps=200", "--optim.lr=1e3",
+               "--train.max_bad_steps=6")
+    assert r.returncode == 2 and "non-finite steps in a row" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+    assert "vae-dist: warning: no checkpoint at step 6: its last " in r.stderr, r.stderr[-2000:]
+    assert "steps were non-finite (skipped); the newest checkpoint stays step_0000004" in r.stderr
+    assert [p.name for p in list_checkpoints(run)] == ["step_0000002", "step_0000004"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [row for row in rows if row.get("split") != "val" and row["step"] > 4]
+    assert all(row["skipped"] > 0 for row in train[1:]), train
+    assert all(math.isnan(row[k]) for row in train[1:] for k in ("loss", "recon", "kl", "grad_norm")), train
+    assert not any(row[k] == 0.0 for row in train for k in ("loss", "grad_norm")), train
+    assert " | skipped 2 non-finite" in r.stdout and "loss       nan" in r.stdout
+
+    # an older version's checkpoint written during a streak: resume=auto passes over it
+    newest = run / "checkpoints" / "step_0000004"
+    state = json.loads((newest / "trainer_state.json").read_text())
+    _edit_checkpoint_file(newest, "trainer_state.json", json.dumps({**state, "bad_steps": 3}).encode())
+    r = _train(shards, run, "--train.checkpoint_every=2", "--train.max_steps=4")
+    assert f"skipping checkpoint {newest}: written after 3 non-finite steps in a row (the run was diverging)" \
+        in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 0 and "at step 2 (epoch" in r.stdout, r.stdout[-2000:]
+
+    # weights with a NaN, or so large that the model's outputs are not finite: eval says so in one line
+    weights = run / "checkpoints" / "step_0000004" / "model.safetensors"
+    tensors = load_file(weights)
+    for name, scale, words in ((next(iter(tensors)), float("nan"), "holds non-finite weights (NaN or inf in "),
+                               (None, 1e30, "gives non-finite outputs on val (ELBO ")):
+        damaged = {k: v * scale if name in (None, k) else v for k, v in tensors.items()}
+        save_file(damaged, tmp_path / "w.safetensors", metadata=safe_open(str(weights), "pt").metadata())
+        r = run_cli("eval", str(tmp_path / "w.safetensors"), "--shards", str(shards), "--calib-images", "16")
+        _one_line(r, words)

@@ -76,6 +76,10 @@ def _load_state_dict(model: VAE, path: Path) -> None:
         tensors = load(Path(path).read_bytes())
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path} is not a readable safetensors file ({first_line(e)})") from None
+    bad = next((name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise UserError(f"{path} holds non-finite weights (NaN or inf in {bad}): the run that wrote them diverged; "
+                        f"use an earlier checkpoint")
     try:
         model.load_state_dict(tensors)
     except RuntimeError as e:  # missing/unexpected keys, wrong shapes
@@ -168,6 +172,12 @@ def verify_checkpoint(path: Path) -> str | None:
             return f"{name} has {size} bytes, {want['bytes']} were written"
         if sha256_file(file) != want["sha256"]:
             return f"{name} does not match its sha256 (damaged)"
+    try:  # written by an older version during a non-finite streak (today's are not written then)
+        bad = int(json.loads((path / STATE).read_text()).get("bad_steps", 0))
+    except (ValueError, TypeError, AttributeError, OSError):
+        bad = 0  # an unreadable trainer state is read_trainer_state's one line
+    if bad > 0:
+        return f"written after {bad} non-finite steps in a row (the run was diverging)"
     return None
 
 

@@ -157,7 +157,8 @@ class RankZeroHooks(Hooks):
         self.say(f"step {row['step']:>7d}/{row['total_steps']} ({row['progress']:.1%}) | epoch {row['epoch']} "
                  f"| loss {row['loss']:9.3f} | recon {row['recon']:9.3f} | kl {row['kl']:7.3f} "
                  f"| beta {row['beta']:.3f} | {row['img_per_s']:8.1f} img/s | ETA {_duration(row['eta_s'])} "
-                 f"| data wait {row['data_wait']:.0%}" + (f" | MFU {row['mfu']:.1%}" if "mfu" in row else ""))
+                 f"| data wait {row['data_wait']:.0%}" + (f" | MFU {row['mfu']:.1%}" if "mfu" in row else "")
+                 + (f" | skipped {row['skipped']} non-finite" if row.get("skipped") else ""))
         if self._bar is not None:
             self._bar.update(row["step"] - self._bar.n)
             self._bar.set_postfix(loss=f"{row['loss']:.1f}", img_s=f"{row['img_per_s']:.0f}", refresh=False)

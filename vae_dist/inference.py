@@ -102,6 +102,9 @@ def evaluate_checkpoint(ckpt: str, shards: str, split: str = "val", iw: int = 1,
     elbo, iw_bound, sq_err, count = acc.reduce(sums, reduction="sum").tolist()
     if count == 0:
         raise UserError(f"split '{split}' of {shards} holds no images")
+    if not all(map(math.isfinite, (elbo, iw_bound, sq_err))):
+        raise UserError(f"the model in {weights} gives non-finite outputs on {split} (ELBO {elbo / count:.4g}): its "
+                        f"weights diverged; evaluate an earlier checkpoint")
     dims = model.cfg.num_dims
     result = {
         "checkpoint": str(weights), "shards": str(shards), "split": split, "images": int(count),

@@ -126,11 +126,13 @@ class MetricsWindow:
         elapsed = time.perf_counter() - self._t0 - self.side_work.seconds
         steps = step - self.start_step
         img_per_s = steps * self.batch_size * self.world / elapsed if elapsed > 0 else 0.0
-        n = max(m.good, 1)
+        # means over the window's good steps; a window of skipped steps only has none: NaN, not 0
+        n = m.good if m.good > 0 else float("nan")
         row = {
             # kl is the real KL (elbo's); loss is the objective, whose KL free bits may clamp
             "step": step, "epoch": epoch, "loss": m.loss / n, "recon": m.recon / n, "kl": m.kl / n,
             "elbo": -(m.recon + m.kl) / n, "beta": beta, "lr": lr, "grad_norm": m.grad_norm / n,
+            "skipped": m.skipped,  # non-finite steps skipped in this window (skipped_steps: the run's)
             "img_per_s": img_per_s, "img_per_s_per_process": img_per_s / self.world,
             "data_wait": self.data_wait.seconds / elapsed if elapsed > 0 else 0.0,
             "skipped_steps": skipped_steps, "total_steps": self.total_steps, "progress": step / self.total_steps,

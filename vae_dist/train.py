@@ -190,13 +190,13 @@ class Trainer:
         if self.checkpoints.due(self.state.step):
             self.save_checkpoint()
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self) -> bool:
         """A checkpoint, into this run's own folder only: one gone, replaced or read-only since
         the last sync point stops the run instead (the check is rank 0's, shared by all)."""
         lost = rank_zero_decides(self.accelerator, self.lock.lost)  # collective
         if lost is not None:
             self.stop_for_lost_folder(lost)
-        self.checkpoints.save(self.state)
+        return self.checkpoints.save(self.state)
 
     def stop_for_lost_folder(self, lost: str | None) -> None:
         """Every rank alike; rank 0 (which knows why) says it. Nothing more is written anywhere:
@@ -220,8 +220,8 @@ class Trainer:
         return 0
 
     def stopped(self, signum: int) -> int:
-        self.save_checkpoint()
-        self.hooks.say(f"stopped by signal {signum} at step {self.state.step}; checkpoint saved; "
+        saved = "checkpoint saved" if self.save_checkpoint() else "no checkpoint (non-finite steps)"
+        self.hooks.say(f"stopped by signal {signum} at step {self.state.step}; {saved}; "
                        f"continue with train.resume=auto")
         self.hooks.close(stopped_by=signum)
         return 128 + signum

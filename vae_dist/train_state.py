@@ -10,6 +10,7 @@ checkpoint.py; `load` restores a run from one.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,12 +59,23 @@ class TrainCheckpoints:
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
 
-    def save(self, state: TrainState) -> None:
+    def save(self, state: TrainState) -> bool:
+        """Writes the checkpoint of `state.step`; False where it is not written because the
+        latest steps were non-finite (diverging weights are never checkpointed, so neither
+        resume=auto nor eval meets them: the newest checkpoint stays the last good one)."""
         if self.last_step == state.step:  # a step is written once (a stop at a checkpoint step)
-            return
-        self.last_step = state.step
+            return True
         m = self.step.meters  # the counters up to this very step, not the last sync point
+        # the same on every rank: a step is skipped on the norm of the all-reduced gradients
         skipped, consecutive = m[SKIPPED:CONSECUTIVE + 1].tolist()  # SYNC: checkpoints only
+        if consecutive:
+            if self.accelerator.is_main_process:
+                newest = ckpt.newest_verified_checkpoint(self.run_dir)
+                print(f"vae-dist: warning: no checkpoint at step {state.step}: its last {int(consecutive)} steps were "
+                      f"non-finite (skipped); the newest checkpoint stays {newest.name if newest else 'none'}",
+                      file=sys.stderr, flush=True)
+            return False
+        self.last_step = state.step
         window_recon, window_good = unsynced_recon(self.accelerator, self.step)  # collective
         saved = dict(dataclasses.asdict(state), batch_size=self.batch_size, bad_steps=int(consecutive),
                      skipped_steps=state.skipped_steps + int(skipped), sigma_recon=state.sigma_recon + window_recon,
@@ -71,6 +83,7 @@ class TrainCheckpoints:
         path = ckpt.save_checkpoint(self.accelerator, self.run_dir, self.model, self.optimizer, saved,
                                     self.config_yaml, self.keep_last)
         self.hooks.on_checkpoint(path)
+        return True
 
     def load(self, path: Path, *, steps_per_epoch: int) -> tuple[TrainState, int | None]:
         """Restores model, optimizer, scaler and RNG from a checkpoint that `choose_start`
