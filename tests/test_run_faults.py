@@ -136,3 +136,39 @@ def test_a_diverging_run_writes_no_checkpoint_and_its_skipped_steps_are_nan_not_
         save_file(damaged, tmp_path / "w.safetensors", metadata=safe_open(str(weights), "pt").metadata())
         r = run_cli("eval", str(tmp_path / "w.safetensors"), "--shards", str(shards), "--calib-images", "16")
         _one_line(r, words)
+
+
+# issue 43, case 3: a resume on other shards than the checkpoint's is refused, naming both, unless asked for
+def test_a_resume_on_other_shards_is_refused_naming_both_unless_asked_for(shards, sample_root, tmp_path):
+    from vae_dist.data.pack import PackOptions, pack
+    from vae_dist.data.shards import ShardSet
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    pack(sample_root, other, PackOptions(shard_size=64, workers=1, seed=1))  # the same images, another order
+    mine, theirs = ShardSet.open(shards).identity(), ShardSet.open(other).identity()
+    assert mine["digest"] != theirs["digest"]
+    assert _train(shards, run, "--train.checkpoint_every=4", "--train.max_steps=4").returncode == 0
+    r = _train(other, run, "--train.checkpoint_every=4", "--train.max_steps=8")
+    _one_line(r, f"checkpoint {run / 'checkpoints' / 'step_0000004'} was trained on the shards in {mine['shards']} "
+                 f"(data {mine['digest']}); data.shards={theirs['shards']} holds other data ({theirs['digest']}): a "
+                 f"resume there would not continue the same sample order", "train.resume_other_data=true")
+    assert [p.name for p in list_checkpoints(run)] == ["step_0000004"]  # nothing moved or written
+
+    r = _train(other, run, "--train.checkpoint_every=4", "--train.max_steps=8", "--train.resume_other_data=true")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"holds other data ({theirs['digest']}): resuming on them anyway (train.resume_other_data=true)" in r.stdout
+    assert f"data_digest={theirs['digest']}" in r.stdout and "resume_other_data: true" in (run / "config.yaml").read_text()
+    saved = json.loads((run / "checkpoints" / "step_0000008" / "trainer_state.json").read_text())["data"]
+    assert saved == theirs  # from here on the run is one on the other shards
+
+
+# issue 43, case 9: a resume with another process count or batch says what changed
+def test_a_resume_with_another_global_batch_says_the_epoch_is_cut_short(shards, tmp_path):
+    run = tmp_path / "run"
+    assert _train(shards, run, "--train.checkpoint_every=3", "--train.max_steps=3").returncode == 0
+    r = _train(shards, run, "--train.checkpoint_every=3", "--train.max_steps=4", "--train.batch_size=8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (f"resumed from {run / 'checkpoints' / 'step_0000003'} at step 3 (epoch 1); it was written by 1 process "
+            f"at a global batch of 16, this run has 1 process at a global batch of 8, so the data splits differently: "
+            f"the rest of epoch 0 is skipped (the checkpoint was 3 of its batches into it) and this run starts epoch 1 "
+            f"at step 3") in r.stdout, r.stdout[-2000:]

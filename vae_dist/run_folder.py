@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -293,16 +294,37 @@ def _refuse_other_architecture(path: Path, model: VAEConfig, explicit: bool) -> 
                     f"to continue it, train with its model.* values; for this model, {instead}")
 
 
-def choose_start(run_dir: Path, resume: str, overwrite: bool, model: VAEConfig) -> Start:
+def _refuse_other_data(path: Path, data: dict | None, other_data_ok: bool, notes: list[str]) -> None:
+    """A checkpoint resumed on other shards than it was trained on would go on with another sample
+    order while claiming to continue exactly: refused, naming both, unless the user asks for it
+    (train.resume_other_data=true), which is said in the run's output and recorded in W&B."""
+    saved = ckpt.read_trainer_state(path).get("data")
+    if data is None or not isinstance(saved, dict) or saved.get("digest") == data["digest"]:
+        return  # a checkpoint of an older version records no data: nothing to compare
+    what = (f"checkpoint {path} was trained on the shards in {saved.get('shards')} (data {saved.get('digest')}); "
+            f"data.shards={data['shards']} holds other data ({data['digest']})")
+    if not other_data_ok:
+        raise UserError(f"{what}: a resume there would not continue the same sample order; point data.shards at "
+                        f"the checkpoint's shards, or set train.resume_other_data=true to resume on these anyway")
+    notes.append(f"{what}: resuming on them anyway (train.resume_other_data=true); the sample order differs from "
+                 f"here on")
+
+
+def choose_start(run_dir: Path, resume: str, overwrite: bool, model: VAEConfig, data: dict | None = None,
+                 other_data_ok: bool = False) -> Start:
     """Decided on rank 0 while it holds the lock; raises UserError with the one-line reason.
-    `model`: this run's architecture, which the checkpoint it resumes from must hold."""
+    `model`: this run's architecture, which the checkpoint it resumes from must hold; `data`:
+    the identity of this run's shards (ShardSet.identity), which must be the checkpoint's unless
+    `other_data_ok` (train.resume_other_data)."""
     run_dir = Path(run_dir)
     start = Start(notes=_remove_partial_checkpoints(run_dir))
+    check_data = functools.partial(_refuse_other_data, data=data, other_data_ok=other_data_ok, notes=start.notes)
     job = own_slurm_job(run_dir)
     if job is not None:
         newest = ckpt.newest_verified_checkpoint(run_dir, on_skip=_skip_warning)
         if newest is not None:
             _refuse_other_architecture(newest, model, explicit=False)
+            check_data(newest)
             start.checkpoint = newest
             start.notes.append(f"SLURM job {job} was requeued: it continues its own run")
             start.set_aside = _set_aside_beyond(run_dir, newest)
@@ -317,6 +339,7 @@ def choose_start(run_dir: Path, resume: str, overwrite: bool, model: VAEConfig) 
         if problem:
             raise UserError(f"train.resume: checkpoint {path} does not verify: {problem}")
         _refuse_other_architecture(path, model, explicit=True)
+        check_data(path)
         start.checkpoint = path
         start.set_aside = _set_aside_beyond(run_dir, path)
         return start
@@ -324,6 +347,7 @@ def choose_start(run_dir: Path, resume: str, overwrite: bool, model: VAEConfig) 
         start.checkpoint = ckpt.newest_verified_checkpoint(run_dir, on_skip=_skip_warning)
         if start.checkpoint is not None:
             _refuse_other_architecture(start.checkpoint, model, explicit=False)
+            check_data(start.checkpoint)
             start.set_aside = _set_aside_beyond(run_dir, start.checkpoint)  # damaged newer ones, rows after it
             return start
     old = _old_run_files(run_dir)

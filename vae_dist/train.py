@@ -102,6 +102,7 @@ class Trainer:
                                    every=cfg.train.eval_every, hooks=self.hooks, progress=self.watchdog.progress)
         self.checkpoints = TrainCheckpoints(acc, self.run_dir, self.raw_model, self.optimizer, self.step,
                                             self.config_yaml, batch_size=self.batch_size, hooks=self.hooks,
+                                            data=self.shards.identity(),
                                             every=cfg.train.checkpoint_every, keep_last=cfg.train.keep_last)
         self.profiler = StepRangeProfiler(cfg.train.profile_steps, self.run_dir / "profile", self.device, self.rank)
         self.wandb_step = None  # a resumed checkpoint's W&B step (log.wandb_resume=rewind)
@@ -115,7 +116,8 @@ class Trainer:
             return self.nothing_left(checkpoint)  # the same command run again: it says so and writes nothing
         self.hooks.on_train_start(self.config_yaml, self.describe(), wandb_step=self.wandb_step)
         if checkpoint is not None:
-            self.hooks.say(f"resumed from {checkpoint} at step {self.state.step} (epoch {self.state.epoch})")
+            self.hooks.say(f"resumed from {checkpoint} at step {self.state.step} (epoch {self.state.epoch})"
+                           + self.checkpoints.resume_note)
         stop = StopSignal()
         self.watchdog.start(self.state.step)
         try:
@@ -252,6 +254,7 @@ class Trainer:
             "global_batch": self.batch_size * self.world, **self.describe_ddp(),
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
             "loader": loader, **fill, "start_step": self.state.step, "data": self.data_choice, "resumes": self.state.resumes,
+            "data_digest": self.shards.identity()["digest"],
         }
 
     def describe_ddp(self) -> dict:
@@ -296,7 +299,8 @@ def train(cfg: Config) -> int:
 
     def claim_folder():
         lock.acquire()
-        start = choose_start(run_dir, cfg.train.resume, cfg.train.overwrite, model=vae_config(cfg.model))
+        start = choose_start(run_dir, cfg.train.resume, cfg.train.overwrite, model=vae_config(cfg.model),
+                             data=shards.identity(), other_data_ok=cfg.train.resume_other_data)
         record_slurm_job(run_dir)
         return start
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from vae_dist import checkpoint as ckpt
+from vae_dist.errors import counted
 from vae_dist.metrics import WindowMeters, unsynced_recon
 from vae_dist.step import CONSECUTIVE, SKIPPED, TrainStep
 
@@ -50,11 +51,13 @@ class TrainCheckpoints:
     calls `save` (rank 0 writes the shared files, each rank its RNG) and `load`."""
 
     def __init__(self, accelerator, run_dir: Path, model, optimizer, step: TrainStep, config_yaml: str, *,
-                 batch_size: int, hooks, every: int, keep_last: int):
+                 batch_size: int, hooks, every: int, keep_last: int, data: dict | None = None):
         self.accelerator, self.run_dir, self.model, self.optimizer = accelerator, run_dir, model, optimizer
         self.step, self.config_yaml, self.batch_size, self.hooks = step, config_yaml, batch_size, hooks
         self.every, self.keep_last = every, keep_last  # train.checkpoint_every, train.keep_last
+        self.data = data  # the shards trained on (ShardSet.identity): a resume on others is refused
         self.last_step = -1
+        self.resume_note = ""  # what `load` changed (another process count or batch): the start line says it
 
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
@@ -79,7 +82,7 @@ class TrainCheckpoints:
         window_recon, window_good = unsynced_recon(self.accelerator, self.step)  # collective
         saved = dict(dataclasses.asdict(state), batch_size=self.batch_size, bad_steps=int(consecutive),
                      skipped_steps=state.skipped_steps + int(skipped), sigma_recon=state.sigma_recon + window_recon,
-                     sigma_steps=state.sigma_steps + window_good, **self.hooks.checkpoint_state())
+                     sigma_steps=state.sigma_steps + window_good, data=self.data, **self.hooks.checkpoint_state())
         path = ckpt.save_checkpoint(self.accelerator, self.run_dir, self.model, self.optimizer, saved,
                                     self.config_yaml, self.keep_last)
         self.hooks.on_checkpoint(path)
@@ -96,10 +99,20 @@ class TrainCheckpoints:
         state = TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState) if f.name in saved})
         state.resumes += 1
         self.step.meters[CONSECUTIVE] = state.bad_steps
-        if saved.get("world_size") != self.accelerator.num_processes or saved.get("batch_size") != self.batch_size \
-                or state.batch_in_epoch >= steps_per_epoch:
+        self.resume_note = ""
+        world, was_world = self.accelerator.num_processes, saved.get("world_size")
+        was_batch = saved.get("batch_size")
+        if was_world != world or was_batch != self.batch_size or state.batch_in_epoch >= steps_per_epoch:
             # a different split of the data (or an older checkpoint written at an epoch's last
-            # batch): continue from the next epoch boundary
+            # batch): continue from the next epoch boundary, and say so in plain words
+            if (was_world, was_batch) != (world, self.batch_size) and was_world and was_batch:
+                self.resume_note = (
+                    f"; it was written by {counted(was_world, 'process', 'processes')} at a global batch of "
+                    f"{was_world * was_batch}, this run has {counted(world, 'process', 'processes')} at a global "
+                    f"batch of {world * self.batch_size}, so the data splits differently: "
+                    + (f"the rest of epoch {state.epoch} is skipped (the checkpoint was {state.batch_in_epoch} of its "
+                       f"batches into it) and this run starts epoch {state.epoch + 1} at step {state.step}"
+                       if state.batch_in_epoch else f"this run starts epoch {state.epoch} afresh"))
             state.epoch += state.batch_in_epoch > 0
             state.batch_in_epoch = 0
         self.last_step = state.step

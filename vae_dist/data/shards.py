@@ -203,6 +203,18 @@ class ShardSet:
     def count(self, split: str) -> int:
         return self.counts.get(split, 0)
 
+    def identity(self) -> dict:
+        """What a checkpoint records of the data it was trained on: the folder, and a digest of
+        every split's shard digests and counts in order (the sample order follows from them and
+        the seed). Packing again with another --seed, or another set, gives another digest; the
+        same pack run again (deterministic) gives the same one."""
+        import hashlib
+
+        splits = {name: [[s.get("sha256"), s.get("count")] for s in info.get("shards", [])]
+                  for name, info in sorted(self.manifest.get("splits", {}).items())}
+        text = json.dumps({"image_size": self.image_size, "splits": splits}, sort_keys=True)
+        return {"shards": str(Path(self.root).resolve()), "digest": hashlib.sha256(text.encode()).hexdigest()[:16]}
+
     def files(self, split: str) -> SplitFiles:
         """The split's tars and indexes, after a cheap presence/size check, made once per split.
 
