@@ -164,6 +164,7 @@ def test_a_stopped_rank_is_named_within_the_collective_timeout_and_the_run_resum
             "--train.max_steps=100000", f"--train.collective_timeout_s={timeout}"]
     launcher = subprocess.Popen(launch_command(2) + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_rows(run, launcher, rows=5)  # past the checkpoint of step 8
+    time.sleep(1.5)  # a heartbeat or two (one a second): rank 1's step is heard
     workers = {_rank_of(p): p for p in _children(launcher.pid)}
     os.kill(workers[1], signal.SIGSTOP)
     stopped_at = time.monotonic()
@@ -177,7 +178,8 @@ def test_a_stopped_rank_is_named_within_the_collective_timeout_and_the_run_resum
     assert launcher.returncode != 0
     (line,) = [x for x in err.splitlines() if x.startswith("vae-dist: error:")]
     newest = latest_checkpoint(run)
-    assert f"rank 1 (pid {workers[1]} on {socket.gethostname()}, last at step " in line, line + err[-3000:]
+    assert f"rank 1 (pid {workers[1]} on {socket.gethostname()}, last heard at step " in line, line + err[-3000:]
+    assert int(line.split("last heard at step ")[1].split(")")[0]) > 8, line
     assert "stopped answering" in line and f"(train.collective_timeout_s={timeout}): the run stops; the newest " \
         f"checkpoint {newest.name} is intact: train.resume=auto continues from it" in line, line
     assert "Traceback" not in err.split("vae-dist: error:")[0], err[-3000:]  # nothing from the ranks before it

@@ -88,7 +88,7 @@ class TrainConfig:
     seed: int = 0  # global seed: weights, data order, flips, noise
     max_bad_steps: int = 20  # consecutive non-finite steps before giving up (checked every log.log_every)
     # above the longest legitimate wait of one rank for the others (a checkpoint, an evaluation)
-    collective_timeout_s: float = 300.0  # seconds without progress on any rank before the run stops naming the stalled rank; 0: torch's 30 min
+    collective_timeout_s: float = 300.0  # seconds no rank progresses before the run stops, naming the stalled one; 0: off
     resume_other_data: bool = False  # resume a checkpoint on shards other than those it was trained on
     profile_steps: tuple[int, int] | None = None  # START,STOP: a torch.profiler trace of those steps in OUT_DIR/profile
     cuda_graph: bool = False  # the whole step as one CUDA graph (one process, CUDA, bf16/fp32, no accumulation)

@@ -6,13 +6,15 @@ the process group's own timeout, and an NCCL timeout aborts the process with a l
 So each rank runs a thread of its own beside the loop that, every few seconds:
 - publishes a heartbeat in the process group's store (the TCP store every rank already talks
   to): a beat counter, its progress (steps, evaluation batches), its step, host and pid;
-- reads every rank's heartbeat. A rank whose beat stands still is not answering (stopped,
-  dead, its host gone); while no rank's progress moves for the timeout, the run is stalled.
+- once its own progress has stood still for a beat, reads every rank's heartbeat. A rank whose
+  beat stands still is not answering (stopped, dead, its host gone); while no rank's progress
+  moves for the timeout, the run is stalled.
   Then the lowest rank still answering prints one line naming the rank that is not (or, all
   answering, the one furthest behind), its host and its last step, and the newest checkpoint;
   every answering rank exits with code 2 (the launcher ends the rest). Checkpoints are written
   whole or not at all (checkpoint.py), so the newest one stays intact and resume=auto goes on.
-The loop pays a Python integer increment per step; the store is touched by the thread only.
+The loop pays a Python integer increment per step; the store is touched by the thread only,
+one write a second while the rank moves.
 Timed from the first step of each start on: that step compiles (or captures) the step, the
 same work on every rank, which can take minutes on a GPU. The process group's own timeout is
 set a minute longer (distributed.make_accelerator), a backstop for the first step.
@@ -38,9 +40,9 @@ class RankWatchdog:
 
     def __init__(self, rank: int, world: int, timeout_s: float, run_dir: Path, interval_s: float | None = None):
         self.rank, self.world, self.timeout_s, self.run_dir = rank, world, float(timeout_s), Path(run_dir)
-        self.interval_s = interval_s or min(5.0, max(0.5, self.timeout_s / 5))
-        # a rank whose beat has not moved for this long is not answering (its thread would have beaten)
-        self.silent_after_s = 3 * self.interval_s + 1.0
+        self.interval_s = interval_s or min(1.0, max(0.2, self.timeout_s / 5))
+        # a rank whose beat has not moved for this long is not answering (its thread would have beaten twice)
+        self.silent_after_s = 2 * self.interval_s + 0.5
         self.step = self.moves = 0  # written by the loop, read by the thread (ints: no lock needed)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -73,25 +75,34 @@ class RankWatchdog:
 
     # -- the thread's side ---------------------------------------------------------------
     def _watch(self) -> None:
-        seen: dict[int, dict] = {}  # rank -> its last heartbeat, with when (our clock) beat and moves last changed
-        moved_at = time.monotonic()
+        """Beats every interval (one store write). While this rank moves the run is alive and
+        nothing is read; once it has stood still for an interval, every rank's heartbeat is read
+        each interval, until some rank moves again or the timeout passes."""
+        seen: dict[int, dict] = {}  # rank -> its last heartbeat, with when (our clock) its beat last changed
         armed_at = self.moves  # the first step of this start is not timed (compile, capture)
+        my_moves, moved_at = self.moves, time.monotonic()
         while not self._stop.wait(self.interval_s):
             now = time.monotonic()
             try:
                 self._publish()
-                beats = self._read_all()
             except Exception:  # noqa: BLE001 - the store's host is gone: only our own progress tells
+                pass
+            if self.moves != my_moves or self.moves <= armed_at:
+                my_moves, moved_at = self.moves, now
+                seen.clear()
+                continue
+            if now - moved_at < self.interval_s:
+                continue
+            try:
+                beats = self._read_all()
+            except Exception:  # noqa: BLE001
                 beats = {self.rank: self._heartbeat()}
             for rank, hb in beats.items():
                 old = seen.get(rank)
                 hb["beat_at"] = now if old is None or old["beat"] != hb["beat"] else old["beat_at"]
-                if old is None or old["moves"] != hb["moves"]:
-                    moved_at = now
+                if old is not None and old["moves"] != hb["moves"]:
+                    moved_at = now  # another rank moves: the run is not stalled (a long val pass there)
                 seen[rank] = hb
-            if self.moves <= armed_at:  # this start's first step is not over yet
-                moved_at = now
-                continue
             if now - moved_at >= self.timeout_s:
                 self._report_and_exit(seen, now, now - moved_at)
 
@@ -123,7 +134,7 @@ class RankWatchdog:
             hb = seen.get(r)
             if hb is None:
                 return f"rank {r} (never answered)"
-            return f"rank {r} (pid {hb['pid']} on {hb['host']}, last at step {hb['step']})"
+            return f"rank {r} (pid {hb['pid']} on {hb['host']}, last heard at step {hb['step']})"
 
         if silent:
             ago = max((now - seen[r]["beat_at"] for r in silent if r in seen), default=waited)
