@@ -123,13 +123,54 @@ def checkpoint_step(path: Path) -> int:
 
 
 def read_trainer_state(path: Path) -> dict:
-    """A checkpoint's trainer state (step, epoch, data position, ...)."""
+    """A checkpoint's trainer state (step, epoch, data position, ...), every key it holds of
+    those a resume uses checked: an edited or foreign file is a one-line error naming the file
+    and the key, not a failure deep in the resume (a negative step divided by zero)."""
+    file = Path(path) / STATE
     try:
-        state = json.loads((Path(path) / STATE).read_text())
-        int(state["step"])
-        return state
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        state = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
         raise UserError(f"checkpoint {path}: unreadable {STATE} ({first_line(e)})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"checkpoint file {file} must hold a JSON object of keys, got {json.dumps(state)[:40]}")
+    for key in _STATE_REQUIRED:
+        if key not in state:
+            raise UserError(f"checkpoint file {file} lacks the key '{key}' (not a vae-dist checkpoint, or edited)")
+    for key, (ok, must) in _STATE_KEYS.items():
+        if key in state and not ok(state[key]):
+            raise UserError(f"checkpoint file {file}: key '{key}' must be {must}, got {json.dumps(state[key])[:40]} "
+                            f"(not a vae-dist checkpoint, or edited)")
+    return state
+
+
+def _whole(least: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# trainer_state.json: the keys a resume reads, each with its test and what it must be. The first
+# three are the data position, in every checkpoint ever written; a checkpoint of an older
+# version may lack the others (they keep their defaults); keys not named here are not read.
+_STATE_REQUIRED = ("step", "epoch", "batch_in_epoch")
+_STATE_KEYS = {
+    "step": (_whole(0), "a whole number 0 or more"),
+    "epoch": (_whole(0), "a whole number 0 or more"),
+    "batch_in_epoch": (_whole(0), "a whole number 0 or more"),
+    "bad_steps": (_whole(0), "a whole number 0 or more"),
+    "skipped_steps": (_whole(0), "a whole number 0 or more"),
+    "sigma_recon": (_number, "a number"),
+    "sigma_steps": (_number, "a number"),
+    "sigma": (lambda v: v is None or (_number(v) and not v < 0), "a number 0 or more, or null"),
+    "last_eval_step": (_whole(-1), "a whole number -1 or more"),
+    "resumes": (_whole(0), "a whole number 0 or more"),
+    "batch_size": (_whole(1), "a whole number 1 or more"),
+    "world_size": (_whole(1), "a whole number 1 or more"),
+    "wandb_step": (lambda v: v is None or _whole(0)(v), "a whole number 0 or more, or null"),
+    "scaler": (lambda v: v is None or isinstance(v, dict), "an object (the loss scaler's state) or null"),
+}
 
 
 def saved_step(path: Path) -> int:
@@ -295,19 +336,65 @@ def load_checkpoint(accelerator, path: Path, model: VAE, optimizer) -> dict:
     if ckpt_cfg != model.cfg:  # run_folder.choose_start refuses this earlier, with the choices
         raise UserError(f"checkpoint {path} holds another architecture: {architecture_difference(ckpt_cfg, model.cfg)}")
     _load_state_dict(model, path / WEIGHTS)
-    try:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    except (OSError, RuntimeError, ValueError, KeyError) as e:
-        raise UserError(f"checkpoint {path}: optimizer.pt does not load ({first_line(e)})") from None
-    if accelerator.scaler is not None and state.get("scaler"):
-        accelerator.scaler.load_state_dict(state["scaler"])
+    # every rank reads its files, then all agree: one rank's bad RNG file ends the run on all
+    error = _restore(path / "optimizer.pt", lambda: optimizer.load_state_dict(_read_torch_file(path / "optimizer.pt")))
+    if error is None and accelerator.scaler is not None and state.get("scaler"):
+        error = _restore(path / STATE, lambda: accelerator.scaler.load_state_dict(state["scaler"]), key="scaler")
     rng_file = path / f"rng_rank{accelerator.process_index}.pt"
-    if rng_file.is_file() and state.get("world_size") == accelerator.num_processes:
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+    if error is None and rng_file.is_file() and state.get("world_size") == accelerator.num_processes:
+        error = _restore(rng_file, lambda: _set_rng(_read_torch_file(rng_file)))
+    error = _agree(accelerator, error)
+    if error is not None:
+        raise SharedError(error)
     return state
+
+
+class _UnsafeFile(Exception):
+    """A checkpoint file that the weights_only unpickler refuses: something else than the
+    tensors, numbers and containers vae-dist writes (a pickled object, a damaged stream)."""
+
+
+def _read_torch_file(file: Path):
+    """A checkpoint's torch file, unpickled with weights_only: a file that holds anything but
+    tensors and plain data is refused by torch (nothing in it runs) and reported here as
+    _UnsafeFile, without torch's advice to load it with weights_only=False."""
+    import pickle
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # e.g. on a pickle protocol torch.save never writes: the error says it
+            warnings.simplefilter("ignore")
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise _UnsafeFile(_torch_reason(e)) from None
+
+
+def _torch_reason(e: BaseException) -> str:
+    """What torch.load found, without its advice: the first line of its message that does
+    not tell how to load the file unsafely or where to read about it."""
+    advice = ("weights_only", "Weights only", "torch.load", "file an issue")
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    found = [line for line in lines if not any(a in line for a in advice)]
+    return found[0].split(". ")[0].rstrip(".") if found else "not plain tensors and numbers"
+
+
+def _set_rng(rng) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+
+
+def _restore(file: Path, load, key: str | None = None) -> str | None:
+    """Runs `load` (which reads `file` and puts its state in place); None, or the one line that
+    says why it could not: the file (and key) named, never torch's advice."""
+    try:
+        load()
+    except _UnsafeFile as e:
+        return f"checkpoint file {file} cannot be read safely ({e}): not a vae-dist checkpoint file"
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError, EOFError) as e:
+        name = f"{file} (key '{key}')" if key else str(file)
+        return f"checkpoint file {name} does not load ({_torch_reason(e)}): damaged, or not a vae-dist checkpoint"
+    return None
 
 
 def _torch_bytes(obj) -> bytes:

@@ -71,12 +71,12 @@ def _viz(args) -> int:
 
 
 def _eval(args) -> int:
-    from vae_dist.inference import evaluate_checkpoint, format_eval
+    from vae_dist.inference import evaluate_checkpoint, format_eval, write_eval_json
 
     result = evaluate_checkpoint(args.ckpt, args.shards, split=args.split, iw=args.iw, json_path=args.json,
                                  calib_images=args.calib_images, batch_size=args.batch_size, seed=args.seed)
-    print(format_eval(result))
-    if args.json:
+    print(format_eval(result), flush=True)  # shown before the JSON is written: a failed write loses nothing
+    if args.json and write_eval_json(result, args.json):
         print(f"results: {args.json}")
     return 0
 

@@ -259,7 +259,10 @@ def apply(cfg: Config, updates: dict[str, Any], source: str = "") -> Config:
             raise ConfigError(f"unknown config key '{dotted}'{source}{hint}")
         section = getattr(cfg, section_name)
         tp = fields[key]
-        setattr(section, key, _coerce(_words_to_none(value, tp), tp, dotted))
+        try:
+            setattr(section, key, _coerce(_words_to_none(value, tp), tp, dotted))
+        except ConfigError as e:  # a value of the wrong type: where it was written, too
+            raise ConfigError(f"{e}{source}") from None
     return cfg
 
 
@@ -279,7 +282,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     try:
         tree = load_yaml_text(path.read_text()) or {}
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:  # UnicodeDecodeError: a binary file
         raise ConfigError(f"config file {path} is not valid YAML: {first_line(e)}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")

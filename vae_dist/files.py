@@ -7,8 +7,11 @@ flushed before the rename, and the folder (which holds the name) after it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from vae_dist.errors import UserError
@@ -54,8 +57,9 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def output_dir(path: str | Path, what: str) -> Path:
-    """The folder `path`, made with its parents; a file in the way (or a parent that cannot be
-    made) is a one-line error naming `what` the folder is for."""
+    """The folder `path`, made with its parents and proven writable; a file in the way, a parent
+    that cannot be made or a folder that cannot be written (a read-only mount) is a one-line
+    error naming `what` the folder is for. Called before the work that fills it."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{what} {path} is a file, not a folder: choose another path")
@@ -63,7 +67,49 @@ def output_dir(path: str | Path, what: str) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot make {what} {path}: {e.strerror or e}") from None
+    try:
+        _probe_writable(path)
+    except OSError as e:
+        raise UserError(f"cannot write into {what} {path}: {e.strerror or e}") from None
     return path
+
+
+def output_file(path: str | Path, what: str) -> Path:
+    """`path` as a file about to be written: not a folder, its folder made (with its parents)
+    and writable, an existing file replaceable. Called before the work that fills it, so a
+    read-only folder is a one-line error naming `what` the file is for, not a traceback after
+    the work."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder: name the file to write")
+    try:
+        if path.parent.exists() and not path.parent.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _probe_writable(path.parent)
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as e:
+        raise UserError(f"cannot write {what} {path}: {e.strerror or e}") from None
+    return path
+
+
+@contextmanager
+def writing(path: str | Path, what: str):
+    """Writes to `path` in the block; one that fails anyway (a disk filled, a folder made
+    read-only meanwhile) is a one-line error naming `what` it was for."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"cannot write {what} {path}: {e.strerror or e}") from None
+
+
+def _probe_writable(folder: Path) -> None:
+    """Creates and removes a file in `folder`: raises the OSError a write there would. A real
+    write, since permission bits do not tell (root writes past them; a read-only mount, a
+    network file system's own rules, a full inode table refuse all the same)."""
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".vae-dist-write-test-"):
+        pass
 
 
 def new_dir_beside(base: Path) -> Path:

@@ -29,7 +29,7 @@ from vae_dist.data import unit_float
 from vae_dist.data.loaders import build_loader, check_model_fits_shards
 from vae_dist.data.shards import ShardSet
 from vae_dist.errors import UserError
-from vae_dist.files import output_dir
+from vae_dist.files import output_dir, output_file, writing
 from vae_dist.losses import bits_per_dim, discretized_gaussian_log_likelihood, psnr
 from vae_dist.model import VAE
 
@@ -72,6 +72,9 @@ def calibrate_sigma(model: VAE, shards: ShardSet, acc, images: int, batch_size: 
 @torch.no_grad()
 def evaluate_checkpoint(ckpt: str, shards: str, split: str = "val", iw: int = 1, json_path: str | None = None,
                         calib_images: int = 10000, batch_size: int = 256, seed: int = 0) -> dict:
+    """The scores of a checkpoint on a split. `json_path` is only checked here, before the work (a
+    folder it cannot be written into ends the command at once): the caller shows the result,
+    then writes it there (`write_eval_json`), so a write that fails still leaves it on screen."""
     for name, value in (("--iw", iw), ("--calib-images", calib_images), ("--batch-size", batch_size)):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
@@ -80,6 +83,8 @@ def evaluate_checkpoint(ckpt: str, shards: str, split: str = "val", iw: int = 1,
     model = load_weights(weights, acc.device)
     shard_set = ShardSet.open(shards)
     check_model_fits_shards(model.cfg, shard_set, weights)
+    if json_path:  # once the inputs are known good; every rank, so that none waits for one that stopped
+        output_file(json_path, "eval --json file")
     torch.manual_seed(seed + acc.process_index)
     if model.log_sigma is not None:
         sigma, source = float(model.log_sigma.exp()), "learned (loss.recon=gaussian)"
@@ -112,10 +117,18 @@ def evaluate_checkpoint(ckpt: str, shards: str, split: str = "val", iw: int = 1,
         "elbo_nats": elbo / count, "iw_nats": iw_bound / count, "psnr": psnr(sq_err / (count * dims)),
         "sigma": sigma, "sigma_source": source,
     }
-    if json_path and acc.is_main_process:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=1))
     return result
+
+
+def write_eval_json(result: dict, path: str) -> bool:
+    """`eval --json`: the result as JSON, written by the main process (True there)."""
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return False
+    with writing(path, "eval --json file"):
+        Path(path).write_text(json.dumps(result, indent=1))
+    return True
 
 
 def format_eval(r: dict) -> str:
@@ -131,14 +144,15 @@ def sample_images(ckpt: str, out: str, n: int = 64, seed: int = 0) -> list[Path]
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
     model = load_weights(find_weights(ckpt))
+    out_dir = output_dir(out, "sample output folder")  # once the weights are known good
     images = model.sample(n, generator=torch.Generator().manual_seed(seed)).float().clamp(0, 1)
-    out_dir = output_dir(out, "sample output folder")
     grid = out_dir / "samples.png"
-    save_image(make_grid(images, nrow=max(1, int(math.sqrt(n))), padding=2), grid)
-    paths = [grid]
-    for i, img in enumerate(images):
-        paths.append(out_dir / f"sample_{i:04d}.png")
-        save_image(img, paths[-1])
+    with writing(out_dir, "sample output folder"):
+        save_image(make_grid(images, nrow=max(1, int(math.sqrt(n))), padding=2), grid)
+        paths = [grid]
+        for i, img in enumerate(images):
+            paths.append(out_dir / f"sample_{i:04d}.png")
+            save_image(img, paths[-1])
     return paths
 
 
@@ -157,12 +171,14 @@ def encode_split(ckpt: str, shards: str, out: str, split: str = "val", batch_siz
     model = load_weights(weights, acc.device)
     shard_set = ShardSet.open(shards)
     check_model_fits_shards(model.cfg, shard_set, weights)
-    output_dir(path.parent, "encode --out folder")  # once the inputs are known good: a failure makes nothing
+    output_file(path, "encode --out file")  # once the inputs are known good: a failure makes nothing
     mus, logvars, labels = [], [], []
     for x, y in _batches(shard_set, split, batch_size, acc):
         mu, logvar = model.encode(x)
         mus.append(mu.float().cpu())
         logvars.append(logvar.float().cpu())
         labels.append(y.cpu())
-    np.savez(path, mu=torch.cat(mus).numpy(), logvar=torch.cat(logvars).numpy(), labels=torch.cat(labels).numpy())
+    with writing(path, "encode --out file"):
+        np.savez(path, mu=torch.cat(mus).numpy(), logvar=torch.cat(logvars).numpy(),
+                 labels=torch.cat(labels).numpy())
     return path

@@ -184,11 +184,11 @@ def viz_checkpoint(ckpt_path: str, out: str, shards: str | None = None, num_imag
     """`vae-dist viz`: the pictures from a checkpoint folder, run folder or weights file."""
 
     from vae_dist.checkpoint import find_weights, load_weights
-    from vae_dist.config import DataConfig, load_yaml_text
+    from vae_dist.config import DataConfig
     from vae_dist.data.loaders import check_model_fits_shards, decode_split
     from vae_dist.data.shards import ShardSet
     from vae_dist.errors import UserError
-    from vae_dist.files import output_dir
+    from vae_dist.files import output_dir, writing
 
     if num_images < 1:
         raise UserError(f"--num-images must be at least 1, got {num_images}")
@@ -196,7 +196,7 @@ def viz_checkpoint(ckpt_path: str, out: str, shards: str | None = None, num_imag
     model = load_weights(weights)
     saved_config = weights.parent / "config.yaml"  # in every checkpoint and run folder
     if shards is None and saved_config.is_file():  # the run's own data
-        shards = (load_yaml_text(saved_config.read_text()) or {}).get("data", {}).get("shards")
+        shards = _shards_of_run(saved_config)
     if shards is None:
         raise UserError("no shard folder known for real images: pass --shards DIR")
     shard_set = ShardSet.open(shards)
@@ -208,10 +208,28 @@ def viz_checkpoint(ckpt_path: str, out: str, shards: str | None = None, num_imag
     x = images[:n].float() / 255
     keep = min(2000, images.shape[0])
     xs = images[:keep].float() / 255
-    paths = picture_set(model, x, Path(out), scatter=(xs, labels[:keep], list(shard_set.class_names)))
-    run_metrics = weights.parent / "metrics.jsonl"
-    if run_metrics.is_file():
-        curve = loss_curves(run_metrics, Path(out) / "loss_curves.png")
-        if curve:
-            paths["loss_curves"] = curve
+    with writing(out, "viz output folder"):
+        paths = picture_set(model, x, Path(out), scatter=(xs, labels[:keep], list(shard_set.class_names)))
+        run_metrics = weights.parent / "metrics.jsonl"
+        if run_metrics.is_file():
+            curve = loss_curves(run_metrics, Path(out) / "loss_curves.png")
+            if curve:
+                paths["loss_curves"] = curve
     return list(paths.values())
+
+
+def _shards_of_run(config_file: Path) -> str | None:
+    """data.shards of the run whose config.yaml this is (None where it names none). A file that
+    is not a config (damaged, edited, YAML tags) is a one-line error naming it, read as
+    `--config` reads one (safely: a tag never builds an object)."""
+    from vae_dist.config import load_yaml
+    from vae_dist.errors import ConfigError
+
+    try:
+        shards = load_yaml(config_file).get("data.shards")
+    except ConfigError as e:
+        raise ConfigError(f"{e}; pass --shards DIR") from None
+    if shards is not None and not isinstance(shards, str):
+        raise ConfigError(f"config file {config_file}: data.shards must be a folder name, got {shards!r}; "
+                          f"pass --shards DIR")
+    return shards

@@ -12,7 +12,14 @@ GPU_BATCH_SIZES, CPU_BATCH_SIZES = "64,256,1024,4096", "64"
 
 def run_bench(args) -> int:
     from vae_dist.bench.common import sample_shards, write_partial, write_report
+    from vae_dist.files import output_dir, output_file
 
+    # before minutes of measuring: an output that cannot be written (a read-only folder) ends it now
+    for path, what in ((args.json, "bench --json file"), (args.plot, "bench --plot file")):
+        if path:
+            output_file(path, what)
+    if args.profile:
+        output_dir(args.profile, "bench --profile folder")
     shards, images_root, extra = args.shards, args.images, {}
     if args.what in ("data", "e2e") and shards is None:
         shards, made_root = sample_shards(args.tiny)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from vae_dist.errors import UserError
+from vae_dist.files import writing
 
 
 def sync(device: torch.device) -> None:
@@ -169,10 +170,11 @@ def write_partial(what: str, shards: str | None, results: list[dict], json_path:
     if json_path:
         report = {"device": device_name(), "env": environment(), "benchmark": what, "shards": shards,
                   "results": results, "partial": True}
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(json_path).with_name(Path(json_path).name + ".partial")
-        tmp.write_text(json.dumps(report, indent=1))
-        os.replace(tmp, json_path)
+        with writing(json_path, "bench --json file"):
+            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(json_path).with_name(Path(json_path).name + ".partial")
+            tmp.write_text(json.dumps(report, indent=1))
+            os.replace(tmp, json_path)
 
 
 def write_report(what: str, shards: str | None, results: list[dict], json_path: str | None, plot_path: str | None,
@@ -182,9 +184,11 @@ def write_report(what: str, shards: str | None, results: list[dict], json_path: 
               **(extra or {})}
     print_table(what, results)
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(report, indent=1))
+        with writing(json_path, "bench --json file"):
+            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_path).write_text(json.dumps(report, indent=1))
         print(f"results: {json_path}")
     if plot_path:
-        plot(results, f"vae-dist bench {what} — {device_name()}", plot_path)
+        with writing(plot_path, "bench --plot file"):
+            plot(results, f"vae-dist bench {what} — {device_name()}", plot_path)
         print(f"plot: {plot_path}")
