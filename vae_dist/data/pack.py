@@ -149,6 +149,7 @@ def _stage(src: FileTree, listing, src_path, staging: Path, out_dir: Path, opts:
             raise
         raise _disk_full(out_dir, staging) from None
     except Terminated:
+        (out_dir / (SWAP_RECORD + ".partial")).unlink(missing_ok=True)  # where the signal came as it was written
         raise Terminated(f"pack stopped by SIGTERM: its staging folder is removed, {out_dir} holds what it "
                          "held before") from None
 
