@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from vae_dist.errors import SharedError, UserError
+from vae_dist.errors import SharedError, Terminated, UserError
 
 
 def _sample_data(args) -> int:
@@ -337,3 +337,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vae-dist: interrupted", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print(f"vae-dist: {e}", file=sys.stderr)
+        return 128 + 15  # SIGTERM's number

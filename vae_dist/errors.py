@@ -18,6 +18,15 @@ class DataError(UserError):
     pass
 
 
+class Terminated(BaseException):
+    """SIGTERM made an exception where a command has to clean up on its way out (as Python makes
+    SIGINT a KeyboardInterrupt): the finally blocks run, then the CLI prints the message as its
+    one line and exits 128 + 15, as a process ended by the signal would."""
+
+    def __init__(self, message: str = "terminated (SIGTERM)"):
+        super().__init__(message)
+
+
 def first_line(e: BaseException) -> str:
     """An exception's message cut to its first line (its type where it has none), for a one-line report."""
     text = str(e).strip()

@@ -14,6 +14,12 @@ from vae_dist.errors import first_line
 # Larger images are refused from their header alone, before any pixel is decoded (a forged
 # header could ask for gigabytes); 64 M pixels passes every camera but medium format.
 MAX_PIXELS = 1 << 26
+# Memory. A JPEG decodes reduced (libjpeg's 1/2..1/8 scales, never below S); other formats
+# decode whole, at most MAX_PIXELS x 4 bytes (RGBA, I, F: 256 MiB). An image decoded larger
+# than STRIP_PIXELS is then made RGB and shrunk strip by strip, so no full-size copy is ever
+# made beside it (an 8192x8192 RGBA PNG took 835 MB above the worker's own as a whole, 290 MB
+# in strips); smaller ones are converted whole (at most ~50 MB).
+STRIP_PIXELS = 1 << 22
 _GRAY = ("L", "LA", "La", "1", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
 # EXIF Orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose)
@@ -63,7 +69,10 @@ def to_shard_jpeg(data: bytes, size: int, quality: int = 95, keep_source: bool =
         changes["not_jpeg"] = 1
     if frames > 1:
         changes["first_frame"] = 1
-    im, what = _to_rgb(im)
+    if im.width * im.height > STRIP_PIXELS:
+        im, what = _rgb_centre_shrunk(im, size)
+    else:
+        im, what = _to_rgb(im)
     changes.update(dict.fromkeys(what, 1))
     if orientation != 1:
         im = im.transpose(_UPRIGHT[orientation])
@@ -80,10 +89,31 @@ def to_shard_jpeg(data: bytes, size: int, quality: int = 95, keep_source: bool =
     return out.getvalue(), None, changes
 
 
-def _to_rgb(im: Image.Image) -> tuple[Image.Image, list[str]]:
+def _rgb_centre_shrunk(im: Image.Image, size: int) -> tuple[Image.Image, list[str]]:
+    """(the centre square of a large image in RGB, shrunk by a whole factor to no less than 2S
+    a side, what the conversion did), made a strip of rows at a time: each strip is cropped,
+    made RGB as _to_rgb does (on the whole image's range, so the strips agree) and averaged
+    down, so memory holds the decoded image and one strip, never a full-size copy. The final
+    resize to S is the caller's (Pillow's resize(reducing_gap=2) shrinks by a box first too)."""
+    w, h = im.size
+    factor = max(1, min(w, h) // (2 * size))
+    side = min(w, h) // factor * factor
+    left, top = (w - side) // 2, (h - side) // 2
+    rows = factor * max(1, STRIP_PIXELS // 8 // (side * factor))  # a strip: ~0.5 M pixels, whole factors
+    extrema = im.getextrema() if im.mode in ("I", "F") or im.mode.startswith("I;16") else None
+    out, what = Image.new("RGB", (side // factor, side // factor)), []
+    for y in range(0, side, rows):
+        strip = im.crop((left, top + y, left + side, top + min(y + rows, side)))
+        strip, what = _to_rgb(strip, extrema)
+        out.paste(strip.reduce(factor) if factor > 1 else strip, (0, y // factor))
+    return out, what
+
+
+def _to_rgb(im: Image.Image, extrema: tuple | None = None) -> tuple[Image.Image, list[str]]:
     """(the image in RGB, what the conversion did). Pillow's own conversion clips 16-bit values
     at 255 (a 16-bit PNG would come out white) and drops alpha (transparent pixels keep whatever
-    colour they hold), so both are done here."""
+    colour they hold), so both are done here. `extrema`: the (min, max) of the whole image, where
+    `im` is a part of it."""
     mode, what = im.mode, []
     if mode == "RGB":
         return im, what
@@ -96,7 +126,7 @@ def _to_rgb(im: Image.Image) -> tuple[Image.Image, list[str]]:
         what.append("grayscale")
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         pixels = np.asarray(im, dtype=np.float64)
-        top = pixels.max(initial=0)
+        top = pixels.max(initial=0) if extrema is None else extrema[1]
         if im.mode.startswith("I;16") or top > 255:  # 16-bit data: 65535 is white
             pixels = pixels / 257
             what.append("16bit")

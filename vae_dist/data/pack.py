@@ -5,16 +5,29 @@ Every image is decoded once in a worker process (all cores), made RGB SxS, and w
 a globally shuffled order. Unreadable files go to manifest['rejected'] with the reason.
 Output is staged in a hidden folder and swapped in at the end, so a crash never leaves a
 half-written shard that looks complete, and packing again replaces the old result whole.
+
+OUT is the user's folder: pack writes into an empty one or one an earlier pack wrote, and
+replaces only the files that pack's manifest.json names; a folder holding anything else is
+refused before any work. SIGTERM stops a pack as SIGINT does (the staging folder removed,
+OUT as it was); the staging folder of a pack that was killed outright is removed by the next
+pack into that folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import json
 import multiprocessing as mp
 import os
 import random
+import re
 import shutil
+import signal
+import socket
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -25,13 +38,21 @@ from tqdm import tqdm
 from vae_dist.data import available_cores
 from vae_dist.data.images import to_shard_jpeg
 from vae_dist.data.shards import MANIFEST, ShardWriter, shard_name, write_json_atomic
-from vae_dist.data.sources import list_source, open_source
+from vae_dist.data.sources import SPLIT_FOLDERS, list_source, open_source
 from vae_dist.data.tree import FileTree, Record
-from vae_dist.errors import DataError, counted
-from vae_dist.files import output_dir
+from vae_dist.errors import DataError, Terminated, UserError, counted
+from vae_dist.files import fsync_dir, output_dir
 
 # the VAE's stride-2 convs halve the image 4 times (the seed's; more layers need more)
 SIZE_STEP, MIN_SIZE, MAX_SIZE = 16, 16, 512
+STAGING = ".pack-staging-"  # + host-pid: a pack's work folder inside OUT
+# the names a swap touches (the old files and the new), written before it starts and removed
+# after it ends: a pack killed halfway through a swap leaves it, and the next pack knows them
+SWAP_RECORD = ".pack-swap.json"
+_SHARD_FILE = re.compile(rf"({'|'.join(SPLIT_FOLDERS)})-\d{{6}}\.(tar|idx)")
+# what a folder for shards may hold besides them: a description (the repository's own
+# shards/README.md) and hidden files (.gitignore, .gitkeep, .DS_Store); pack never touches them
+_LEFT_ALONE = re.compile(r"README(\.\w+)?|\..*", re.IGNORECASE)
 
 
 @dataclass
@@ -54,6 +75,11 @@ _OPTS: PackOptions | None = None
 
 def _init_worker(location: str, root: str, opts: PackOptions) -> None:
     global _TREE, _OPTS
+    # the main process alone handles the stop signals; the pool's exit ends the workers with a
+    # SIGTERM, which must end them quietly (they start with both signals blocked: see _pool)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     _TREE, _OPTS = FileTree(location, root), opts
 
 
@@ -84,29 +110,184 @@ def check_options(opts: PackOptions) -> None:
 def pack(src_path: str | Path, out_dir: str | Path, opts: PackOptions | None = None) -> dict:
     opts = opts or PackOptions()
     check_options(opts)
-    t_list = time.perf_counter()
-    src, layout = open_source(src_path, opts.layout)
-    try:
-        listing = list_source(src, layout, opts.splits, opts.val_fraction, opts.seed)
-        list_seconds = time.perf_counter() - t_list
-        out_dir = output_dir(out_dir, "pack output folder")  # once the source is known good
-        staging = out_dir / f".pack-staging-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+    check_output_folder(Path(out_dir))  # before any work
+    with _sigterm_raises():
+        t_list = time.perf_counter()
+        src, layout = open_source(src_path, opts.layout, exclude=out_dir)  # OUT inside SRC is not read
         try:
-            manifest = _pack_listing(src, listing, src_path, staging, opts)
-            manifest["list_seconds"] = round(list_seconds, 3)
-            _swap_in(staging, out_dir, manifest)
+            listing = list_source(src, layout, opts.splits, opts.val_fraction, opts.seed)
+            list_seconds = time.perf_counter() - t_list
+            out_dir = output_dir(out_dir, "pack output folder")  # once the source is known good
+            remove_stale_staging(out_dir)
+            staging = out_dir / f"{STAGING}{socket.gethostname()}-{os.getpid()}"
+            try:
+                manifest, old = _stage(src, listing, src_path, staging, out_dir, opts, list_seconds)
+                _swap_in(staging, out_dir, old)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    finally:
-        src.close()
+            src.close()
     return manifest
+
+
+def _stage(src: FileTree, listing, src_path, staging: Path, out_dir: Path, opts: PackOptions,
+           list_seconds: float) -> tuple[dict, set[str]]:
+    """Packs into `staging` with its manifest, and records the swap to come; returns (the
+    manifest, the names of the earlier pack's files it replaces). Until the swap OUT is as it
+    was, so a full disk or a SIGTERM in here ends in one line that says so."""
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir()
+        manifest = _pack_listing(src, listing, src_path, staging, opts)
+        manifest["list_seconds"] = round(list_seconds, 3)
+        write_json_atomic(staging / MANIFEST, manifest)
+        old = previous_pack_files(out_dir)
+        write_json_atomic(out_dir / SWAP_RECORD, {"files": sorted(old | _names(staging))})
+        return manifest, old
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise _disk_full(out_dir, staging) from None
+    except Terminated:
+        (out_dir / (SWAP_RECORD + ".partial")).unlink(missing_ok=True)  # where the signal came as it was written
+        raise Terminated(f"pack stopped by SIGTERM: its staging folder is removed, {out_dir} holds what it "
+                         "held before") from None
+
+
+# -- OUT: what pack may replace there ------------------------------------------------------
+def previous_pack_files(out_dir: Path) -> set[str]:
+    """The names of the files an earlier pack wrote into `out_dir`, which packing again replaces:
+    manifest.json and the shards it names, and those of a swap that did not finish. Only shard
+    names directly in the folder count, whatever a damaged or edited manifest says."""
+    names = set()
+    for record, files in ((MANIFEST, _manifest_files), (SWAP_RECORD, lambda doc: doc.get("files"))):
+        try:
+            doc = json.loads((out_dir / record).read_text())
+            listed = files(doc) if isinstance(doc, dict) else None
+        except (OSError, ValueError, AttributeError, TypeError):
+            continue
+        names.add(record)
+        names.update(n for n in listed or [] if isinstance(n, str) and _SHARD_FILE.fullmatch(n))
+    if (out_dir / MANIFEST).is_file():  # a manifest that does not parse is still pack's
+        names.add(MANIFEST)
+    return names
+
+
+def _manifest_files(manifest: dict) -> list:
+    return [shard.get(key) for info in manifest.get("splits", {}).values()
+            for shard in info.get("shards", []) for key in ("file", "index")]
+
+
+def check_output_folder(out_dir: Path) -> None:
+    """Refuses an output folder holding anything pack did not write (it may be empty): pack
+    replaces only the files of an earlier pack, and a folder of other things is the wrong one."""
+    if not out_dir.is_dir():
+        return  # made later (or a file in the way: output_dir says so)
+    ours = previous_pack_files(out_dir)
+    foreign = []
+    for entry in sorted(out_dir.iterdir()):
+        name = entry.name
+        if entry.is_dir() and not entry.is_symlink():
+            if not name.startswith(STAGING):
+                foreign.append(name + "/")
+        elif name not in ours and name.removesuffix(".partial") not in (MANIFEST, SWAP_RECORD) \
+                and not _LEFT_ALONE.fullmatch(name):
+            foreign.append(name)
+    if foreign:
+        folders = sum(name.endswith("/") for name in foreign)
+        what = " and ".join(counted(n, noun) for n, noun in ((len(foreign) - folders, "file"), (folders, "folder")) if n)
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"pack output folder {out_dir} holds {what} no earlier pack wrote ({shown}): pack writes into "
+                        f"an empty folder, or into one an earlier pack wrote (replacing the files its manifest.json "
+                        f"names); choose another folder, or move them out")
+
+
+def remove_stale_staging(out_dir: Path) -> None:
+    """Removes the staging folders that packs killed outright (SIGKILL, a crash) left in
+    `out_dir`: those of this host whose process is gone. A live pack's is left alone, and
+    so is every other host's (on a shared filesystem its process cannot be seen from here)."""
+    host = socket.gethostname()
+    for folder in out_dir.glob(STAGING + "*"):
+        owner, _, pid = folder.name.removeprefix(STAGING).rpartition("-")
+        if pid.isdigit() and owner in ("", host) and not _alive(int(pid)):  # "": an older pack's name
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def _names(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def _disk_full(out_dir: Path, staging: Path) -> UserError:
+    """The one line of a pack that ran out of space, once its staging folder is removed."""
+    written = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file()) if staging.is_dir() else 0
+    shutil.rmtree(staging, ignore_errors=True)
+    (out_dir / (SWAP_RECORD + ".partial")).unlink(missing_ok=True)  # where the record found the disk full
+    free = shutil.disk_usage(out_dir).free
+    kept = f"the previous shards in {out_dir} are untouched" if previous_pack_files(out_dir) - {SWAP_RECORD} \
+        else f"nothing of it is left in {out_dir}"
+    return UserError(f"no space left on the device of pack output folder {out_dir}: {_size(free)} free there once the "
+                     f"{_size(written)} this pack had written were removed; {kept}")
+
+
+def _size(n: int) -> str:
+    """A size in the unit that reads best: 24 KB, 3.5 MB, 120.0 GB."""
+    return f"{n / 1e3:.0f} KB" if n < 1e6 else f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.1f} GB"
+
+
+# -- signals -------------------------------------------------------------------------------
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises Terminated in this (the main) process, as SIGINT raises KeyboardInterrupt,
+    so the finally blocks remove the staging folder and the pool's exit stops the workers. Left
+    as it is outside the main thread, where Python sets no handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _stop_signals_held():
+    """Holds SIGTERM and SIGINT until the block ends: they arrive after it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+def _pool(ctx, workers: int, initargs: tuple):
+    """The worker pool, its processes started with the stop signals held, so that none of them
+    meets one before _init_worker has made them quiet there."""
+    with _stop_signals_held():
+        return ctx.Pool(workers, initializer=_init_worker, initargs=initargs)
 
 
 def _pack_listing(src: FileTree, listing, src_path, staging: Path, opts: PackOptions) -> dict:
     """Every split of `listing` into shards in `staging`; returns the manifest."""
     rejected = [{"path": p, "reason": "unsafe path in archive (absolute or '..')"} for p in src.unsafe_members()]
+    rejected += [{"path": p, "reason": why} for p, why in sorted(src.refused.items())]  # links, OUT inside SRC
     rejected += listing.rejected
     manifest = {
         "format": "vae-dist-shards/1",
@@ -131,7 +312,7 @@ def _pack_listing(src: FileTree, listing, src_path, staging: Path, opts: PackOpt
     workers = opts.workers or available_cores()
     t0 = time.perf_counter()
     ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(src_path), src.root, opts)) as pool, \
+    with _pool(ctx, workers, (str(src_path), src.root, opts)) as pool, \
             Progress(total, f"pack {counted(total, 'image')} on {counted(workers, 'process', 'processes')}") as bar:
         for split, records in splits.items():
             manifest["splits"][split] = _pack_split(pool, records, split, staging, opts, rejected, bar)
@@ -195,16 +376,20 @@ def _pack_split(pool, records: list[Record], split: str, staging: Path, opts: Pa
     return {"count": sum(s["count"] for s in shards), "shards": shards, "converted": dict(changes)}
 
 
-def _swap_in(staging: Path, out_dir: Path, manifest: dict) -> None:
-    """Replaces the previous pack in out_dir: the old manifest goes first (so a crash in
-    between leaves a folder that `verify` and training reject), the new one goes last."""
-    (out_dir / MANIFEST).unlink(missing_ok=True)
-    for old in out_dir.iterdir():
-        if old.is_file() and old.suffix in (".tar", ".idx") and "-" in old.stem:
-            old.unlink()
-    for new in staging.iterdir():
-        os.replace(new, out_dir / new.name)
-    write_json_atomic(out_dir / MANIFEST, manifest)
+def _swap_in(staging: Path, out_dir: Path, old: set[str]) -> None:
+    """Replaces the previous pack in out_dir (the files `old` names, nothing else) by the staged
+    one: the old manifest goes first (so a crash in between leaves a folder that `verify` and
+    training reject), the new one last. SWAP_RECORD names both sets until the swap is over; the
+    stop signals wait for its end (it takes milliseconds)."""
+    with _stop_signals_held():
+        (out_dir / MANIFEST).unlink(missing_ok=True)
+        for name in sorted(old - {MANIFEST, SWAP_RECORD}):
+            (out_dir / name).unlink(missing_ok=True)
+        for name in sorted(_names(staging) - {MANIFEST}):
+            os.replace(staging / name, out_dir / name)
+        os.replace(staging / MANIFEST, out_dir / MANIFEST)
+        fsync_dir(out_dir)
+        (out_dir / SWAP_RECORD).unlink()
 
 
 def summary(manifest: dict) -> str:

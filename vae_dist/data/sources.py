@@ -15,7 +15,9 @@ sample of `val_fraction` of the images (a seeded draw from the sorted paths).
 
 Every file in the tree is a candidate: the decoder, not the name, decides what is an image
 (a PNG behind .jpg packs; readme.txt is rejected as "not an image"). Hidden files and folders
-(.DS_Store, .ipynb_checkpoints, __MACOSX) are listed as rejected and not read.
+(.DS_Store, .ipynb_checkpoints, __MACOSX) are listed as rejected and not read, as are links
+to folders and links out of the tree (data/tree.py says why) and pack's output folder where it
+lies inside the source.
 
 The listing holds every path before packing starts: the global shuffle needs them all. A
 Record is ~200 bytes, so ImageNet's 1.28 M images list in ~250 MB.
@@ -34,11 +36,12 @@ LAYOUTS = ("auto", "tinyimagenet", "classes", "flat")
 SPLIT_FOLDERS = ("train", "val", "test")
 
 
-def open_source(location: str | Path, layout: str = "auto") -> tuple[FileTree, str]:
-    """(the tree, the layout it has): `layout` as asked, or as `auto` finds it."""
+def open_source(location: str | Path, layout: str = "auto", exclude: str | Path | None = None) -> tuple[FileTree, str]:
+    """(the tree, the layout it has): `layout` as asked, or as `auto` finds it. The folder
+    `exclude` (pack's output, where it lies inside the source) is no part of it."""
     if layout not in LAYOUTS:
         raise DataError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    tree = FileTree(location)
+    tree = FileTree(location, exclude=exclude)
     root = tinyimagenet.find_root(tree)
     if layout == "tinyimagenet" or (layout == "auto" and root is not None):
         tree.close()

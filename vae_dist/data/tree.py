@@ -18,6 +18,7 @@ from vae_dist.errors import DataError
 
 # a file this large is no image a VAE trains on (and reading it whole would cost the memory)
 MAX_FILE_BYTES = 256 << 20
+EXCLUDED = "the pack's output folder (inside the source: not read)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,13 +47,23 @@ def _refuse_oversized(size: int) -> None:
 
 
 class FileTree:
-    """A folder or a zip; every path is relative to `root`, a folder inside it ('' = the top)."""
+    """A folder or a zip; every path is relative to `root`, a folder inside it ('' = the top).
 
-    def __init__(self, location: str | Path, root: str = ""):
+    In a folder, links are followed only to files inside it: a link to a folder is never
+    followed (one out of the tree reads what is no part of it, one to a folder that holds it
+    reads the tree again, and one to a folder elsewhere in the tree reads that folder's files a
+    second time, in another class), nor a link to a file out of the tree. Such links, and the
+    folder given to `exclude` (pack's output folder inside its source), are never listed: their
+    paths and why go to `refused`, which pack reports as rejected."""
+
+    def __init__(self, location: str | Path, root: str = "", exclude: str | Path | None = None):
         self.location = Path(location)
         if not self.location.exists():
             raise DataError(f"dataset not found: {self.location}")
         self.root = root
+        self.refused: dict[str, str] = {}  # path (a folder's with a trailing '/') -> why it is not listed
+        self._top = self.location.resolve()
+        self._excluded = self._inside(exclude) if exclude is not None and self.location.is_dir() else None
         self._zip: zipfile.ZipFile | None = None
         if not self.location.is_dir():
             try:
@@ -113,7 +124,8 @@ class FileTree:
     # -- listing -------------------------------------------------------------------------
     def entries(self, rel: str = "") -> tuple[list[str], list[str]]:
         """(subfolder names, file names) directly inside folder `rel`, each sorted; ([], []) if
-        there is no such folder. Symlinks count as what they point to."""
+        there is no such folder. A link to a file inside the tree counts as that file; the links
+        the class docstring names, and the excluded folder, are left out (and go to `refused`)."""
         if self._zip is not None:
             folders, files = self._index().get(self._full(rel), (set(), []))
             return sorted(folders), sorted(files)
@@ -122,6 +134,11 @@ class FileTree:
         try:
             with os.scandir(folder) as it:
                 for entry in it:
+                    path = join(rel, entry.name)
+                    why = self._not_listed(entry, self._full(path))
+                    if why:
+                        self.refused[path + ("/" if why == EXCLUDED else "")] = why
+                        continue
                     try:
                         (folders if entry.is_dir() else files).append(entry.name)
                     except OSError:  # a dangling link: a file the reader will name as unreadable
@@ -129,6 +146,32 @@ class FileTree:
         except (FileNotFoundError, NotADirectoryError):
             return [], []
         return sorted(folders), sorted(files)
+
+    def _inside(self, path: str | Path) -> str | None:
+        """`path` as a '/'-separated path below the tree's top, or None where it is not inside it."""
+        try:
+            inside = Path(path).resolve().relative_to(self._top).as_posix()
+        except ValueError:
+            return None
+        return None if inside == "." else inside
+
+    def _not_listed(self, entry: os.DirEntry, full: str) -> str | None:
+        """Why a folder entry is left out of the listing; None: it is listed."""
+        if full == self._excluded:
+            return EXCLUDED
+        if not entry.is_symlink():
+            return None
+        try:
+            target = Path(entry.path).resolve(strict=True)
+        except (OSError, RuntimeError):  # dangling, or links in a circle: unreadable, as a file
+            return None
+        if not target.is_relative_to(self._top):
+            return "link out of the source tree (not followed)"
+        if not target.is_dir():
+            return None  # a file inside the tree: read as that file
+        if Path(entry.path).parent.resolve().is_relative_to(target):
+            return "link loop: a link to a folder that holds it (not followed)"
+        return "link to a folder elsewhere in the source tree (not followed: its files are read where they are)"
 
     def visible(self, rel: str, hidden: list[str] | None = None) -> tuple[list[str], list[str]]:
         """`entries(rel)` without the hidden ones, whose paths (a folder's with a trailing '/') go
@@ -145,8 +188,8 @@ class FileTree:
     def walk(self, rel: str, hidden: list[str]):
         """Every file below folder `rel` (nested folders too) as a relative path, in sorted order,
         streamed folder by folder. Hidden files and folders are not read: their paths (a folder's
-        with a trailing '/') are appended to `hidden`. A folder reached twice through symlinks is
-        read once."""
+        with a trailing '/') are appended to `hidden`. Links to folders are not followed (see the
+        class); a folder reached twice all the same (a bind mount) is read once."""
         seen: set[tuple[int, int]] = set()
         stack = [rel]
         while stack:
