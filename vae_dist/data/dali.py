@@ -153,15 +153,20 @@ class DaliLoader:
         start = self._normal(epoch, skip)
         if self._position != start:  # a jump (resume, an abandoned pass): a pipeline from here
             self.close()
-            self._it = self._build(*start)
+            # the iterator runs the pipeline's first batches as it is made: a damaged one fails here
+            self._it = self._named_if_damaged(lambda: self._build(*start))
         for b in range(skip, self.steps_per_epoch):
-            try:
-                out = next(self._it)[0]
-            except RuntimeError:  # DALI's pipeline error; the pipeline is no longer usable
-                self._raise_if_a_sample_is_damaged()
-                raise  # every JPEG decodes on the host: not a damaged sample
+            out = self._named_if_damaged(lambda: next(self._it))[0]
             self._position = self._normal(epoch, b + 1)
             yield out["images"], out["labels"].long()
+
+    def _named_if_damaged(self, call):
+        """call(), where DALI's pipeline error from a sample that does not decode is that sample's one line."""
+        try:
+            return call()
+        except RuntimeError:  # DALI's pipeline error; the pipeline is no longer usable
+            self._raise_if_a_sample_is_damaged()
+            raise  # every JPEG decodes on the host: not a damaged sample
 
     def _raise_if_a_sample_is_damaged(self) -> None:
         """After DALI failed, decodes the JPEGs of the batches it was given last, one by one on

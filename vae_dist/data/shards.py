@@ -9,6 +9,7 @@ folder as a run reads it, once: the manifest's facts and each split's files.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import mmap
@@ -72,6 +73,8 @@ def decode_rgb(jpeg):
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    if len(jpeg) == 0:  # torch.frombuffer refuses an empty buffer with a ValueError
+        raise RuntimeError("an empty image")
     return decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
@@ -142,12 +145,16 @@ class ShardWriter:
         self._tar.close()
         idx_path = self.path.with_suffix(".idx")
         idx_tmp = idx_path.with_name(idx_path.name + ".partial")
-        idx_tmp.write_text(f"v1.2 {len(self._index)}\n" + "\n".join(self._index) + "\n")
+        index = (f"v1.2 {len(self._index)}\n" + "\n".join(self._index) + "\n").encode()
+        idx_tmp.write_bytes(index)
         digest = sha256_file(self.tmp)
         size = self.tmp.stat().st_size
         os.replace(idx_tmp, idx_path)
         os.replace(self.tmp, self.path)
-        return {"file": self.path.name, "index": idx_path.name, "count": self.count, "bytes": size, "sha256": digest}
+        # the index's digest too: a run checks it at start (cheap), where an edited offset would
+        # otherwise surface as a decode failure deep inside DALI
+        return {"file": self.path.name, "index": idx_path.name, "count": self.count, "bytes": size, "sha256": digest,
+                "index_sha256": hashlib.sha256(index).hexdigest()}
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -155,15 +162,87 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def load_manifest(shard_dir: str | Path) -> dict:
+    """manifest.json as read and checked for shape: the one place every command (verify, train,
+    eval, viz, encode, bench) reads it, so a damaged or hand-edited one is refused alike."""
     path = Path(shard_dir) / MANIFEST
     if not Path(shard_dir).is_dir():
         raise DataError(f"shard folder not found: {shard_dir}")
     if not path.is_file():
         raise DataError(f"no {MANIFEST} in {shard_dir} (make shards with `vae-dist pack`)")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"corrupt {path}: {e}") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise DataError(f"unreadable {path}: {e}") from None
+    try:
+        _check_shape(manifest)
+    except _BadKey as e:
+        key, should, value = e.args
+        if value is _MISSING:
+            raise DataError(f"corrupt {path}: no valid {key!r} (pack the shards again)") from None
+        got = {list: "a list", dict: "an object"}.get(type(value)) or (repr(value) if len(repr(value)) <= 200
+                                                                       else repr(value)[:197] + "...")
+        raise DataError(f"corrupt {path}: {key or 'the file'} should be {should}, got {got} "
+                        f"(pack the shards again)") from None
+    return manifest
+
+
+class _BadKey(Exception):
+    """(key, what it should be, its value or _MISSING) of the first key of a manifest that is wrong."""
+
+
+_MISSING = object()
+_WHOLE = "a whole number (0 or more)"
+_IN_FOLDER = "a bare file name (nothing outside the shard folder is read)"
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _in_folder(value) -> bool:
+    """A bare file name: an absolute path, a folder part or '..' would read outside the shard folder."""
+    return isinstance(value, str) and value not in ("", ".", "..") and not any(c in value for c in "/\\\0")
+
+
+def _field(obj: dict, key: str, name: str, ok, should: str, required: bool = True):
+    """obj[key] where ok(it) holds; `name`: the key's full dotted name, for the message."""
+    if key not in obj:
+        if required:
+            raise _BadKey(name, should, _MISSING)
+        return None
+    if not ok(obj[key]):
+        raise _BadKey(name, should, obj[key])
+    return obj[key]
+
+
+def _check_shape(manifest) -> None:
+    """Every key the commands read, of the type they read it as; raises _BadKey at the first that is not."""
+    if not isinstance(manifest, dict):
+        raise _BadKey("", "a JSON object", manifest)
+    _field(manifest, "image_size", "image_size", lambda v: _whole(v) and v > 0, "a positive whole number of pixels")
+    _field(manifest, "classes", "classes", lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v),
+           "a list of class names", required=False)
+    _field(manifest, "words", "words", lambda v: isinstance(v, dict) and all(isinstance(t, str) for t in v.values()),
+           "an object of class name -> text", required=False)
+    splits = _field(manifest, "splits", "splits", lambda v: isinstance(v, dict), "an object of split -> its shards")
+    for split, info in splits.items():
+        name = f"splits.{split}"
+        _field(splits, split, name, lambda v: isinstance(v, dict), "an object with 'count' and 'shards'")
+        _field(info, "count", f"{name}.count", _whole, _WHOLE)
+        shards = _field(info, "shards", f"{name}.shards", lambda v: isinstance(v, list), "a list of shards")
+        for n, shard in enumerate(shards):
+            at = f"{name}.shards[{n}]"
+            if not isinstance(shard, dict):
+                raise _BadKey(at, "an object with 'file', 'index', 'count', 'bytes' and 'sha256'", shard)
+            _field(shard, "file", f"{at}.file", _in_folder, _IN_FOLDER)
+            _field(shard, "index", f"{at}.index", _in_folder, _IN_FOLDER)
+            _field(shard, "count", f"{at}.count", _whole, _WHOLE)
+            _field(shard, "bytes", f"{at}.bytes", _whole, _WHOLE)
+            for digest in ("sha256", "index_sha256"):  # index_sha256: packs since issue 43
+                _field(shard, digest, f"{at}.{digest}", lambda v: isinstance(v, str), "a sha256 in hex",
+                       required=digest == "sha256")
 
 
 @dataclass(frozen=True)
@@ -235,9 +314,42 @@ class ShardSet:
                 raise DataError(f"missing shard {tar.name if not tar.is_file() else idx.name} in {self.root}")
             if tar.stat().st_size != shard["bytes"]:
                 raise DataError(f"corrupt shard {tar}: {tar.stat().st_size} bytes, manifest says {shard['bytes']}")
+            self._check_index(idx, shard)
             tars.append(str(tar))
             idxs.append(str(idx))
-        return SplitFiles(tuple(tars), tuple(idxs), tuple(int(s["count"]) for s in info["shards"]), int(info["count"]))
+        counts = tuple(s["count"] for s in info["shards"])
+        if sum(counts) != info["count"]:
+            raise DataError(f"corrupt {Path(self.root) / MANIFEST}: the {split} shards' counts add up to {sum(counts)}, "
+                            f"splits.{split}.count says {info['count']} (pack the shards again)")
+        return SplitFiles(tuple(tars), tuple(idxs), counts, info["count"])
+
+    def _check_index(self, idx: Path, shard: dict) -> None:
+        """The shard's `.idx` against the manifest: its digest where pack recorded one, and its
+        sample count, which both loaders need to trust (DALI reads the samples the .idx lists,
+        the webdataset loader counts them off the tar). Reading ~9 MB of .idx for Tiny ImageNet
+        costs milliseconds; the tars' sha256 is `vae-dist verify`'s."""
+        data = idx.read_bytes()
+        if "index_sha256" in shard and hashlib.sha256(data).hexdigest() != shard["index_sha256"]:
+            raise DataError(f"corrupt shard index {idx}: its sha256 is not the one {MANIFEST} records (edited or "
+                            f"damaged): `vae-dist verify {self.root}` names the line, packing again replaces it")
+        listed = max(len(data.splitlines()) - 1, 0)  # after the "v1.2 N" header
+        if listed != shard["count"]:
+            raise DataError(f"shard {shard['file']} holds {listed} samples ({idx} lists them), {MANIFEST} says "
+                            f"{shard['count']}: the shards and their manifest disagree; `vae-dist verify {self.root}` "
+                            f"checks every shard, and packing again replaces them")
+
+
+def _check_bounds(idx, line: int, parts: dict[str, tuple[int, int]], tar_bytes: int) -> None:
+    """One `.idx` line's components lie inside the tar and the label is 4 bytes: a damaged index
+    is one line here, not a failure deep inside DALI (`vae-dist verify` checks every member)."""
+    for ext, (offset, size) in parts.items():
+        if offset + size > tar_bytes:
+            raise DataError(f"corrupt shard index {idx}: line {line} puts its {ext} at bytes {offset}-{offset + size}, "
+                            f"past the end of its tar ({tar_bytes} bytes): `vae-dist verify {Path(idx).parent}` "
+                            f"checks every line, packing again replaces it")
+    if parts["label"][1] != 4:
+        raise DataError(f"corrupt shard index {idx}: line {line} gives its label {parts['label'][1]} bytes, a label is 4: "
+                        f"`vae-dist verify {Path(idx).parent}` checks every line, packing again replaces it")
 
 
 class ShardIndex:
@@ -260,6 +372,7 @@ class ShardIndex:
                                     f"pack the data again with `vae-dist pack`") from None
                 if "jpg" not in parts or "label" not in parts:
                     raise DataError(f"{idx}: a sample without jpg or label ({line[:80]})")
+                _check_bounds(idx, n, parts, len(self.maps[t]))
                 (jpg_at, jpg_size), (label_at, label_size) = parts["jpg"], parts["label"]
                 tars.append(t)
                 offsets.append(jpg_at)

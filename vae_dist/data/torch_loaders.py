@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -70,6 +71,15 @@ class _ShardBatches(IterableDataset):
         self.shard_order, self.skip = shard_order, skip
 
     def __iter__(self):
+        """The worker's batches; a DataError crosses to the main process as a `Refused` item,
+        which it raises: raised here, it would arrive wrapped in the worker's traceback
+        ("Caught DataError in DataLoader worker process 0. Original Traceback ...")."""
+        try:
+            yield from self._batches()
+        except DataError as e:
+            yield Refused(str(e))
+
+    def _batches(self):
         import webdataset as wds  # optional: WebDatasetLoader checks for it when it is built
 
         info = get_worker_info()
@@ -88,20 +98,18 @@ class _ShardBatches(IterableDataset):
         for sample in ds:
             if sample["__url__"] != url:
                 url, position = sample["__url__"], 0
+            # every sample read, used or not: a member that is no file (a link) is skipped by
+            # webdataset, and the sample it belonged to comes without it
+            _check_complete(sample)
             sample_id = first[shard_at[url]] + position
             position += 1
             if sample_id not in slot_of:
                 continue
-            if "jpg" not in sample or "label" not in sample:
-                raise DataError(f"sample {sample.get('__key__')} in {url} lacks jpg or label")
             b, k = slot_of.pop(sample_id)
             pending[b][k] = (sample["jpg"], decode_label(sample["label"]), sample["__key__"], url)
             missing[b] -= 1
             if missing[b] == 0:
                 ready[b] = _decode(pending.pop(b), self.flips[b])
-                if isinstance(ready[b], Undecodable):  # the main process raises it (one line)
-                    yield ready[b]
-                    return
             while turn < len(mine) and mine[turn] in ready:
                 yield ready.pop(mine[turn])
                 turn += 1
@@ -111,13 +119,22 @@ class _ShardBatches(IterableDataset):
             raise DataError(f"the shards hold fewer samples than manifest.json lists ({len(slot_of)} not found)")
 
 
-class Undecodable:
-    """A sample that did not decode: what a worker hands the main process in place of its batch
-    (an exception would cross the process line as a traceback). Not a tuple, so the
+def _check_complete(sample: dict) -> None:
+    lacks = [ext for ext in ("jpg", "label") if ext not in sample]
+    if lacks:
+        tar = sample["__url__"]
+        raise DataError(f"sample {sample.get('__key__')} in {tar} lacks {' and '.join(lacks)} (a link or other member "
+                        f"that is not a file, or none): the shard is damaged; `vae-dist verify {Path(tar).parent}` "
+                        f"checks every shard, and packing again replaces it")
+
+
+class Refused:
+    """A DataError raised in a worker, as the main process receives it in place of a batch (the
+    error itself would cross the process line inside a worker traceback). Not a tuple, so the
     DataLoader's convert and pin-memory steps pass it through as it is."""
 
-    def __init__(self, tar: str, key: str, reason: str):
-        self.tar, self.key, self.reason = tar, key, reason
+    def __init__(self, message: str):
+        self.message = message
 
 
 def _decode(items, flips):
@@ -126,7 +143,7 @@ def _decode(items, flips):
         try:
             img = decode_rgb(jpeg)
         except RuntimeError as e:  # its reason is in the error: no second decode
-            return Undecodable(url, key, decode_failure(e))
+            raise damaged_sample(url, key, decode_failure(e)) from None
         images.append(img.flip(-1) if flip else img)
     return torch.stack(images), torch.tensor([item[1] for item in items])
 
@@ -161,8 +178,8 @@ class WebDatasetLoader:
         loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                             pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(epoch))
         for batch in loader:
-            if isinstance(batch, Undecodable):
-                raise damaged_sample(batch.tar, batch.key, batch.reason)
+            if isinstance(batch, Refused):
+                raise DataError(batch.message)
             images, labels = batch
             yield images.to(self.device, non_blocking=True), labels.long().to(self.device, non_blocking=True)
 

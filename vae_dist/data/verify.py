@@ -1,11 +1,14 @@
 """`vae-dist verify`: every shard against manifest.json, every problem one line.
 
 Checks what a loader's start-up check cannot afford: the sha256 of each tar, every sample
-complete and unique, every `.idx` line parseable (its measured cost: the README, data.verify).
+complete and unique, every `.idx` line against the tar's members (each sample's key, each
+component's offset and size), and the manifest's own shape (at load: `load_manifest`). Its
+measured cost: the README, data.verify.
 """
 
 from __future__ import annotations
 
+import hashlib
 import tarfile
 from pathlib import Path
 
@@ -37,9 +40,15 @@ def _verify_shard(shard_dir: Path, shard: dict) -> list[str]:
     if sha256_file(tar_path) != shard["sha256"]:
         problems.append(f"{shard['file']}: sha256 mismatch (corrupt or truncated)")
     components: dict[str, set[str]] = {}
+    members: list[tarfile.TarInfo] = []  # the regular files, in tar order: what the .idx must list
     try:
         with tarfile.open(tar_path) as tar:
             for member in tar:
+                if not member.isreg():  # a loader reads file members only: a link's target never
+                    problems.append(f"{shard['file']}: member {member.name} is a {_kind(member)}, not a file "
+                                    f"(pack again: shards hold files only)")
+                    continue
+                members.append(member)
                 key, _, ext = member.name.partition(".")
                 if ext in components.get(key, ()):
                     problems.append(f"{shard['file']}: sample key {key!r} appears twice (pack again: keys are unique)")
@@ -62,16 +71,72 @@ def _verify_shard(shard_dir: Path, shard: dict) -> list[str]:
     if not idx_path.is_file():
         problems.append(f"{shard['index']}: missing")
     else:
-        lines = idx_path.read_text().splitlines()
-        header = lines[0].split() if lines else []
-        if len(header) != 2 or header[0] != "v1.2" or header[1] != str(shard["count"]) \
-                or len(lines) - 1 != shard["count"]:
-            problems.append(f"{shard['index']}: does not index {shard['count']} samples")
-        bad = [n for n, line in enumerate(lines[1:], start=2) if not _idx_line_ok(line)]
-        if bad:
-            problems.append(f"{shard['index']}: {len(bad)} lines do not parse as 'ext offset size name' "
-                            f"(first: line {bad[0]})")
+        problems += _verify_index(idx_path, shard, members)
     return problems
+
+
+def _kind(member: tarfile.TarInfo) -> str:
+    return {tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hard link", tarfile.DIRTYPE: "folder"}.get(
+        member.type, f"special member (type {member.type!r})")
+
+
+def _verify_index(idx_path: Path, shard: dict, members: list[tarfile.TarInfo]) -> list[str]:
+    """The `.idx` against the manifest (its digest, its count) and line by line against the tar's
+    members: each line names the tar's next sample and gives each component's data offset and
+    size as the tar holds them (what DALI and the cache read by)."""
+    problems = []
+    data = idx_path.read_bytes()
+    if "index_sha256" in shard and hashlib.sha256(data).hexdigest() != shard["index_sha256"]:
+        problems.append(f"{shard['index']}: sha256 mismatch (edited or damaged)")
+    lines = data.decode(errors="replace").splitlines()
+    header = lines[0].split() if lines else []
+    if len(header) != 2 or header[0] != "v1.2" or header[1] != str(shard["count"]) \
+            or len(lines) - 1 != shard["count"]:
+        problems.append(f"{shard['index']}: does not index {shard['count']} samples")
+    bad = [n for n, line in enumerate(lines[1:], start=2) if not _idx_line_ok(line)]
+    if bad:
+        problems.append(f"{shard['index']}: {len(bad)} lines do not parse as 'ext offset size name' "
+                        f"(first: line {bad[0]})")
+    expected = _index_lines(members)
+    differ = []  # (line number, what differs)
+    for n, line in enumerate(lines[1:], start=2):
+        why = None if n in bad else _line_differs(line, expected[n - 2] if n - 2 < len(expected) else None)
+        if why:
+            differ.append((n, why))
+    if differ:
+        n, why = differ[0]
+        more = f" ({len(differ) - 1} more lines differ)" if len(differ) > 1 else ""
+        problems.append(f"{shard['index']}: line {n} {why}{more}: the index does not match its tar")
+    return problems
+
+
+def _index_lines(members: list[tarfile.TarInfo]) -> list[dict[str, tuple[int, int, str]]]:
+    """What each .idx line should say, from the tar: {ext: (data offset, size, member name)} per
+    sample, in tar order (the format ShardWriter and DALI's wds2idx write)."""
+    samples: dict[str, dict[str, tuple[int, int, str]]] = {}
+    for m in members:
+        key, _, ext = m.name.partition(".")
+        samples.setdefault(key, {})[ext] = (m.offset_data, m.size, m.name)
+    return list(samples.values())
+
+
+def _line_differs(line: str, expected: dict[str, tuple[int, int, str]] | None) -> str | None:
+    """What in one parseable .idx line differs from the tar (None: nothing)."""
+    if expected is None:
+        return "lists a sample the tar does not hold"
+    fields = line.split()
+    listed = {fields[k]: (int(fields[k + 1]), int(fields[k + 2]), fields[k + 3]) for k in range(0, len(fields), 4)}
+    for ext, (offset, size, name) in expected.items():
+        if ext not in listed:
+            continue  # a sample without jpg or label: the line parse check names it
+        at, length, listed_name = listed[ext]
+        if listed_name != name:
+            return f"names {listed_name}, where the tar holds {name}"
+        if at != offset:
+            return f"puts {name} at offset {at}, the tar holds it at {offset}"
+        if length != size:
+            return f"gives {name} {length} bytes, the tar holds {size}"
+    return None
 
 
 def _idx_line_ok(line: str) -> bool:
