@@ -3,6 +3,7 @@ they are carried there: the suite collects, what needs one skips and says why, a
 commands that need none still run. Real subprocesses, with the packages hidden from every
 Python process they start (tests/hide_modules/sitecustomize.py)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -76,16 +77,22 @@ def test_training_with_dali_alone(shards, tmp_path):
 def test_whole_suite_collects_without_them_and_every_dali_test_carries_the_dali_marker():
     """With the three hidden, every test file collects; and `pytest -m dali` selects every test
     that needs DALI (the DALI window on a GPU machine runs just those), the GPU ones and the
-    streaming one included; `-m "not dali"` none of them."""
-    def collect(expr):
-        r = _run(ALL_THREE, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", expr, "tests",
-                 timeout=300)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-        assert "error" not in r.stdout.lower().split("\n")[-2], r.stdout[-2000:]
-        return {line for line in r.stdout.splitlines() if "::" in line}
-
-    dali, other = collect("dali"), collect("not dali")
-    assert len(other) > 100 and not dali & other
+    streaming one included; `-m "not dali"` none of them. One collection: each test's markers
+    as pytest has them once collected (the conftest adds some)."""
+    code = ("import json, sys, pytest\n"
+            "class Markers:\n"
+            "    def pytest_collection_finish(self, session):\n"
+            "        self.dali = {i.nodeid: i.get_closest_marker('dali') is not None for i in session.items}\n"
+            "m = Markers()\n"
+            "code = pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', 'tests'], plugins=[m])\n"
+            "print('MARKERS ' + json.dumps(m.dali))\n"
+            "sys.exit(code)\n")
+    r = _run(ALL_THREE, "-c", code, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    marked = json.loads(r.stdout.split("MARKERS ", 1)[1])
+    dali = {name for name, has in marked.items() if has}
+    other = set(marked) - dali
+    assert len(other) > 100 and dali
     names = " ".join(dali)
     for test in ("test_streaming_run_exits_zero_with_flat_gpu_memory_over_twenty_evaluations",
                  "test_dali_mixed_decode_matches_the_cpu_decode", "test_a_damaged_sample_under_dali_mixed_decode_is_one_line",
