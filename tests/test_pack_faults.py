@@ -70,11 +70,19 @@ def test_pack_refuses_an_output_folder_holding_files_no_pack_wrote(two_classes, 
     (out / "notes.txt").unlink()
     (out / "photos-2024.idx").unlink()
     (out / "old").mkdir()
-    (out / "manifest.json").write_text(json.dumps({"splits": {"train": {"shards": [{"file": "my-backup.tar"}]}}}))
+    (out / "manifest.json").write_text(json.dumps({"format": "vae-dist-shards/1",
+                                                   "splits": {"train": {"shards": [{"file": "my-backup.tar"}]}}}))
     with pytest.raises(UserError, match=re.escape(f"{out} holds 1 file and 1 folder no earlier pack wrote "
                                                   "(my-backup.tar, old/): ")):
         pack(two_classes, out, PackOptions(**OPTS))
     assert (out / "my-backup.tar").read_text() == "the user's my-backup.tar"
+    # ... and a manifest.json that is not a pack's (no vae-dist format) is the user's own file
+    (out / "my-backup.tar").unlink()
+    (out / "old").rmdir()
+    (out / "manifest.json").write_text(json.dumps({"project": "my notes"}))
+    with pytest.raises(UserError, match=re.escape(f"{out} holds 1 file no earlier pack wrote (manifest.json): ")):
+        pack(two_classes, out, PackOptions(**OPTS))
+    assert json.loads((out / "manifest.json").read_text()) == {"project": "my notes"}
 
 
 # issue 43, case 1: what packing again replaces is what the earlier pack's manifest names

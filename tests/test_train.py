@@ -184,6 +184,7 @@ def test_a_stopped_rank_is_named_within_the_collective_timeout_and_the_run_resum
         f"checkpoint {newest.name} is intact: train.resume=auto continues from it" in line, line
     assert "Traceback" not in err.split("vae-dist: error:")[0], err[-3000:]  # nothing from the ranks before it
     assert timeout <= detected < timeout + 15, detected
+    assert not (run / ".lock").exists()  # rank 0 let go of the folder before it exited
     print(f"detected a stopped rank {detected:.1f} s after SIGSTOP (train.collective_timeout_s={timeout})")
 
     step = json.loads((newest / "trainer_state.json").read_text())["step"]

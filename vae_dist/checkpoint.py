@@ -214,7 +214,9 @@ def verify_checkpoint(path: Path) -> str | None:
         if sha256_file(file) != want["sha256"]:
             return f"{name} does not match its sha256 (damaged)"
     try:  # written by an older version during a non-finite streak (today's are not written then)
-        bad = int(json.loads((path / STATE).read_text()).get("bad_steps", 0))
+        state = json.loads((path / STATE).read_text())
+        # under fp16 the loss scaler's overflows are routine skips, not a divergence
+        bad = int(state.get("bad_steps", 0)) if not state.get("scaler") else 0
     except (ValueError, TypeError, AttributeError, OSError):
         bad = 0  # an unreadable trainer state is read_trainer_state's one line
     if bad > 0:

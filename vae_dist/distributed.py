@@ -9,11 +9,10 @@ result, or its error, handed to every rank, so all of them go on or stop togethe
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, broadcast_object_list
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
 from accelerate.utils.dataclasses import DDPCommunicationHookType
 
 from vae_dist.config import Config
@@ -41,20 +40,11 @@ def make_accelerator(cfg: Config) -> Accelerator:
         cpu=not on_cuda,
         mixed_precision=None if launched else precision,
         step_scheduler_with_optimizer=False,
-        kwargs_handlers=[ddp_kwargs(cfg.train), *process_group_kwargs(cfg.train)],
+        kwargs_handlers=[ddp_kwargs(cfg.train)],
     )
     if accelerator.mixed_precision == "bf16" and not on_cuda:
         print_once(accelerator, "vae-dist: warning: bf16 autocast on this CPU is many times slower than fp32")
     return accelerator
-
-
-def process_group_kwargs(train) -> list[InitProcessGroupKwargs]:
-    """The process group's own collective timeout: a minute past train.collective_timeout_s, so
-    the run's watchdog (watchdog.py) reports a stalled rank first, by name, and this is the
-    backstop where it is not running (setup, the first step). 0: torch's default (30 minutes)."""
-    if not train.collective_timeout_s:
-        return []
-    return [InitProcessGroupKwargs(timeout=timedelta(seconds=train.collective_timeout_s + 60))]
 
 
 COMM_HOOKS = {"none": DDPCommunicationHookType.NO, "bf16": DDPCommunicationHookType.BF16,

@@ -9,6 +9,7 @@ once, switched off, and never stops training.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import sys
@@ -54,9 +55,12 @@ class Hooks:
         """The run folder is lost: nothing more is written into it (or into a new one at its path)."""
 
 
-def make_hooks(accelerator, cfg, run_dir: Path, val_loader, class_names: list[str]) -> Hooks:
-    """`class_names`: the labels' names in order (the run's ShardSet), for the latent-space picture."""
-    return RankZeroHooks(cfg, run_dir, val_loader, class_names) if accelerator.is_main_process else Hooks()
+def make_hooks(accelerator, cfg, run_dir: Path, val_loader, class_names: list[str], folder_lost=lambda: None) -> Hooks:
+    """`class_names`: the labels' names in order (the run's ShardSet), for the latent-space picture;
+    `folder_lost`: why the run folder can no longer be written (RunFolderLock.lost), None while it can."""
+    if not accelerator.is_main_process:
+        return Hooks()
+    return RankZeroHooks(cfg, run_dir, val_loader, class_names, folder_lost)
 
 
 def wandb_mode(configured: str | None) -> str:
@@ -67,8 +71,9 @@ def wandb_mode(configured: str | None) -> str:
 
 
 class RankZeroHooks(Hooks):
-    def __init__(self, cfg, run_dir: Path, val_loader, class_names: list[str]):
+    def __init__(self, cfg, run_dir: Path, val_loader, class_names: list[str], folder_lost=lambda: None):
         self.cfg, self.run_dir, self.val_loader = cfg, Path(run_dir), val_loader
+        self.folder_lost = folder_lost
         self.image_dir = self.run_dir / "images"
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._failed: set[str] = set()
@@ -174,10 +179,13 @@ class RankZeroHooks(Hooks):
     def _write_row(self, row: dict) -> None:
         if self._metrics is None:
             self._metrics = open(self.metrics_path, "a", buffering=1)
+        # strict JSON (jq, browsers): a value that is not finite (NaN: no good step to average) is null
+        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
         self._metrics.write(json.dumps({**row, "time": round(time.time(), 3)}) + "\n")
 
     def maybe_images(self, step: int, model, final: bool = False) -> None:
-        if final or step % self.cfg.log.image_every == 0:
+        if (final or step % self.cfg.log.image_every == 0) and self.folder_lost() is None:
+            # (a lost folder is not made again by a picture: the next sync point stops the run)
             self._guard("pictures", self._images, step, model, final)
             self._last_image_step = step
 

@@ -28,6 +28,7 @@ from vae_dist.config import DataConfig
 from vae_dist.data import unit_float
 from vae_dist.data.loaders import build_loader, check_model_fits_shards
 from vae_dist.data.shards import ShardSet
+from vae_dist.distributed import rank_zero_decides
 from vae_dist.errors import UserError
 from vae_dist.files import output_dir, output_file, writing
 from vae_dist.losses import bits_per_dim, discretized_gaussian_log_likelihood, psnr
@@ -83,8 +84,8 @@ def evaluate_checkpoint(ckpt: str, shards: str, split: str = "val", iw: int = 1,
     model = load_weights(weights, acc.device)
     shard_set = ShardSet.open(shards)
     check_model_fits_shards(model.cfg, shard_set, weights)
-    if json_path:  # once the inputs are known good; every rank, so that none waits for one that stopped
-        output_file(json_path, "eval --json file")
+    if json_path:  # once the inputs are known good; rank 0 writes it, so rank 0 checks and tells every rank
+        rank_zero_decides(acc, lambda: output_file(json_path, "eval --json file"))
     torch.manual_seed(seed + acc.process_index)
     if model.log_sigma is not None:
         sigma, source = float(model.log_sigma.exp()), "learned (loss.recon=gaussian)"

@@ -90,9 +90,10 @@ class Trainer:
         if cfg.train.cuda_graph:
             self.step = GraphedStep(self.step)  # captured at the first step, after a resume
         self.state = TrainState()
-        self.watchdog = RankWatchdog(self.rank, self.world, cfg.train.collective_timeout_s, self.run_dir)
+        self.watchdog = RankWatchdog(self.rank, self.world, cfg.train.collective_timeout_s, self.run_dir,
+                                     before_exit=self.lock.release)
         self.config_yaml = dump_yaml(cfg)
-        self.hooks = make_hooks(acc, cfg, self.run_dir, self.val_loader, self.shards.class_names)
+        self.hooks = make_hooks(acc, cfg, self.run_dir, self.val_loader, self.shards.class_names, self.lock.lost)
         self.window = MetricsWindow(
             acc, self.step, self.hooks, log_every=cfg.log.log_every, batch_size=self.batch_size,
             total_steps=self.total_steps, lr_at=self.lr_at, beta_at=self.beta_at, max_bad_steps=cfg.train.max_bad_steps,
@@ -102,7 +103,7 @@ class Trainer:
                                    every=cfg.train.eval_every, hooks=self.hooks, progress=self.watchdog.progress)
         self.checkpoints = TrainCheckpoints(acc, self.run_dir, self.raw_model, self.optimizer, self.step,
                                             self.config_yaml, batch_size=self.batch_size, hooks=self.hooks,
-                                            data=self.shards.identity(),
+                                            data=self.shards.identity(), max_bad_steps=cfg.train.max_bad_steps,
                                             every=cfg.train.checkpoint_every, keep_last=cfg.train.keep_last)
         self.profiler = StepRangeProfiler(cfg.train.profile_steps, self.run_dir / "profile", self.device, self.rank)
         self.wandb_step = None  # a resumed checkpoint's W&B step (log.wandb_resume=rewind)
@@ -125,6 +126,7 @@ class Trainer:
                 self.run_epoch(stop)
             return self.stopped(stop.agreed) if stop.agreed else self.finish()
         except BaseException:
+            self.watchdog.close()  # what follows is rank 0's alone: no rank waits for another now
             self.hooks.close(failed=True)  # the W&B run is finished (as failed), files flushed
             raise
         finally:
@@ -223,6 +225,7 @@ class Trainer:
 
     def stopped(self, signum: int) -> int:
         saved = "checkpoint saved" if self.save_checkpoint() else "no checkpoint (non-finite steps)"
+        self.watchdog.close()  # the last collective is behind
         self.hooks.say(f"stopped by signal {signum} at step {self.state.step}; {saved}; "
                        f"continue with train.resume=auto")
         self.hooks.close(stopped_by=signum)
@@ -235,6 +238,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             save_weights(self.raw_model, self.run_dir / WEIGHTS)
         self.accelerator.wait_for_everyone()
+        self.watchdog.close()  # the last collective is behind: the W&B finish below is rank 0's alone
         self.hooks.close(weights=self.run_dir / WEIGHTS)
         return 0
 

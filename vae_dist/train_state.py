@@ -51,11 +51,15 @@ class TrainCheckpoints:
     calls `save` (rank 0 writes the shared files, each rank its RNG) and `load`."""
 
     def __init__(self, accelerator, run_dir: Path, model, optimizer, step: TrainStep, config_yaml: str, *,
-                 batch_size: int, hooks, every: int, keep_last: int, data: dict | None = None):
+                 batch_size: int, hooks, every: int, keep_last: int, data: dict | None = None,
+                 max_bad_steps: int = 20):
         self.accelerator, self.run_dir, self.model, self.optimizer = accelerator, run_dir, model, optimizer
         self.step, self.config_yaml, self.batch_size, self.hooks = step, config_yaml, batch_size, hooks
         self.every, self.keep_last = every, keep_last  # train.checkpoint_every, train.keep_last
         self.data = data  # the shards trained on (ShardSet.identity): a resume on others is refused
+        # non-finite steps in a row that stop a checkpoint: any, except under fp16, whose loss scaler
+        # overflows now and then as its routine (those steps are skipped, the weights unchanged)
+        self.nonfinite_limit = 1 if accelerator.scaler is None else max(2, max_bad_steps // 2)
         self.last_step = -1
         self.resume_note = ""  # what `load` changed (another process count or batch): the start line says it
 
@@ -71,7 +75,7 @@ class TrainCheckpoints:
         m = self.step.meters  # the counters up to this very step, not the last sync point
         # the same on every rank: a step is skipped on the norm of the all-reduced gradients
         skipped, consecutive = m[SKIPPED:CONSECUTIVE + 1].tolist()  # SYNC: checkpoints only
-        if consecutive:
+        if consecutive >= self.nonfinite_limit:
             if self.accelerator.is_main_process:
                 newest = ckpt.newest_verified_checkpoint(self.run_dir)
                 print(f"vae-dist: warning: no checkpoint at step {state.step}: its last {int(consecutive)} steps were "

@@ -96,10 +96,23 @@ def read_metrics(metrics_path: Path) -> tuple[dict[int, dict], dict[int, dict]]:
     """metrics.jsonl's train rows and val rows, each by step (a resumed run's metrics go forward
     only; should a step repeat, the later row counts)."""
     text = Path(metrics_path).read_text() if Path(metrics_path).is_file() else ""
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = [row for row in map(_row, text.splitlines()) if row is not None]
     train = {r["step"]: r for r in rows if r.get("split") is None}
     val = {r["step"]: r for r in rows if r.get("split") == "val"}
     return train, val
+
+
+def _row(line: str) -> dict | None:
+    """One metrics.jsonl row, its nulls (a value that was not finite, e.g. the loss of a window of
+    skipped steps) as NaN, which a curve leaves out; None for a line that does not parse (a crash's
+    torn last line) or is not a logged step."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+        return None
+    return {k: float("nan") if v is None else v for k, v in row.items()}
 
 
 def loss_curves_figure(train: dict[int, dict], val: dict[int, dict]):

@@ -28,6 +28,7 @@ import socket
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 EXIT_CODE = 2
@@ -38,8 +39,10 @@ class RankWatchdog:
     """Collective in spirit: every rank of a run starts one (`start`) and stops it (`close`).
     `progress(step)` is the loop's whole part."""
 
-    def __init__(self, rank: int, world: int, timeout_s: float, run_dir: Path, interval_s: float | None = None):
+    def __init__(self, rank: int, world: int, timeout_s: float, run_dir: Path, interval_s: float | None = None,
+                 before_exit=lambda: None):
         self.rank, self.world, self.timeout_s, self.run_dir = rank, world, float(timeout_s), Path(run_dir)
+        self.before_exit = before_exit  # rank 0 lets go of the run folder's lock: resume=auto may start at once
         self.interval_s = interval_s or min(1.0, max(0.2, self.timeout_s / 5))
         # a rank whose beat has not moved for this long is not answering (its thread would have beaten twice)
         self.silent_after_s = 2 * self.interval_s + 0.5
@@ -50,7 +53,7 @@ class RankWatchdog:
 
     # -- the loop's side -----------------------------------------------------------------
     def progress(self, step: int | None = None) -> None:
-        """The rank moved on: a step taken (its number), an evaluation batch, a checkpoint phase."""
+        """The rank moved on: a step taken (its number), an evaluation batch."""
         self.moves += 1
         if step is not None:
             self.step = step
@@ -61,7 +64,11 @@ class RankWatchdog:
         import torch.distributed as dist
 
         self.step = step
-        self._store = dist.distributed_c10d._get_default_store()
+        self._store = _own_store_client(timeout_s=2 * self.interval_s + 1)
+        # the process group's own timeout from here on: a minute past ours, a backstop for what
+        # the watchdog does not time (this start's first step). Setup keeps torch's default: a
+        # long data.verify or checkpoint check on rank 0 is a legitimate wait there.
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=self.timeout_s + 60))
         self._beat = 0
         self._publish()  # known to the others from the start, whenever this rank stops
         self._thread = threading.Thread(target=self._watch, name="vae-dist-watchdog", daemon=True)
@@ -103,7 +110,7 @@ class RankWatchdog:
                 if old is not None and old["moves"] != hb["moves"]:
                     moved_at = now  # another rank moves: the run is not stalled (a long val pass there)
                 seen[rank] = hb
-            if now - moved_at >= self.timeout_s:
+            if now - moved_at >= self.timeout_s and not self._stop.is_set():
                 self._report_and_exit(seen, now, now - moved_at)
 
     def _heartbeat(self) -> dict:
@@ -127,7 +134,10 @@ class RankWatchdog:
         if self.rank == min(answering, default=self.rank):  # one line per run
             print(f"vae-dist: error: {self.describe(seen, silent, now, waited)}", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        os._exit(EXIT_CODE)  # the loop is blocked inside a collective: no exception reaches it
+        try:
+            self.before_exit()
+        finally:
+            os._exit(EXIT_CODE)  # the loop is blocked inside a collective: no exception reaches it
 
     def describe(self, seen: dict[int, dict], silent: list[int], now: float, waited: float) -> str:
         def who(r: int) -> str:
@@ -150,3 +160,19 @@ class RankWatchdog:
         after = (f"the newest checkpoint {newest.name} is intact: train.resume=auto continues from it"
                  if newest is not None else "no checkpoint yet: a new start begins at step 0")
         return (f"{what} (train.collective_timeout_s={self.timeout_s:g}): the run stops; {after}")
+
+
+def _own_store_client(timeout_s: float):
+    """A client of the launch's TCP store of its own, with a short timeout: a store call never
+    blocks the watchdog for long when the store's host is gone (the default store waits for
+    the process group's timeout). The default store where the launch named no store address."""
+    import torch.distributed as dist
+
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if addr and port:
+        try:
+            return dist.TCPStore(addr, int(port), is_master=False, timeout=timedelta(seconds=timeout_s),
+                                 wait_for_workers=False)
+        except (RuntimeError, ValueError):
+            pass
+    return dist.distributed_c10d._get_default_store()

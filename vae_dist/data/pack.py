@@ -45,6 +45,7 @@ from vae_dist.files import fsync_dir, output_dir
 
 # the VAE's stride-2 convs halve the image 4 times (the seed's; more layers need more)
 SIZE_STEP, MIN_SIZE, MAX_SIZE = 16, 16, 512
+FORMAT = "vae-dist-shards/1"  # manifest.json's "format": what tells a folder of ours
 STAGING = ".pack-staging-"  # + host-pid: a pack's work folder inside OUT
 # the names a swap touches (the old files and the new), written before it starts and removed
 # after it ends: a pack killed halfway through a swap leaves it, and the next pack knows them
@@ -163,13 +164,13 @@ def previous_pack_files(out_dir: Path) -> set[str]:
     for record, files in ((MANIFEST, _manifest_files), (SWAP_RECORD, lambda doc: doc.get("files"))):
         try:
             doc = json.loads((out_dir / record).read_text())
-            listed = files(doc) if isinstance(doc, dict) else None
+            if record == MANIFEST and not str(doc.get("format", "")).startswith(FORMAT.split("/")[0] + "/"):
+                continue  # a manifest.json of something else (every pack writes its format): the user's
+            listed = files(doc)
         except (OSError, ValueError, AttributeError, TypeError):
-            continue
+            continue  # one that does not parse is not known to be pack's either: left alone, and refused
         names.add(record)
         names.update(n for n in listed or [] if isinstance(n, str) and _SHARD_FILE.fullmatch(n))
-    if (out_dir / MANIFEST).is_file():  # a manifest that does not parse is still pack's
-        names.add(MANIFEST)
     return names
 
 
@@ -190,8 +191,8 @@ def check_output_folder(out_dir: Path) -> None:
         if entry.is_dir() and not entry.is_symlink():
             if not name.startswith(STAGING):
                 foreign.append(name + "/")
-        elif name not in ours and name.removesuffix(".partial") not in (MANIFEST, SWAP_RECORD) \
-                and not _LEFT_ALONE.fullmatch(name):
+        elif name not in ours and name != MANIFEST + ".partial" and not _LEFT_ALONE.fullmatch(name):
+            # (a manifest.json.partial is what a pack killed while writing it left)
             foreign.append(name)
     if foreign:
         folders = sum(name.endswith("/") for name in foreign)
@@ -290,7 +291,7 @@ def _pack_listing(src: FileTree, listing, src_path, staging: Path, opts: PackOpt
     rejected += [{"path": p, "reason": why} for p, why in sorted(src.refused.items())]  # links, OUT inside SRC
     rejected += listing.rejected
     manifest = {
-        "format": "vae-dist-shards/1",
+        "format": FORMAT,
         "image_size": opts.image_size,
         "layout": listing.layout,
         "classes": listing.classes,
