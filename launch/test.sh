@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: creates the environment if needed, lints, runs the suite.
-#   bash launch/test.sh            # everything: before a commit, and what CI runs (about 6.5 minutes on 2 CPU cores, measured)
+#   bash launch/test.sh            # everything: before a commit, and what CI runs (about 7 minutes on 2 CPU cores, measured)
 #   bash launch/test.sh --fast     # the edit loop: every module's logic in-process, no test marked slow (about 1 minute)
 #   bash launch/test.sh -k data    # extra arguments go to pytest
 #   PYTHON=python3 bash launch/test.sh -m gpu   # a machine that has everything: no venv (env.sh)
