@@ -12,7 +12,9 @@ GPUs is tests/test_gpu.py's, where at least two are present.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +91,36 @@ def shards(sample_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")
     pack(sample_root, out, PackOptions(shard_size=64, workers=2))
     return out
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str):
+    """A real tmpfs mounted at `path` for the block (`size=1m`: a small disk to fill; `ro,...`: a
+    read-only folder, which stops root too, unlike permission bits), unmounted after. The test
+    skips, saying why, where it cannot be mounted."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a real small or read-only filesystem is a tmpfs mount, which needs root (CI runs as root)")
+    path.mkdir(exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"mount -t tmpfs failed here: {r.stderr.strip()[:100]}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)])
+
+
+def match_checksum(ckpt: Path, name: str) -> None:
+    """A checkpoint's checksums.json made to match its edited file `name`, so that the checksum
+    check passes it and only what is inside the file tells."""
+    import json
+
+    from vae_dist.checkpoint import CHECKSUMS
+    from vae_dist.files import sha256_file
+
+    record = json.loads((ckpt / CHECKSUMS).read_text())
+    record["files"][name] = {"bytes": (ckpt / name).stat().st_size, "sha256": sha256_file(ckpt / name)}
+    (ckpt / CHECKSUMS).write_text(json.dumps(record))
 
 
 def run_cli(*args: str, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:

@@ -5,16 +5,14 @@ the file, never a traceback, and nothing in a planted file runs."""
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from vae_dist.checkpoint import CHECKSUMS, STATE, latest_checkpoint
-from vae_dist.files import sha256_file
+from vae_dist.checkpoint import STATE, latest_checkpoint
 
-from .conftest import needs_loader, run_cli
+from .conftest import match_checksum, needs_loader, run_cli, tmpfs
 from .test_faults import _one_line, _train
 
 
@@ -41,35 +39,12 @@ def _main(capsys, *argv) -> tuple[int, str, list[str]]:
     return code, out, err.strip().splitlines()
 
 
-def _mount_tmpfs(path: Path, options: str) -> None:
-    """A tmpfs at `path` (a read-only or a tiny one: as root, permission bits stop nothing);
-    the test skips, saying why, where it cannot be mounted."""
-    if os.geteuid() != 0:
-        pytest.skip("a read-only folder that stops root is a read-only mount, which needs root (CI runs as root)")
-    path.mkdir(exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"mount -t tmpfs failed here: {r.stderr.strip()[:100]}")
-
-
-def _unmount(path: Path) -> None:
-    subprocess.run(["umount", "-l", str(path)], check=True)
-
-
-def _match_checksum(ckpt: Path, name: str) -> None:
-    """checksums.json made to match an edited file, so that the checksum check passes it."""
-    record = json.loads((ckpt / CHECKSUMS).read_text())
-    record["files"][name] = {"bytes": (ckpt / name).stat().st_size, "sha256": sha256_file(ckpt / name)}
-    (ckpt / CHECKSUMS).write_text(json.dumps(record))
-
-
 # issue 43, case 13: any output into a read-only folder is one line, before the work
 @needs_loader
 def test_outputs_into_a_read_only_folder_are_refused_in_one_line_before_the_work(shards, sample_root, trained,
                                                                                  tmp_path, capsys):
     ro = tmp_path / "ro"
-    _mount_tmpfs(ro, "ro,size=1m")
-    try:
+    with tmpfs(ro, "ro,size=1m"):
         weights = trained / "model.safetensors"
         cases = [
             (["encode", weights, "--shards", shards, "--out", ro / "x.npz"],
@@ -95,24 +70,19 @@ def test_outputs_into_a_read_only_folder_are_refused_in_one_line_before_the_work
             code, out, err = _main(capsys, *argv)
             assert code == 2 and err == [f"vae-dist: error: {words}"], (argv, code, err)
             assert "ELBO" not in out  # eval refused before it scored anything
-    finally:
-        _unmount(ro)
 
 
 # issue 43, case 13: eval shows its result before it writes the JSON; a failed write is one line
 @needs_loader
 def test_eval_shows_its_result_before_a_json_write_that_fails(shards, trained, tmp_path):
     full = tmp_path / "full"
-    _mount_tmpfs(full, "size=4k")  # one page, filled: a folder that takes an empty file but no data
-    try:
+    with tmpfs(full, "size=4k"):  # one page, filled: a folder that takes an empty file but no data
         (full / "filler").write_bytes(bytes(4096))
         r = run_cli("eval", str(trained), "--shards", str(shards), "--json", str(full / "e.json"),
                     "--calib-images", "16", "--batch-size", "32")
         _one_line(r, f"cannot write eval --json file {full / 'e.json'}: No space left on device")
         assert "val: 60 images | ELBO" in r.stdout and "bits/dim" in r.stdout, r.stdout  # the result, shown
         assert "results:" not in r.stdout
-    finally:
-        _unmount(full)
     r = run_cli("eval", str(trained), "--shards", str(shards), "--json", str(tmp_path / "e.json"),
                 "--calib-images", "16", "--batch-size", "32")
     assert r.returncode == 0 and f"results: {tmp_path / 'e.json'}" in r.stdout, r.stderr[-2000:]
@@ -147,7 +117,7 @@ def test_checkpoint_torch_files_that_are_not_plain_tensors_are_refused_in_one_li
             (ckpt / name).write_bytes(content)
         else:
             torch.save(content, ckpt / name)
-        _match_checksum(ckpt, name)
+        match_checksum(ckpt, name)
         r = _train(shards, run, "--train.max_steps=4")
         line = _one_line(r, f"checkpoint file {ckpt / name} {words}")
         assert "weights_only" not in r.stderr and "Warning" not in r.stderr, r.stderr
@@ -209,6 +179,6 @@ def test_an_edited_trainer_state_is_one_line_naming_the_key(shards, trained, tmp
     else:
         state = edit
     (ckpt / STATE).write_text(json.dumps(state))
-    _match_checksum(ckpt, STATE)
+    match_checksum(ckpt, STATE)
     r = _train(shards, run, "--train.max_steps=4")
     _one_line(r, f"checkpoint file {ckpt / STATE}", words)

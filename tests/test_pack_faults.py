@@ -27,8 +27,7 @@ from vae_dist.data.shards import load_manifest
 from vae_dist.data.verify import verify
 from vae_dist.errors import UserError
 
-from .conftest import run_cli
-from .test_recovery import _small_filesystem
+from .conftest import run_cli, tmpfs
 
 OPTS = dict(workers=1, val_fraction=0)
 
@@ -148,11 +147,7 @@ def test_pack_into_a_folder_inside_its_source_leaves_that_folder_out(two_classes
 
 # issue 43, case 14: a full disk ended pack in an OSError traceback (the old shards stayed)
 def test_pack_onto_a_full_disk_is_one_line_and_keeps_the_previous_shards(two_classes, tmp_path):
-    small = tmp_path / "small"
-    why = _small_filesystem(small, "1m")
-    if why:
-        pytest.skip(why)
-    try:
+    with tmpfs(tmp_path / "small", "size=1m") as small:
         out = small / "out"
         one = tmp_path / "one"
         shutil.copytree(two_classes / "catA", one / "catA", ignore=lambda d, names: names[1:])
@@ -167,8 +162,6 @@ def test_pack_onto_a_full_disk_is_one_line_and_keeps_the_previous_shards(two_cla
                             rf"the previous shards in {out} are untouched\n", r.stderr), r.stderr
         assert digests(out) == before and verify(out) == []
         assert sorted(p.name for p in out.iterdir()) == sorted(before)  # no staging folder, no .partial
-    finally:
-        subprocess.run(["umount", str(small)], check=False)
 
 
 # issue 43, case 15: SIGKILL (and SIGTERM, before) left .pack-staging-PID folders no pack removed

@@ -25,6 +25,7 @@ from .conftest import (
     needs_loader,
     needs_webdataset,
     run_cli,
+    tmpfs,
 )
 from .test_faults import COMMON, _one_line, _steps_logged, _train, _wait_for_rows
 
@@ -43,16 +44,6 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 # -- a full disk -------------------------------------------------------------------------
 
-def _small_filesystem(path: Path, size: str) -> str | None:
-    """Mounts a tmpfs of `size` at `path`; why not, where that is impossible."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        return "a real full filesystem needs root to mount a small tmpfs (CI runs as root)"
-    path.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                       capture_output=True, text=True)
-    return None if r.returncode == 0 else f"mount -t tmpfs failed here: {r.stderr.strip()[:100]}"
-
-
 def _launcher_exits(stderr: str) -> dict[int, int]:
     """Rank -> exit code, from the launcher's ChildFailedError report."""
     found = re.findall(r"rank\s*: (\d+) \(local_rank.*?exitcode\s*: (-?\d+)", stderr, re.S)
@@ -61,11 +52,7 @@ def _launcher_exits(stderr: str) -> dict[int, int]:
 
 @pytest.mark.slow
 def test_a_checkpoint_on_a_full_disk_is_one_line_and_the_older_ones_stay(shards, tmp_path):
-    small = tmp_path / "small"
-    why = _small_filesystem(small, "8m")
-    if why:
-        pytest.skip(why)
-    try:
+    with tmpfs(tmp_path / "small", "size=8m") as small:
         run = small / "run"
         assert _train(shards, run, "--train.checkpoint_every=4", "--train.max_steps=4").returncode == 0
         before = _rows(run)
@@ -104,8 +91,6 @@ def test_a_checkpoint_on_a_full_disk_is_one_line_and_the_older_ones_stay(shards,
         assert f"removed {run / 'checkpoints' / '.tmp-step_0000099'}, a checkpoint left half-written" in r.stdout
         assert "at step 4 (epoch" in r.stdout and not list((run / "checkpoints").glob(".tmp-*"))
         assert [p.name for p in list_checkpoints(run)][-1] == "step_0000008"
-    finally:
-        subprocess.run(["umount", "-l", str(small)])
 
 
 # -- a damaged sample --------------------------------------------------------------------

@@ -2,7 +2,6 @@
 other data or another process count, a diverged run's checkpoints. Each ends in one line (or
 is said plainly at the start) and nothing of the user's is lost or written over."""
 
-import hashlib
 import json
 import math
 import shutil
@@ -16,9 +15,9 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from vae_dist.checkpoint import CHECKSUMS, list_checkpoints
+from vae_dist.checkpoint import list_checkpoints
 
-from .conftest import needs_loader, run_cli
+from .conftest import match_checksum, needs_loader, run_cli
 from .test_faults import COMMON, _one_line, _train, _wait_for_rows
 
 pytestmark = needs_loader
@@ -93,14 +92,6 @@ def test_a_run_folder_made_read_only_is_one_line_and_the_next_start_takes_over_i
     assert f"resumed from {run / 'checkpoints'}" in r.stdout
 
 
-def _edit_checkpoint_file(ckpt: Path, name: str, data: bytes) -> None:
-    """A checkpoint file replaced and its checksum made to match: only what is inside tells."""
-    (ckpt / name).write_bytes(data)
-    record = json.loads((ckpt / CHECKSUMS).read_text())
-    record["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (ckpt / CHECKSUMS).write_text(json.dumps(record))
-
-
 # issue 43, case 4: divergence writes no checkpoint, logs skipped steps as skipped (no 0.0), and eval
 # refuses its weights
 def test_a_diverging_run_writes_no_checkpoint_and_its_skipped_steps_are_nan_not_zero(shards, tmp_path):
@@ -126,7 +117,8 @@ def test_a_diverging_run_writes_no_checkpoint_and_its_skipped_steps_are_nan_not_
     # an older version's checkpoint written during a streak: resume=auto passes over it
     newest = run / "checkpoints" / "step_0000004"
     state = json.loads((newest / "trainer_state.json").read_text())
-    _edit_checkpoint_file(newest, "trainer_state.json", json.dumps({**state, "bad_steps": 3}).encode())
+    (newest / "trainer_state.json").write_text(json.dumps({**state, "bad_steps": 3}))
+    match_checksum(newest, "trainer_state.json")
     r = _train(shards, run, "--train.checkpoint_every=2", "--train.max_steps=4")
     assert f"skipping checkpoint {newest}: written after 3 non-finite steps in a row (the run was diverging)" \
         in r.stderr, r.stderr[-2000:]
