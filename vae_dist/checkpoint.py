@@ -214,11 +214,11 @@ def verify_checkpoint(path: Path) -> str | None:
         if sha256_file(file) != want["sha256"]:
             return f"{name} does not match its sha256 (damaged)"
     try:  # written by an older version during a non-finite streak (today's are not written then)
-        state = json.loads((path / STATE).read_text())
-        # under fp16 the loss scaler's overflows are routine skips, not a divergence
-        bad = int(state.get("bad_steps", 0)) if not state.get("scaler") else 0
-    except (ValueError, TypeError, AttributeError, OSError):
-        bad = 0  # an unreadable trainer state is read_trainer_state's one line
+        state = read_trainer_state(path)
+    except UserError:
+        return None  # a damaged trainer state is the resume's one line (read_trainer_state's)
+    # under fp16 the loss scaler's overflows are routine skips, not a divergence
+    bad = state.get("bad_steps", 0) if not state.get("scaler") else 0
     if bad > 0:
         return f"written after {bad} non-finite steps in a row (the run was diverging)"
     return None

@@ -112,6 +112,18 @@ def _probe_writable(folder: Path) -> None:
         pass
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host runs: the holder of a lock file or a staging folder that
+    names it (a dead one's may be taken over or removed)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 def new_dir_beside(base: Path) -> Path:
     """A new, empty folder named `base`, or `base-2`, `base-3`, ... where that is taken (two
     runs that move things aside within the same second each get their own)."""

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from vae_dist import checkpoint as ckpt
 from vae_dist.errors import UserError, counted
-from vae_dist.files import new_dir_beside, output_dir, write_atomic
+from vae_dist.files import new_dir_beside, output_dir, pid_alive, write_atomic
 from vae_dist.model import VAEConfig
 
 LOCK = ".lock"
@@ -55,16 +55,6 @@ def expand_out_dir(out_dir: str) -> str:
 
 def _warn(message: str) -> None:
     print(f"vae-dist: warning: {message}", file=sys.stderr, flush=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 class RunFolderLock:
@@ -107,7 +97,7 @@ class RunFolderLock:
             if self._remove_if_unchanged(None):
                 _warn(f"taking over the unreadable lock {self.path}")
             return
-        if host == socket.gethostname() and not _pid_alive(pid):
+        if host == socket.gethostname() and not pid_alive(pid):
             if self._remove_if_unchanged(holder):
                 _warn(f"taking over the lock of pid {pid} (since {since}), which is no longer running")
             return

@@ -62,6 +62,7 @@ class Trainer:
         self.run_dir = Path(cfg.train.out_dir)
         self.lock = lock or RunFolderLock(self.run_dir)  # rank 0's, held by `train`: it tells a lost folder
         self.shards = shards or ShardSet.open(cfg.data.shards)  # the only read of manifest.json
+        self.data_identity = self.shards.identity()  # what each checkpoint records it was trained on
         # a forward sees a micro-batch; an optimizer step takes grad_accum_steps of them per process
         self.micro_batch, self.accum_steps = per_process_batch(cfg.train, self.world), cfg.train.grad_accum_steps
         self.batch_size = self.micro_batch * self.accum_steps  # per process and optimizer step: the loaders' batch
@@ -103,7 +104,7 @@ class Trainer:
                                    every=cfg.train.eval_every, hooks=self.hooks, progress=self.watchdog.progress)
         self.checkpoints = TrainCheckpoints(acc, self.run_dir, self.raw_model, self.optimizer, self.step,
                                             self.config_yaml, batch_size=self.batch_size, hooks=self.hooks,
-                                            data=self.shards.identity(), max_bad_steps=cfg.train.max_bad_steps,
+                                            data=self.data_identity, max_bad_steps=cfg.train.max_bad_steps,
                                             every=cfg.train.checkpoint_every, keep_last=cfg.train.keep_last)
         self.profiler = StepRangeProfiler(cfg.train.profile_steps, self.run_dir / "profile", self.device, self.rank)
         self.wandb_step = None  # a resumed checkpoint's W&B step (log.wandb_resume=rewind)
@@ -258,7 +259,7 @@ class Trainer:
             "global_batch": self.batch_size * self.world, **self.describe_ddp(),
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
             "loader": loader, **fill, "start_step": self.state.step, "data": self.data_choice, "resumes": self.state.resumes,
-            "data_digest": self.shards.identity()["digest"],
+            "data_digest": self.data_identity["digest"],
         }
 
     def describe_ddp(self) -> dict:

@@ -41,7 +41,7 @@ from vae_dist.data.shards import MANIFEST, ShardWriter, shard_name, write_json_a
 from vae_dist.data.sources import SPLIT_FOLDERS, list_source, open_source
 from vae_dist.data.tree import FileTree, Record
 from vae_dist.errors import DataError, Terminated, UserError, counted
-from vae_dist.files import fsync_dir, output_dir
+from vae_dist.files import fsync_dir, output_dir, pid_alive
 
 # the VAE's stride-2 convs halve the image 4 times (the seed's; more layers need more)
 SIZE_STEP, MIN_SIZE, MAX_SIZE = 16, 16, 512
@@ -210,18 +210,8 @@ def remove_stale_staging(out_dir: Path) -> None:
     host = socket.gethostname()
     for folder in out_dir.glob(STAGING + "*"):
         owner, _, pid = folder.name.removeprefix(STAGING).rpartition("-")
-        if pid.isdigit() and owner in ("", host) and not _alive(int(pid)):  # "": an older pack's name
+        if pid.isdigit() and owner in ("", host) and not pid_alive(int(pid)):  # "": an older pack's name
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
 
 
 def _names(folder: Path) -> set[str]:

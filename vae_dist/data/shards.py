@@ -287,8 +287,6 @@ class ShardSet:
         every split's shard digests and counts in order (the sample order follows from them and
         the seed). Packing again with another --seed, or another set, gives another digest; the
         same pack run again (deterministic) gives the same one."""
-        import hashlib
-
         splits = {name: [[s.get("sha256"), s.get("count")] for s in info.get("shards", [])]
                   for name, info in sorted(self.manifest.get("splits", {}).items())}
         text = json.dumps({"image_size": self.image_size, "splits": splits}, sort_keys=True)
