@@ -52,6 +52,9 @@ def test_val_rows_report_the_discretized_elbo_and_sigma(tiny_run):
     rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if r.get("split") == "val"]
     assert val and all(1 < r["bpd"] < 9 and 0 < r["sigma"] < 1 for r in val), val
+    # issue 44, item 3: one name for the bound: elbo_nats (as `vae-dist eval --json`), bpd the same bound
+    for r in val:
+        assert "elbo" not in r and r["bpd"] == pytest.approx(-r["elbo_nats"] / (3 * 64 * 64 * math.log(2)))
     assert [r["step"] for r in val] == [12, 24]
     # sigma is the root of the train MSE per subpixel (seed objective: sum) over the steps since
     # the previous evaluation: 13..24, the rows at 16, 20 and 24, of 4 steps each

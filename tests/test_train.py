@@ -203,6 +203,28 @@ def _stopped_step(run: Path, nproc: int) -> int:
     return step
 
 
+def test_short_epochs_are_warned_about_and_epoch_end_evaluation_turns_off(shards, tmp_path):
+    # issue 44, item 7: 200 images in batches of 64 are 3 steps an epoch, fewer than log.log_every:
+    # the line under the start line says so and what to set; train.eval_at_epoch_end=false leaves
+    # the evaluations asked for (here none by steps: the last step's only)
+    args = ["train", f"--data.shards={shards}", *COMMON, "--train.batch_size=64", "--train.max_steps=9",
+            "--log.log_every=50", "--train.eval_every=0", "--train.checkpoint_every=0"]
+    warning = ("vae-dist: warning: an epoch is 3 steps, fewer than log.log_every=50: most epochs write no train row "
+               "(log.log_every=3 writes one an epoch)")
+    r = run_cli(*args, f"--train.out_dir={tmp_path / 'each'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("training: ") and "steps_per_epoch=3" in lines[0], lines[:2]
+    assert lines[1] == warning + ("; each of the 3 epoch ends is evaluated (train.eval_at_epoch_end=false leaves "
+                                  "train.eval_every and the last step)"), lines[:2]
+    assert [r["step"] for r in _rows(tmp_path / "each", "val")] == [3, 6, 9]
+    r = run_cli(*args, "--train.eval_at_epoch_end=false", f"--train.out_dir={tmp_path / 'off'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.splitlines()[1] == warning
+    assert [r["step"] for r in _rows(tmp_path / "off", "val")] == [9]  # the last step's evaluation only
+    assert [r["step"] for r in _rows(tmp_path / "off")] == [9]  # the one train row: the last step
+
+
 def test_nonfinite_loss_stops_with_a_clear_message(shards, tmp_path):
     r = run_cli("train", f"--data.shards={shards}", f"--train.out_dir={tmp_path}", *COMMON,
                 "--optim.lr=1e30", "--train.max_bad_steps=3", "--train.max_steps=200")

@@ -78,7 +78,8 @@ class TrainConfig:
     global_batch_size: int | None = None  # per optimizer step, all processes: wins over batch_size; divides by processes x accum
     epochs: int = 20  # passes over the train split (the seed's 20)
     max_steps: int | None = None  # optimizer steps in all: wins over epochs when set
-    eval_every: int = 1000  # steps; evaluation also runs at every epoch end. 0 = epoch ends only
+    eval_every: int = 1000  # steps between evaluations; 0: none by steps. The last step is always evaluated
+    eval_at_epoch_end: bool = True  # also evaluate at every epoch end; false: only eval_every and the last step
     eval_images: int | None = None  # score only the first N val images (the same ones for any process count); none: all
     checkpoint_every: int = 1000  # steps; 0 = only at the end (and on SIGTERM)
     keep_last: int = 3  # checkpoints kept (the newest)

@@ -24,15 +24,17 @@ class Evaluator:
     """Collective: every rank evaluates its part; the hooks log the row (rank 0)."""
 
     def __init__(self, accelerator, model: VAE, val_loader, loss_cfg, step: TrainStep, *, every: int, hooks,
-                 progress=lambda: None):
+                 at_epoch_end: bool = True, progress=lambda: None):
         self.accelerator, self.model, self.val_loader = accelerator, model, val_loader
         self.progress = progress  # told of every batch (the stall watchdog: a long val pass is not a hang)
         self.recon_kind, self.step, self.every, self.hooks = loss_cfg.recon, step, every, hooks
+        self.at_epoch_end = at_epoch_end
         self.device = accelerator.device
 
-    def due(self, step: int) -> bool:
-        """Every train.eval_every steps (0: at epoch ends and the last step only)."""
-        return bool(self.every) and step % self.every == 0
+    def due(self, step: int, epoch_end: bool = False) -> bool:
+        """Every train.eval_every steps (0: never by steps) and, with train.eval_at_epoch_end, at
+        every epoch end. The last step is evaluated apart (the Trainer's finish)."""
+        return (epoch_end and self.at_epoch_end) or (bool(self.every) and step % self.every == 0)
 
     def sigma(self, state: TrainState) -> float | None:
         """The decoder's sigma for bits/dim: learned (loss.recon=gaussian), or for the seed's MSE
@@ -88,8 +90,9 @@ class Evaluator:
             "split": "val", "step": state.step, "epoch": state.epoch, "loss": (recon + kl) / count,
             "recon": recon / count, "kl": kl / count, "psnr": psnr(sq_err / (count * pixels)), "images": int(count),
         }
-        if sigma:  # the ELBO of 8-bit images under the decoder's sigma, in nats and in bits/dim
-            row.update(elbo=(log_px - kl) / count, bpd=bits_per_dim((kl - log_px) / count, pixels), sigma=sigma)
+        if sigma:  # the ELBO of 8-bit images under the decoder's sigma, in nats (`elbo_nats`, as `vae-dist eval
+            # --json` names it) and as bits/dim; the only ELBO logged anywhere (the train row has none)
+            row.update(elbo_nats=(log_px - kl) / count, bpd=bits_per_dim((kl - log_px) / count, pixels), sigma=sigma)
         if self.device.type == "cuda":  # the whole device's use (DALI's buffers too), not only PyTorch's
             free, total = torch.cuda.mem_get_info(self.device)
             row["gpu_mem_used_gib"] = (total - free) / 2**30

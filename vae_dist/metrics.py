@@ -129,9 +129,12 @@ class MetricsWindow:
         # means over the window's good steps; a window of skipped steps only has none: NaN, not 0
         n = m.good if m.good > 0 else float("nan")
         row = {
-            # kl is the real KL (elbo's); loss is the objective, whose KL free bits may clamp
+            # kl is the real KL; loss is the objective, whose KL free bits may clamp. No ELBO here:
+            # -(recon + kl) of the seed's MSE objective is no likelihood (DESIGN.md, Likelihood), and
+            # under one name with the val rows' discretized bound it read as the same quantity. The
+            # ELBO is the val row's `elbo_nats` (and `bpd`); recon and kl are both in this row.
             "step": step, "epoch": epoch, "loss": m.loss / n, "recon": m.recon / n, "kl": m.kl / n,
-            "elbo": -(m.recon + m.kl) / n, "beta": beta, "lr": lr, "grad_norm": m.grad_norm / n,
+            "beta": beta, "lr": lr, "grad_norm": m.grad_norm / n,
             "skipped": m.skipped,  # non-finite steps skipped in this window (skipped_steps: the run's)
             "img_per_s": img_per_s, "img_per_s_per_process": img_per_s / self.world,
             "data_wait": self.data_wait.seconds / elapsed if elapsed > 0 else 0.0,

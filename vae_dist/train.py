@@ -35,7 +35,7 @@ from vae_dist.data.loaders import (
 )
 from vae_dist.data.shards import ShardSet
 from vae_dist.distributed import check_comm_hook, check_ddp_knobs, make_accelerator, print_once, rank_zero_decides
-from vae_dist.errors import SharedError
+from vae_dist.errors import SharedError, counted
 from vae_dist.evaluation import Evaluator
 from vae_dist.flops import peak_flops, train_flops_per_image
 from vae_dist.hooks import make_hooks
@@ -101,7 +101,8 @@ class Trainer:
             flops_per_image=train_flops_per_image(self.raw_model.cfg), free_bits=cfg.loss.free_bits,
             peak_flops=peak_flops(self.device, acc.mixed_precision, cfg.log.peak_tflops))
         self.evaluator = Evaluator(acc, self.raw_model, self.val_loader, cfg.loss, self.step,
-                                   every=cfg.train.eval_every, hooks=self.hooks, progress=self.watchdog.progress)
+                                   every=cfg.train.eval_every, at_epoch_end=cfg.train.eval_at_epoch_end,
+                                   hooks=self.hooks, progress=self.watchdog.progress)
         self.checkpoints = TrainCheckpoints(acc, self.run_dir, self.raw_model, self.optimizer, self.step,
                                             self.config_yaml, batch_size=self.batch_size, hooks=self.hooks,
                                             data=self.data_identity, max_bad_steps=cfg.train.max_bad_steps,
@@ -117,6 +118,8 @@ class Trainer:
         if self.state.step >= self.total_steps and (self.run_dir / WEIGHTS).is_file():
             return self.nothing_left(checkpoint)  # the same command run again: it says so and writes nothing
         self.hooks.on_train_start(self.config_yaml, self.describe(), wandb_step=self.wandb_step)
+        if (warning := self.short_epoch_warning()) is not None:
+            self.hooks.say(warning)
         if checkpoint is not None:
             self.hooks.say(f"resumed from {checkpoint} at step {self.state.step} (epoch {self.state.epoch})"
                            + self.checkpoints.resume_note)
@@ -179,16 +182,16 @@ class Trainer:
         """What follows a step, in an order a resume relies on: the epoch's end and the
         evaluation of a step come before its checkpoint, so a run resumed from that checkpoint
         neither evaluates the step again nor misses it."""
-        if self.state.batch_in_epoch == self.steps_per_epoch:
+        epoch_end = self.state.batch_in_epoch == self.steps_per_epoch
+        if epoch_end:
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
-            self.evaluator.evaluate(self.state)
-        self.maybe_eval()
+        self.maybe_eval(epoch_end)
         self.maybe_checkpoint()
         self.hooks.maybe_images(self.state.step, self.raw_model)
 
-    def maybe_eval(self) -> None:
-        if self.evaluator.due(self.state.step):
+    def maybe_eval(self, epoch_end: bool = False) -> None:
+        if self.evaluator.due(self.state.step, epoch_end):
             self.evaluator.evaluate(self.state)
 
     def maybe_checkpoint(self) -> None:
@@ -247,6 +250,20 @@ class Trainer:
         """Releases the loaders' pipelines while CUDA is up (DALI can abort in its teardown)."""
         for loader in (self.train_loader, self.val_loader):
             loader.close()
+
+    def short_epoch_warning(self) -> str | None:
+        """Said under the start line where an epoch is shorter than the log interval: a train row
+        falls in only some epochs (a small data set: the loss curves get a point or two), while
+        every epoch end evaluates. None where that cannot happen (a run of one epoch or less)."""
+        epoch, every = self.steps_per_epoch, self.cfg.log.log_every
+        if epoch >= every or self.total_steps <= epoch:
+            return None
+        text = (f"vae-dist: warning: an epoch is {counted(epoch, 'step')}, fewer than log.log_every={every}: most "
+                f"epochs write no train row (log.log_every={epoch} writes one an epoch)")
+        if self.cfg.train.eval_at_epoch_end:
+            text += (f"; each of the {self.total_steps // epoch} epoch ends is evaluated "
+                     f"(train.eval_at_epoch_end=false leaves train.eval_every and the last step)")
+        return text
 
     def describe(self) -> dict:
         acc = self.accelerator

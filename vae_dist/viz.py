@@ -44,16 +44,54 @@ def interpolation_grid(model: VAE, x_a: torch.Tensor, x_b: torch.Tensor, steps: 
 
 
 @torch.no_grad()
-def traversal_grid(model: VAE, x: torch.Tensor, dims: int = 8, steps: int = 9, span: float = 3.0) -> torch.Tensor:
-    """Rows: the `dims` latent dims with the highest KL over x (the ones the model uses),
-    each swept from -span to +span around the first image's mean."""
+def traversal_grid(model: VAE, x: torch.Tensor, dims: int = 8, steps: int = 9,
+                   span: float = 3.0) -> tuple[torch.Tensor, list[int], list[float], list[float]]:
+    """Rows: the `dims` latent dims with the highest KL over x (the ones the model uses), most KL
+    first; columns: that dim set to `steps` values from -span to +span (the prior's σ is 1), the
+    other dims at the first image's posterior mean. Returns the grid, the dims, their KL
+    (nats/image) and the values."""
     mu, logvar = model.encode(x)
-    top = kl_per_dim(mu, logvar).argsort(descending=True)[:dims]
+    kl = kl_per_dim(mu, logvar)
+    top = kl.argsort(descending=True)[:dims]
     values = torch.linspace(-span, span, steps, device=mu.device)
     z = mu[:1].repeat(len(top) * steps, 1)
     for r, d in enumerate(top.tolist()):
         z[r * steps:(r + 1) * steps, d] = values
-    return make_grid(model.decode(z).float().cpu(), nrow=steps, padding=2)
+    grid = make_grid(model.decode(z).float().cpu(), nrow=steps, padding=2)
+    return grid, top.tolist(), kl[top].tolist(), values.tolist()
+
+
+def traversal_figure(model: VAE, x: torch.Tensor, dims: int = 8, steps: int = 9, span: float = 3.0):
+    """The traversal grid with what its rows and columns are: each row names its latent dim and
+    that dim's KL, each column the value the dim is set to."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid, top, kls, values = traversal_grid(model, x, dims, steps, span)
+    size, pad = x.shape[-1], 2  # make_grid's cells: pad, then an image, on every side
+    fig, ax = plt.subplots(figsize=(grid.shape[2] / 100 + 2.6, grid.shape[1] / 100 + 1.4), dpi=100)
+    ax.imshow(grid.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+    centres = [pad + i * (size + pad) + size / 2 for i in range(max(len(top), len(values)))]
+    ax.set_xticks(centres[:len(values)], [f"{v:+.3g}" if v else "0" for v in values])
+    ax.set_yticks(centres[:len(top)], [f"z[{d}]  KL {k:.2f}" for d, k in zip(top, kls)])
+    ax.tick_params(length=0)
+    ax.set_xlabel(f"value of the row's latent dim, -{span:g} to +{span:g} (prior σ = 1); the other dims: "
+                  "the first image's mean", fontsize=8)
+    ax.set_ylabel("latent dim (most KL first)")
+    ax.set_title("latent traversal")
+    fig.tight_layout()
+    return fig
+
+
+def _save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def latent_scatter(mu: torch.Tensor, labels: torch.Tensor, path: Path, class_names: list[str] | None = None,
@@ -86,10 +124,7 @@ def latent_scatter(mu: torch.Tensor, labels: torch.Tensor, path: Path, class_nam
     ax.set_ylabel("PC 2")
     ax.set_title(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def read_metrics(metrics_path: Path) -> tuple[dict[int, dict], dict[int, dict]]:
@@ -115,38 +150,51 @@ def _row(line: str) -> dict | None:
     return {k: float("nan") if v is None else v for k, v in row.items()}
 
 
+# Below this many points a curve shows each one as a marker: a short run (a small data set, a
+# few log points) has one or two train rows, and a line through one point draws nothing at all.
+FEW_POINTS = 30
+
+
+def _curve(ax, rows: dict[int, dict], key: str, label: str, **style):
+    """The `key` of `rows` against the step, as one line labelled `label` (which names the key);
+    markers where it has few points; rows without the key (older runs, other settings) left out."""
+    steps = [s for s in sorted(rows) if key in rows[s]]
+    if len(steps) < FEW_POINTS:
+        style.setdefault("marker", "o")
+        style.setdefault("markersize", 4)
+    return ax.plot(steps, [rows[s][key] for s in steps], label=label, **style)
+
+
 def loss_curves_figure(train: dict[int, dict], val: dict[int, dict]):
     """Four panels against the step: the training objective (train and val `loss`, with the
     train `recon` term), the KL term, the val bits/dim (the negative ELBO under the discretized
     decoder: the likelihood to compare runs by) and the KL weight beta. Every curve's label
-    names the metrics.jsonl key it plots."""
+    names the metrics.jsonl key it plots; a curve of few points marks each one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps, vs = sorted(train), sorted(val)
     fig, (objective, kl, bpd, beta) = plt.subplots(1, 4, figsize=(17, 3.6), dpi=110)
-    objective.plot(steps, [train[s]["loss"] for s in steps], label="train loss")
-    objective.plot(steps, [train[s]["recon"] for s in steps], label="train recon")
-    if vs:
-        objective.plot(vs, [val[s]["loss"] for s in vs], "o-", label="val loss")
+    _curve(objective, train, "loss", "train loss")
+    _curve(objective, train, "recon", "train recon")
+    if val:
+        _curve(objective, val, "loss", "val loss", marker="o")
     objective.set_yscale("log")
     objective.set_title("training objective (loss)")
     objective.set_ylabel("nats / image")
-    kl.plot(steps, [train[s]["kl"] for s in steps], label="train kl")
-    if vs:
-        kl.plot(vs, [val[s]["kl"] for s in vs], "o-", label="val kl")
+    _curve(kl, train, "kl", "train kl")
+    if val:
+        _curve(kl, val, "kl", "val kl", marker="o")
     kl.set_title("KL(q(z|x) || p(z))")
     kl.set_ylabel("nats / image")
-    with_bpd = [s for s in vs if "bpd" in val[s]]
-    if with_bpd:
-        bpd.plot(with_bpd, [val[s]["bpd"] for s in with_bpd], "o-", color="C2", label="val bpd")
+    if any("bpd" in row for row in val.values()):
+        _curve(bpd, val, "bpd", "val bpd", marker="o", color="C2")
     else:
         bpd.text(0.5, 0.5, "no val rows yet", ha="center", va="center", transform=bpd.transAxes)
     bpd.set_title("val bits/dim: the -ELBO, lower is better")
     bpd.set_ylabel("bits / subpixel")
-    beta.plot(steps, [train[s]["beta"] for s in steps], color="C3", label="train beta")
+    _curve(beta, train, "beta", "train beta", color="C3")
     beta.set_title("KL weight beta")
     for ax in (objective, kl, bpd, beta):
         ax.set_xlabel("step")
@@ -162,13 +210,7 @@ def loss_curves(metrics_path: Path, path: Path) -> Path | None:
     train, val = read_metrics(metrics_path)
     if not train:
         return None
-    fig = loss_curves_figure(train, val)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
+    return _save_figure(loss_curves_figure(train, val), path)
 
 
 def picture_set(model: VAE, images: torch.Tensor, out_dir: Path, suffix: str = "",
@@ -183,7 +225,7 @@ def picture_set(model: VAE, images: torch.Tensor, out_dir: Path, suffix: str = "
         "samples": _save(sample_grid(model), out_dir / f"samples{suffix}.png"),
         "interpolations": _save(interpolation_grid(model, x[:half], x[half:2 * half] if n > 1 else x[:1]),
                                 out_dir / f"interpolations{suffix}.png"),
-        "traversal": _save(traversal_grid(model, x), out_dir / f"traversal{suffix}.png"),
+        "traversal": _save_figure(traversal_figure(model, x), out_dir / f"traversal{suffix}.png"),
     }
     if scatter is not None:
         xs, ys, names = scatter
