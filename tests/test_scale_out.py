@@ -69,6 +69,8 @@ def test_accumulation_matches_the_doubled_batch_all_reduces_once_a_step_and_resu
     whole, doubled, halves = tmp_path / "accum", tmp_path / "doubled", tmp_path / "halves"
     r = accelerate_launch(2, *accum, f"--train.out_dir={whole}", *profiled)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    # issue 44, item 6: two fresh processes profiled on a CPU: none of kineto's no-GPU or USDT lines
+    assert "gpuGetDeviceCount" not in r.stderr and "USDT:" not in r.stderr, r.stderr[-3000:]
     assert "batch_per_process=8, grad_accum_steps=2, global_batch=32" in r.stdout
     r = accelerate_launch(2, *base, f"--train.out_dir={doubled}", *profiled, "--train.batch_size=16")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]

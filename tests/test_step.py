@@ -186,6 +186,28 @@ def test_profile_steps_writes_a_trace_and_says_what_bounds_the_step(shards, tmp_
     assert json.loads(trace.read_text())["traceEvents"]
 
 
+
+def test_the_profiler_drops_kineto_s_no_gpu_and_usdt_lines_and_nothing_else():
+    # issue 44, item 6: what libkineto writes to fd 2 from C++ while the profiler starts and stops:
+    # its "no GPU driver" ERROR on a CPU run and its USDT markers go, any other line stays (a fresh
+    # process's whole stderr: tests/test_scale_out.py's profiled launch)
+    import os
+
+    from vae_dist.profiling import _without_kineto_noise
+
+    from .in_process import process_like
+
+    no_gpu = "ERROR:2026-12-05 02:17:16 18092:18092 DeviceProperties.cpp:56] gpuGetDeviceCount failed with code 35\n"
+    usdt = "USDT:2026-12-05 02:17:16 18092:18092 SyncActivityProfilerHandler.cpp:39] profiler_start\n"
+    real = "ERROR:2026-12-05 02:17:16 18092:18092 CuptiActivityApi.cpp:10] CUPTI could not start\n"
+    for cuda in (False, True):
+        with process_like({}) as texts:
+            with _without_kineto_noise(cuda):
+                for line in (no_gpu, usdt, real, "a line without a newline"):
+                    os.write(2, line.encode())
+        kept = [no_gpu] if cuda else []  # on a GPU run a failed device count is a real error
+        assert texts[1] == "".join([*kept, real, "a line without a newline"]), (cuda, texts[1])
+
 @needs_dali
 def test_dali_val_pipeline_is_built_once_for_many_evaluations_and_released_at_the_end(shards, tmp_path):
     trainer = _trainer(shards, tmp_path, "--train.max_steps=24", "--log.log_every=4", "--train.eval_every=4",

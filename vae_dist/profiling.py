@@ -7,7 +7,12 @@ Used by `train.profile_steps=START,STOP` (the run's `profile/` folder) and by
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,6 +25,44 @@ from torch.profiler import ProfilerActivity, profile
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch",
             "cudaMemcpyAsync", "cudaMemsetAsync")
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+# Lines libkineto (the profiler's C++ side) writes to fd 2 that report nothing wrong:
+# - a CUDA build of torch on a machine without a GPU driver: the trace's device properties ask
+#   cudaGetDeviceCount, which fails (code 35: no driver, 100: no device) and is logged at ERROR,
+#   whatever activities were asked for (kineto's DeviceProperties.cpp). Dropped only where the run
+#   profiles no CUDA device: on a GPU the same line is a real error, and it stays.
+# - newer kineto's USDT markers (`USDT:... profiler_start`, `profiler_stop`), meant for tracing
+#   probes, logged at a level above ERROR, so torch's default (ERROR) shows them.
+# KINETO_LOG_LEVEL would hide them only together with every real error, so these lines alone are
+# taken out of what the profiler writes while it starts and stops; everything else passes on.
+_NO_GPU_LINE = re.compile(r"^ERROR:.* DeviceProperties\.cpp:\d+\] gpuGetDeviceCount failed with code (35|100)$")
+_USDT_LINE = re.compile(r"^USDT:.*\] profiler_(start|stop)$")
+
+
+def _is_kineto_noise(line: str, cuda: bool) -> bool:
+    return bool(_USDT_LINE.match(line) or (not cuda and _NO_GPU_LINE.match(line)))
+
+
+@contextlib.contextmanager
+def _without_kineto_noise(cuda: bool):
+    """fd 2 through a file for the block (libkineto writes there from C++, past sys.stderr); then
+    every line of it but kineto's noise on to the real fd 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode("utf-8", errors="replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines if not _is_kineto_noise(line.rstrip("\n"), cuda))
+            if kept:
+                os.write(2, kept.encode())
 
 
 def _sync(device: torch.device) -> None:
@@ -89,10 +132,12 @@ class StepRangeProfiler:
 
     def before_step(self, step: int) -> None:
         if step == self.start and self._prof is None:
+            # what the machine has: the host always, the GPU where the run is on one
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
             _sync(self.device)
             self._prof = profile(activities=activities, acc_events=True)  # one cycle; torch 2.11 warns without
-            self._prof.__enter__()
+            with _without_kineto_noise(self.device.type == "cuda"):
+                self._prof.__enter__()
             self._t0 = time.perf_counter()
 
     def after_step(self, step: int) -> None:
@@ -106,9 +151,10 @@ class StepRangeProfiler:
         _sync(self.device)
         wall = time.perf_counter() - self._t0
         prof, self._prof = self._prof, None
-        prof.__exit__(None, None, None)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         name = self.name or f"steps_{self.start}-{step}_rank{self.rank}"
-        prof.export_chrome_trace(str(self.out_dir / f"{name}.trace.json"))
+        with _without_kineto_noise(self.device.type == "cuda"):  # the trace is processed here and at export
+            prof.__exit__(None, None, None)
+            prof.export_chrome_trace(str(self.out_dir / f"{name}.trace.json"))
         self.summary = summarize(prof, max(1, step - self.start), wall, self.device)
         (self.out_dir / f"{name}.summary.json").write_text(json.dumps(self.summary, indent=1))
