@@ -145,10 +145,11 @@ def run_process(*args: str, cwd=None, env=None, timeout=600) -> subprocess.Compl
                           cwd=cwd, env=full_env, timeout=timeout)
 
 
-def launch_command(nproc: int, *target: str) -> list[str]:
+def launch_command(nproc: int, *target: str, launcher: str = "accelerate.commands.launch") -> list[str]:
     """`accelerate launch --multi_gpu ... -m vae_dist` (or `target`, e.g. a script) on the CPU with
-    gloo, also on a GPU machine (`env` execs it, so a signal sent to the process reaches accelerate itself)."""
-    return ["env", "CUDA_VISIBLE_DEVICES=", sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+    gloo, also on a GPU machine (`env` execs it, so a signal sent to the process reaches accelerate itself).
+    `launcher="vae_dist.launcher"`: as the launch scripts run it."""
+    return ["env", "CUDA_VISIBLE_DEVICES=", sys.executable, "-m", launcher, "--multi_gpu",
             "--num_processes", str(nproc),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "--main_process_port", str(_free_port()), *(target or ("-m", "vae_dist"))]

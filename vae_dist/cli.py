@@ -6,10 +6,9 @@ Every failure a user can cause ends in one line on stderr naming the cause, exit
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from vae_dist.errors import SharedError, Terminated, UserError
+from vae_dist.errors import Terminated, UserError, reported_here
 
 
 def _sample_data(args) -> int:
@@ -120,9 +119,12 @@ examples:
   vae-dist demo                                        sample data -> shards -> training -> pictures
   vae-dist pack tiny-imagenet-200.zip shards/          Tiny ImageNet -> WebDataset shards
   vae-dist pack photos/ shards-128/ --image-size 128    your own images (class folders or not) at 128x128
-  vae-dist train --data.shards=shards --train.out_dir=runs/tin
-  accelerate launch --config_file accelerate_config.yaml -m vae_dist train --data.shards=shards
-  vae-dist eval runs/tin --shards shards --iw 16       bits/dim and PSNR of the trained model
+  vae-dist train --data.shards=shards --train.out_dir=runs/tin   one process (a CPU or one GPU)
+  bash launch/train_single_node.sh --data.shards=shards         every GPU of this node (counted), DDP + bf16
+  bash launch/train_cpu_dev.sh --data.shards=shards             2 processes on a CPU machine (gloo, fp32)
+  accelerate launch --config_file accelerate_config.yaml --num_processes 4 -m vae_dist train --data.shards=shards
+                         accelerate_config.yaml is made for 8 GPUs on one node: --num_processes = your GPUs
+  vae-dist eval runs/tin --iw 16                       bits/dim and PSNR of the trained model (on its own shards)
 
 `vae-dist COMMAND --help` gives a command's options; `vae-dist train --help` lists every config key."""
 
@@ -331,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args, rest) if getattr(args, "takes_overrides", False) else args.run(args)
     except UserError as e:
-        if not (isinstance(e, SharedError) and os.environ.get("RANK", "0") != "0"):  # once per run
+        if reported_here(e):  # once per run where every rank raised it alike
             print(f"vae-dist: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -488,3 +488,12 @@ def per_process_batch(train: TrainConfig, world: int) -> int:
         raise ConfigError(f"train.global_batch_size={train.global_batch_size} does not divide by {split}: "
                           f"make it a multiple of {parts}, or set train.batch_size (per process) instead")
     return train.global_batch_size // parts
+
+
+def batch_setting(train: TrainConfig, world: int) -> str:
+    """Where each process's batch per optimizer step comes from, as the user set it, for a message
+    that asks to change it: the key first (`train.global_batch_size=256 over 8 processes`)."""
+    if train.global_batch_size is not None:
+        return f"train.global_batch_size={train.global_batch_size} over {counted(world, 'process', 'processes')}"
+    accum = f" x train.grad_accum_steps={train.grad_accum_steps}" if train.grad_accum_steps > 1 else ""
+    return f"train.batch_size={train.batch_size}{accum}"
