@@ -52,8 +52,8 @@ def _train(args, rest: list[str]) -> int:
     from vae_dist.config import build_config, dump_yaml
 
     cfg = build_config(args.config, rest)
-    if args.print_config:  # what this run would use, as config.yaml (a valid --config file)
-        print(dump_yaml(cfg), end="")
+    if args.print_config:  # what this run would use, as a valid --config file, unset keys as --help writes them
+        print(dump_yaml(cfg, as_typed=True), end="")
         return 0
     from vae_dist.train import train
 
