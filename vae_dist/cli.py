@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = _command(sub, "eval", "bits/dim (ELBO and importance-weighted bound) and PSNR of a checkpoint")
     _checkpoint_arg(s)
-    s.add_argument("--shards", required=True, metavar="DIR", help="shard folder (required)")
+    s.add_argument("--shards", metavar="DIR", help="shard folder (default: the run's data.shards)")
     s.add_argument("--split", default="val", help="split to score: train, val or test, one the shards hold")
     s.add_argument("--iw", type=int, default=1, help="importance samples K per image (K=1: the ELBO alone)")
     s.add_argument("--json", metavar="FILE", help="write the results JSON to this file")
@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = _command(sub, "encode", "posterior means, log-variances and labels of a split as .npz")
     _checkpoint_arg(s)
-    s.add_argument("--shards", required=True, metavar="DIR", help="shard folder (required)")
+    s.add_argument("--shards", metavar="DIR", help="shard folder (default: the run's data.shards)")
     s.add_argument("--split", default="val", help="split to encode: train, val or test, one the shards hold")
     s.add_argument("--out", required=True, metavar="FILE", help="the .npz file to write (required)")
     s.set_defaults(run=_encode)
