@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The test command: creates the environment if needed, lints, runs the suite.
-#   bash launch/test.sh            # everything: before a commit, and what CI runs (about 7 minutes on 2 CPU cores, measured)
-#   bash launch/test.sh --fast     # the edit loop: every module's logic in-process, no test marked slow (about 1 minute)
+#   bash launch/test.sh            # everything: before a commit, and what CI runs
+#   bash launch/test.sh --fast     # the edit loop: every module's logic in-process, no test marked slow
 #   bash launch/test.sh -k data    # extra arguments go to pytest
 #   PYTHON=python3 bash launch/test.sh -m gpu   # a machine that has everything: no venv (env.sh)
 # `slow` marks the tests that start real processes (ranks, launchers, signals, SLURM, a fresh
-# interpreter), compile, or run the seed-size demo; --fast leaves them out.
+# interpreter), compile, or run the seed-size demo; --fast leaves them out. How long each takes,
+# measured: the README's Set-up (the one place times are stated). The SLURM tests need a cluster:
+# sudo bash launch/slurm_local.sh up.
 fast=()
 if [ "${1:-}" = --fast ]; then
   fast=(-m "not slow")

@@ -3,6 +3,7 @@
 #   bash launch/train_single_node.sh --data.shards=shards --train.out_dir=runs/tin
 # NUM_GPUS overrides the count; MIXED_PRECISION=fp16|no overrides bf16; PYTHON=... uses that
 # interpreter as it is (see env.sh). On a machine without GPUs: launch/train_cpu_dev.sh.
+# vae_dist.launcher is `accelerate launch` ending a failed rank in one line, not a traceback.
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 fail() { echo "vae-dist: error: $*" >&2; exit 2; }
 if [ -n "${NUM_GPUS:-}" ]; then
@@ -18,5 +19,5 @@ case "${MIXED_PRECISION:-bf16}" in
   no|bf16|fp16) ;;
   *) fail "MIXED_PRECISION must be one of no, bf16, fp16, got '$MIXED_PRECISION'" ;;
 esac
-exec "$PY" -m accelerate.commands.launch --config_file accelerate_config.yaml --num_processes "$ngpu" \
+exec "$PY" -m vae_dist.launcher --config_file accelerate_config.yaml --num_processes "$ngpu" \
   --mixed_precision "${MIXED_PRECISION:-bf16}" -m vae_dist train "$@"

@@ -62,6 +62,20 @@ needs_webdataset = pytest.mark.skipif(not HAVE_WEBDATASET, reason="webdataset is
 needs_wandb = pytest.mark.skipif(not HAVE_WANDB, reason="wandb is not installed")
 
 
+# how a skipped SLURM test says to bring a cluster up (tests/test_slurm.py), and what the
+# run's summary counts to say so in one line
+SLURM_UP = "sudo bash launch/slurm_local.sh up"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One visible line when the SLURM tests skipped for want of a cluster (-q hides skip reasons)."""
+    reasons = [r.longrepr[2] for r in terminalreporter.stats.get("skipped", [])
+               if isinstance(r.longrepr, tuple) and SLURM_UP in r.longrepr[2]]
+    if reasons:
+        reason = reasons[0].removeprefix("Skipped: ")
+        terminalreporter.write_line(f"SLURM: {len(reasons)} test{'s' * (len(reasons) > 1)} skipped: {reason}")
+
+
 def pytest_collection_modifyitems(items):
     """Every test that skips without DALI is a DALI test: it carries the `dali` marker."""
     for item in items:
@@ -145,10 +159,11 @@ def run_process(*args: str, cwd=None, env=None, timeout=600) -> subprocess.Compl
                           cwd=cwd, env=full_env, timeout=timeout)
 
 
-def launch_command(nproc: int, *target: str) -> list[str]:
+def launch_command(nproc: int, *target: str, launcher: str = "accelerate.commands.launch") -> list[str]:
     """`accelerate launch --multi_gpu ... -m vae_dist` (or `target`, e.g. a script) on the CPU with
-    gloo, also on a GPU machine (`env` execs it, so a signal sent to the process reaches accelerate itself)."""
-    return ["env", "CUDA_VISIBLE_DEVICES=", sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+    gloo, also on a GPU machine (`env` execs it, so a signal sent to the process reaches accelerate itself).
+    `launcher="vae_dist.launcher"`: as the launch scripts run it."""
+    return ["env", "CUDA_VISIBLE_DEVICES=", sys.executable, "-m", launcher, "--multi_gpu",
             "--num_processes", str(nproc),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "--main_process_port", str(_free_port()), *(target or ("-m", "vae_dist"))]

@@ -83,10 +83,11 @@ def test_eval_shows_its_result_before_a_json_write_that_fails(shards, trained, t
         _one_line(r, f"cannot write eval --json file {full / 'e.json'}: No space left on device")
         assert "val: 60 images | ELBO" in r.stdout and "bits/dim" in r.stdout, r.stdout  # the result, shown
         assert "results:" not in r.stdout
-    r = run_cli("eval", str(trained), "--shards", str(shards), "--json", str(tmp_path / "e.json"),
-                "--calib-images", "16", "--batch-size", "32")
+    # issue 44, item 10: without --shards, eval scores the run's own shards (as viz draws them)
+    r = run_cli("eval", str(trained), "--json", str(tmp_path / "e.json"), "--calib-images", "16", "--batch-size", "32")
     assert r.returncode == 0 and f"results: {tmp_path / 'e.json'}" in r.stdout, r.stderr[-2000:]
-    assert json.loads((tmp_path / "e.json").read_text())["images"] == 60
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["images"] == 60 and result["shards"] == str(shards), result
 
 
 class _Planted:
@@ -149,6 +150,8 @@ def test_a_damaged_run_config_is_one_line_naming_the_file(trained, tmp_path, cap
     for text, words in cases:
         config.write_bytes(text if isinstance(text, bytes) else text.encode())
         code, out, err = _main(capsys, "viz", run, tmp_path / "pics")
+        assert code == 2 and len(err) == 1 and err[0].startswith(f"vae-dist: error: {words}"), (text, err)
+        code, out, err = _main(capsys, "eval", run)  # issue 44, item 10: eval finds the run's shards as viz does
         assert code == 2 and len(err) == 1 and err[0].startswith(f"vae-dist: error: {words}"), (text, err)
         code, out, err = _main(capsys, "train", "--config", config, "--print-config")
         assert code == 2 and len(err) == 1 and f"{config}" in err[0], (text, err)

@@ -92,6 +92,8 @@ def test_train_help_names_every_key_with_its_default_as_typed():
 
 
 def test_print_config_round_trips(tmp_path):
+    import re
+
     import yaml
 
     args = ["--optim.lr=3e-4", "--model.widths=8,16", "--loss.recon=gaussian", "--log.tags=a,b",
@@ -102,6 +104,14 @@ def test_print_config_round_trips(tmp_path):
     printed.write_text(r.stdout)
     assert build_config(str(printed), []) == build_config(None, args)
     assert yaml.safe_load(r.stdout)["model"]["learned_sigma"] is True  # derived keys show too
+    # issue 44, item 10: an unset key prints as --help shows its default (auto or none), never null,
+    # and the printed file loads back to the same config
+    assert not re.search(r"\b(null|None)\b", r.stdout), r.stdout
+    help_text = run_cli("train", "--help").stdout
+    for section, key in [("model", "compile"), ("log", "wandb_mode"), ("train", "global_batch_size")]:
+        shown = re.split(r"\s{2,}", next(line for line in help_text.splitlines()
+                                          if line.strip().startswith(f"--{section}.{key} ")).strip())[2]
+        assert yaml.safe_load(r.stdout)[section][key] == shown, (section, key, shown)
     r = run_cli("train", "--print-config", "--train.bad=1")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "train.bad" in r.stderr
 
@@ -230,3 +240,25 @@ def test_the_throughput_preset_loads_and_follows_its_rule():
     assert t.batch_size == 512 and t.epochs == 4 * 20
     assert o.lr == pytest.approx(1e-3 * (512 / 64) ** 0.5, rel=0.02)
     assert o.warmup_steps == pytest.approx(0.1 * (100_000 // 512) * t.epochs, rel=0.01)
+
+
+@pytest.mark.parametrize("arg, accepted", [
+    ("--model.compile=maybe", "must be true or false (or yes/no, on/off), or auto, got 'maybe'"),
+    ("--log.wandb_mode=loud", "must be one of ['online', 'offline', 'disabled'], or auto, got 'loud'"),
+    ("--train.max_steps=many", "must be an integer, or none, got 'many'"),
+])
+def test_a_refused_value_lists_every_accepted_one(arg, accepted):
+    """issue 44, item 10: an optional key's unset word (auto or none, as --help writes it) is among
+    the values its error lists."""
+    r = run_cli("train", arg)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert accepted in r.stderr, r.stderr
+
+
+def test_a_config_error_under_a_launch_is_printed_by_each_nodes_first_process():
+    """issue 44, item 4: every process of a launch reads the same command line and (on its node) the
+    same files, so a bad key is one line per node, not one per rank; each process still exits 2."""
+    for rank, local_rank, printed in [("0", "0", True), ("1", "1", False), ("8", "0", True)]:
+        r = run_cli("train", "--train.bad_key=1", env={"RANK": rank, "LOCAL_RANK": local_rank})
+        assert r.returncode == 2, r.stderr
+        assert ("train.bad_key" in r.stderr) == printed and r.stderr.count("\n") == int(printed), (rank, r.stderr)

@@ -1,5 +1,6 @@
-"""Multi-node for real: the SLURM script on a two-node cluster (`../shared/tools/slurm-local.sh up`),
-and a plain two-"node" `accelerate launch` on localhost."""
+"""Multi-node for real: the SLURM script on a two-node cluster on this host (the project's
+`launch/slurm_local.sh up`, as root), and a plain two-"node" `accelerate launch` on localhost.
+Without a cluster the SLURM tests skip, and the run's summary says so in one line (conftest.py)."""
 
 import os
 import re
@@ -13,19 +14,20 @@ import pytest
 
 from vae_dist.checkpoint import latest_checkpoint
 
-from .conftest import CPU_ONLY, HAVE_WANDB, ROOT, TINY_MODEL, _free_port, library_warnings, needs_loader
+from .conftest import CPU_ONLY, HAVE_WANDB, ROOT, SLURM_UP, TINY_MODEL, _free_port, library_warnings, needs_loader
 
 ARGS = [*TINY_MODEL, "--train.batch_size=16", "--data.num_threads=1", "--log.wandb_mode=disabled",
         "--log.log_every=5", "--train.eval_every=0", "--train.checkpoint_every=0"]
 
 
 def _cluster_up() -> str | None:
+    """None where a cluster answers; else why not, and how to bring one up (the skip reason)."""
     if shutil.which("sbatch") is None:
-        return "no sbatch: start a local two-node cluster with ../shared/tools/slurm-local.sh up (root)"
+        return f"no SLURM cluster (no sbatch on the PATH): bring one up with {SLURM_UP}"
     r = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
     if r.returncode != 0 or "idle" not in r.stdout and "mix" not in r.stdout:
-        return f"SLURM is installed but no node is up ({(r.stderr or r.stdout).strip()[:100]}): " \
-               "../shared/tools/slurm-local.sh up"
+        return f"no SLURM cluster (SLURM is installed but no node is up: " \
+               f"{(r.stderr or r.stdout).strip()[:80] or 'sinfo lists none'}): bring one up with {SLURM_UP}"
     return None
 
 
@@ -160,3 +162,17 @@ def test_plain_two_node_accelerate_launch_on_localhost(shards, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert "processes=2" in outs[0][0]
     assert _steps(tmp_path / "run")[-1] == 10
+
+
+def test_a_missing_cluster_is_one_line_in_the_summary(tmp_path):
+    """issue 44, item 5: the SLURM tests run on a PATH without sbatch skip, naming the project's
+    own script (not a path outside the clone), and the run's summary says so in one line."""
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q",
+                        "tests/test_slurm.py", "-k", "not accelerate_launch and not one_line_in_the_summary"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PATH": str(tmp_path)})  # a folder with no sbatch in it
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = [line for line in r.stdout.splitlines() if line.startswith("SLURM:")]
+    assert lines == ["SLURM: 3 tests skipped: no SLURM cluster (no sbatch on the PATH): "
+                     "bring one up with sudo bash launch/slurm_local.sh up"], r.stdout[-3000:]
+    assert (ROOT / "launch" / "slurm_local.sh").is_file() and "shared" not in r.stdout

@@ -278,22 +278,32 @@ def test_eval_scores_the_same_images_with_one_sigma_whatever_the_launch(shards, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["missing shards", "batch split"])
+@pytest.mark.parametrize("case", ["missing shards", "batch too large"])
 def test_a_refused_start_under_two_processes_is_one_line_and_writes_nothing(shards, tmp_path, case):
     """Rank 0 opens the shard folder and checks what the Trainer's setup would refuse
     (`refuse_early`), and hands every rank the result (or its error), before the run folder is
     claimed: one line for the run, and no run folder left behind (nor its parent, made for it).
-    The other checks `refuse_early` makes for two processes: test_scale_out.py, in-process."""
+    The other checks `refuse_early` makes for two processes: test_scale_out.py, in-process.
+    Launched as the launch scripts do (vae_dist.launcher), with bf16 as accelerate_config.yaml
+    asks, on this CPU: one warning saying so, and the launcher's one line, not its traceback."""
     run = tmp_path / "new" / "run"
     shard_dir, extra, error = {
         "missing shards": (tmp_path / "missing", [], f"shard folder not found: {tmp_path / 'missing'}"),
-        "batch split": (shards, ["--train.global_batch_size=15"], "train.global_batch_size=15 does not divide by 2"),
+        # issue 44, item 4: the key the user set is the one named (200 train samples, 100 per process)
+        "batch too large": (shards, ["--train.global_batch_size=256"],
+                            "200 train samples over 2 processes give 100 per process, fewer than one batch of 128 "
+                            "(train.global_batch_size=256 over 2 processes): lower train.global_batch_size"),
     }[case]
-    r = accelerate_launch(2, "train", f"--data.shards={shard_dir}", f"--train.out_dir={run}", *COMMON,
-                          "--train.max_steps=1", *extra)
-    assert r.returncode != 0
+    cmd = launch_command(2, "--mixed_precision", "bf16", "-m", "vae_dist", launcher="vae_dist.launcher")
+    r = subprocess.run([*cmd, "train", f"--data.shards={shard_dir}", f"--train.out_dir={run}", *COMMON,
+                        "--train.max_steps=1", *extra], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "WANDB_SILENT": "true"})
+    assert r.returncode == 2, r.stderr[-3000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("vae-dist: error:")]
     assert len(errors) == 1 and error in errors[0], r.stderr[-3000:]
+    # issue 44, item 4: GPU precision launched where no CUDA is seen (launch_command hides GPUs), said once
+    assert (r.stdout + r.stderr).count("this machine has no CUDA") == 1, r.stdout[-3000:]
+    assert "Traceback" not in r.stderr and r.stderr.count("vae-dist: launch failed: rank") == 1, r.stderr[-3000:]
     assert not (tmp_path / "new").exists()
 
 

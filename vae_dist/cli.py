@@ -6,10 +6,9 @@ Every failure a user can cause ends in one line on stderr naming the cause, exit
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from vae_dist.errors import SharedError, Terminated, UserError
+from vae_dist.errors import Terminated, UserError, reported_here
 
 
 def _sample_data(args) -> int:
@@ -53,8 +52,8 @@ def _train(args, rest: list[str]) -> int:
     from vae_dist.config import build_config, dump_yaml
 
     cfg = build_config(args.config, rest)
-    if args.print_config:  # what this run would use, as config.yaml (a valid --config file)
-        print(dump_yaml(cfg), end="")
+    if args.print_config:  # what this run would use, as a valid --config file, unset keys as --help writes them
+        print(dump_yaml(cfg, as_typed=True), end="")
         return 0
     from vae_dist.train import train
 
@@ -120,9 +119,12 @@ examples:
   vae-dist demo                                        sample data -> shards -> training -> pictures
   vae-dist pack tiny-imagenet-200.zip shards/          Tiny ImageNet -> WebDataset shards
   vae-dist pack photos/ shards-128/ --image-size 128    your own images (class folders or not) at 128x128
-  vae-dist train --data.shards=shards --train.out_dir=runs/tin
-  accelerate launch --config_file accelerate_config.yaml -m vae_dist train --data.shards=shards
-  vae-dist eval runs/tin --shards shards --iw 16       bits/dim and PSNR of the trained model
+  vae-dist train --data.shards=shards --train.out_dir=runs/tin   one process (a CPU or one GPU)
+  bash launch/train_single_node.sh --data.shards=shards         every GPU of this node (counted), DDP + bf16
+  bash launch/train_cpu_dev.sh --data.shards=shards             2 processes on a CPU machine (gloo, fp32)
+  accelerate launch --config_file accelerate_config.yaml --num_processes 4 -m vae_dist train --data.shards=shards
+                         accelerate_config.yaml is made for 8 GPUs on one node: --num_processes = your GPUs
+  vae-dist eval runs/tin --iw 16                       bits/dim and PSNR of the trained model (on its own shards)
 
 `vae-dist COMMAND --help` gives a command's options; `vae-dist train --help` lists every config key."""
 
@@ -286,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = _command(sub, "eval", "bits/dim (ELBO and importance-weighted bound) and PSNR of a checkpoint")
     _checkpoint_arg(s)
-    s.add_argument("--shards", required=True, metavar="DIR", help="shard folder (required)")
+    s.add_argument("--shards", metavar="DIR", help="shard folder (default: the run's data.shards)")
     s.add_argument("--split", default="val", help="split to score: train, val or test, one the shards hold")
     s.add_argument("--iw", type=int, default=1, help="importance samples K per image (K=1: the ELBO alone)")
     s.add_argument("--json", metavar="FILE", help="write the results JSON to this file")
@@ -305,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = _command(sub, "encode", "posterior means, log-variances and labels of a split as .npz")
     _checkpoint_arg(s)
-    s.add_argument("--shards", required=True, metavar="DIR", help="shard folder (required)")
+    s.add_argument("--shards", metavar="DIR", help="shard folder (default: the run's data.shards)")
     s.add_argument("--split", default="val", help="split to encode: train, val or test, one the shards hold")
     s.add_argument("--out", required=True, metavar="FILE", help="the .npz file to write (required)")
     s.set_defaults(run=_encode)
@@ -331,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args, rest) if getattr(args, "takes_overrides", False) else args.run(args)
     except UserError as e:
-        if not (isinstance(e, SharedError) and os.environ.get("RANK", "0") != "0"):  # once per run
+        if reported_here(e):  # once per run where every rank raised it alike
             print(f"vae-dist: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

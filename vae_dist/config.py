@@ -263,8 +263,17 @@ def apply(cfg: Config, updates: dict[str, Any], source: str = "") -> Config:
         try:
             setattr(section, key, _coerce(_words_to_none(value, tp), tp, dotted))
         except ConfigError as e:  # a value of the wrong type: where it was written, too
-            raise ConfigError(f"{e}{source}") from None
+            raise ConfigError(f"{_or_unset(str(e), tp, type(section), key)}{source}") from None
     return cfg
+
+
+def _or_unset(message: str, tp: Any, cls: type, key: str) -> str:
+    """The refusal of a value for an optional key lists its unset word (`auto` or `none`, as
+    --help writes it) among the values it accepts: `must be true or false ..., or auto, got ...`."""
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType) or type(None) not in typing.get_args(tp):
+        return message
+    must, sep, got = message.rpartition(", got ")
+    return f"{must}, or {_unset_word(field_help(cls).get(key, ''))}{sep}{got}" if sep else message
 
 
 def _flatten(tree: dict, source: str) -> dict[str, Any]:
@@ -460,8 +469,18 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     }
 
 
-def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+def dump_yaml(cfg: Config, as_typed: bool = False) -> str:
+    """The config as YAML (a run's config.yaml). as_typed: an unset key as --help writes it (`auto`
+    where the run decides, else `none`; both read back as unset), what --print-config shows."""
+    tree = to_dict(cfg)
+    if as_typed:
+        for section in dataclasses.fields(Config):
+            helps = field_help(type(getattr(cfg, section.name)))
+            values = tree[section.name]
+            for key, value in values.items():
+                if value is None:
+                    values[key] = _unset_word(helps.get(key, ""))
+    return yaml.safe_dump(tree, sort_keys=False)
 
 
 def from_dict(tree: dict[str, Any]) -> Config:
@@ -489,3 +508,12 @@ def per_process_batch(train: TrainConfig, world: int) -> int:
         raise ConfigError(f"train.global_batch_size={train.global_batch_size} does not divide by {split}: "
                           f"make it a multiple of {parts}, or set train.batch_size (per process) instead")
     return train.global_batch_size // parts
+
+
+def batch_setting(train: TrainConfig, world: int) -> str:
+    """Where each process's batch per optimizer step comes from, as the user set it, for a message
+    that asks to change it: the key first (`train.global_batch_size=256 over 8 processes`)."""
+    if train.global_batch_size is not None:
+        return f"train.global_batch_size={train.global_batch_size} over {counted(world, 'process', 'processes')}"
+    accum = f" x train.grad_accum_steps={train.grad_accum_steps}" if train.grad_accum_steps > 1 else ""
+    return f"train.batch_size={train.batch_size}{accum}"

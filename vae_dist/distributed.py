@@ -42,9 +42,22 @@ def make_accelerator(cfg: Config) -> Accelerator:
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[ddp_kwargs(cfg.train)],
     )
-    if accelerator.mixed_precision == "bf16" and not on_cuda:
-        print_once(accelerator, "vae-dist: warning: bf16 autocast on this CPU is many times slower than fp32")
+    if accelerator.mixed_precision in ("bf16", "fp16") and not on_cuda:
+        print_once(accelerator, cpu_precision_warning(accelerator.mixed_precision, accelerator.num_processes, launched))
     return accelerator
+
+
+def cpu_precision_warning(precision: str, world: int, launched: bool) -> str:
+    """One line for a run that asked for GPU precision on a machine without CUDA. Several processes
+    launched with it are a GPU launch config (accelerate_config.yaml: 8 GPUs of one node, bf16) on
+    the wrong machine: they still run, on the CPU with gloo, so say what to launch here instead."""
+    slow = f"{precision} autocast on this CPU is many times slower than fp32"
+    if not (launched and world > 1):
+        return f"vae-dist: warning: {slow}"
+    return (f"vae-dist: warning: accelerate launch started {world} processes with {precision} as for GPUs (a config "
+            f"such as accelerate_config.yaml, made for 8 GPUs of one node), but this machine has no CUDA: they run "
+            f"on the CPU with gloo, and {slow}; on a CPU launch bash launch/train_cpu_dev.sh "
+            f"(or accelerate launch --num_processes N --mixed_precision no)")
 
 
 COMM_HOOKS = {"none": DDPCommunicationHookType.NO, "bf16": DDPCommunicationHookType.BF16,

@@ -1,5 +1,7 @@
 """Errors a user can cause. The CLI prints them as one line and exits non-zero."""
 
+import os
+
 
 class UserError(Exception):
     """A failure with a cause the user can fix; its message is the whole report."""
@@ -11,7 +13,8 @@ class SharedError(UserError):
 
 
 class ConfigError(UserError):
-    pass
+    """A bad setting: every process derives it alike from the same command line and (on its node)
+    the same files, so each node's first process reports it."""
 
 
 class DataError(UserError):
@@ -25,6 +28,17 @@ class Terminated(BaseException):
 
     def __init__(self, message: str = "terminated (SIGTERM)"):
         super().__init__(message)
+
+
+def reported_here(e: UserError) -> bool:
+    """Whether this process prints the user error `e`: one line per run, not one per rank, where
+    every rank raises it alike (a SharedError: by rank 0; a ConfigError: by each node's first
+    process, so a node that differs is still heard); any other error by the process that hit it."""
+    if isinstance(e, SharedError):
+        return os.environ.get("RANK", "0") == "0"
+    if isinstance(e, ConfigError):
+        return os.environ.get("LOCAL_RANK", "0") == "0"
+    return True
 
 
 def first_line(e: BaseException) -> str:

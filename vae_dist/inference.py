@@ -1,8 +1,8 @@
 """The trained model put to use: likelihood evaluation, prior samples, latent codes.
 
-    vae-dist eval CKPT --shards DIR [--split val] [--iw K] [--json FILE]
+    vae-dist eval CKPT [--shards DIR] [--split val] [--iw K] [--json FILE]
     vae-dist sample CKPT OUT [--n N] [--seed S]
-    vae-dist encode CKPT --shards DIR [--split val] --out FILE.npz
+    vae-dist encode CKPT [--shards DIR] [--split val] --out FILE.npz
 
 CKPT is a checkpoint folder, a run folder or a weights file. `eval` scores every image of
 the split under a discretized Gaussian decoder (losses.discretized_gaussian_log_likelihood):
@@ -71,7 +71,36 @@ def calibrate_sigma(model: VAE, shards: ShardSet, acc, images: int, batch_size: 
 
 
 @torch.no_grad()
-def evaluate_checkpoint(ckpt: str, shards: str, split: str = "val", iw: int = 1, json_path: str | None = None,
+def run_shards(weights: Path, shards: str | None, purpose: str) -> str:
+    """The shard folder a command on a checkpoint reads (viz, eval, encode): `shards` when given,
+    else the run's own, data.shards of the config.yaml saved beside the weights (in every
+    checkpoint and run folder)."""
+    saved_config = weights.parent / "config.yaml"
+    if shards is None and saved_config.is_file():
+        shards = _shards_of_run(saved_config)
+    if shards is None:
+        raise UserError(f"no shard folder known {purpose}: pass --shards DIR")
+    return shards
+
+
+def _shards_of_run(config_file: Path) -> str | None:
+    """data.shards of the run whose config.yaml this is (None where it names none). A file that
+    is not a config (damaged, edited, YAML tags) is a one-line error naming it, read as
+    `--config` reads one (safely: a tag never builds an object)."""
+    from vae_dist.config import load_yaml
+    from vae_dist.errors import ConfigError
+
+    try:
+        shards = load_yaml(config_file).get("data.shards")
+    except ConfigError as e:
+        raise ConfigError(f"{e}; pass --shards DIR") from None
+    if shards is not None and not isinstance(shards, str):
+        raise ConfigError(f"config file {config_file}: data.shards must be a folder name, got {shards!r}; "
+                          f"pass --shards DIR")
+    return shards
+
+
+def evaluate_checkpoint(ckpt: str, shards: str | None, split: str = "val", iw: int = 1, json_path: str | None = None,
                         calib_images: int = 10000, batch_size: int = 256, seed: int = 0) -> dict:
     """The scores of a checkpoint on a split. `json_path` is only checked here, before the work (a
     folder it cannot be written into ends the command at once): the caller shows the result,
@@ -82,6 +111,7 @@ def evaluate_checkpoint(ckpt: str, shards: str, split: str = "val", iw: int = 1,
     acc = _accelerator()
     weights = find_weights(ckpt)
     model = load_weights(weights, acc.device)
+    shards = run_shards(weights, shards, "to score")
     shard_set = ShardSet.open(shards)
     check_model_fits_shards(model.cfg, shard_set, weights)
     if json_path:  # once the inputs are known good; rank 0 writes it, so rank 0 checks and tells every rank
@@ -158,7 +188,7 @@ def sample_images(ckpt: str, out: str, n: int = 64, seed: int = 0) -> list[Path]
 
 
 @torch.no_grad()
-def encode_split(ckpt: str, shards: str, out: str, split: str = "val", batch_size: int = 256) -> Path:
+def encode_split(ckpt: str, shards: str | None, out: str, split: str = "val", batch_size: int = 256) -> Path:
     """Posterior means, log-variances and labels of every image of a split, as .npz."""
     acc = _accelerator()
     if acc.num_processes > 1:
@@ -170,7 +200,7 @@ def encode_split(ckpt: str, shards: str, out: str, split: str = "val", batch_siz
         raise UserError(f"encode --out {out} is a folder: name the .npz file to write")
     weights = find_weights(ckpt)
     model = load_weights(weights, acc.device)
-    shard_set = ShardSet.open(shards)
+    shard_set = ShardSet.open(run_shards(weights, shards, "to encode"))
     check_model_fits_shards(model.cfg, shard_set, weights)
     output_file(path, "encode --out file")  # once the inputs are known good: a failure makes nothing
     mus, logvars, labels = [], [], []

@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from vae_dist.checkpoint import WEIGHTS, save_weights
-from vae_dist.config import Config, dump_yaml, per_process_batch, vae_config
+from vae_dist.config import Config, batch_setting, dump_yaml, per_process_batch, vae_config
 from vae_dist.data.loaders import (
     adopt_shard_size,
     build_train_and_val,
@@ -33,6 +33,7 @@ from vae_dist.data.loaders import (
     resolve_loader_kind,
     verify_shards,
 )
+from vae_dist.data.partition import check_batch_fits
 from vae_dist.data.shards import ShardSet
 from vae_dist.distributed import check_comm_hook, check_ddp_knobs, make_accelerator, print_once, rank_zero_decides
 from vae_dist.errors import SharedError, counted
@@ -302,7 +303,8 @@ def refuse_early(cfg: Config, shards: ShardSet, accelerator: Accelerator) -> Non
     """What the Trainer's setup would refuse, checked before the run folder is touched (once,
     on rank 0): a run that cannot start leaves nothing behind and says why in one line."""
     device, world = accelerator.device, accelerator.num_processes
-    per_process_batch(cfg.train, world)
+    batch = per_process_batch(cfg.train, world) * cfg.train.grad_accum_steps  # per process and optimizer step
+    check_batch_fits(shards.count("train"), batch, world, batch_setting(cfg.train, world))
     check_ddp_knobs(cfg.train)
     check_cuda_graph(cfg.train.cuda_graph, device, world, cfg.train.grad_accum_steps, accelerator.mixed_precision,
                      compile_mode_for(cfg.model, device, world))

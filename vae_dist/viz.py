@@ -244,16 +244,13 @@ def viz_checkpoint(ckpt_path: str, out: str, shards: str | None = None, num_imag
     from vae_dist.data.shards import ShardSet
     from vae_dist.errors import UserError
     from vae_dist.files import output_dir, writing
+    from vae_dist.inference import run_shards
 
     if num_images < 1:
         raise UserError(f"--num-images must be at least 1, got {num_images}")
     weights = find_weights(ckpt_path)
     model = load_weights(weights)
-    saved_config = weights.parent / "config.yaml"  # in every checkpoint and run folder
-    if shards is None and saved_config.is_file():  # the run's own data
-        shards = _shards_of_run(saved_config)
-    if shards is None:
-        raise UserError("no shard folder known for real images: pass --shards DIR")
+    shards = run_shards(weights, shards, "for real images")
     shard_set = ShardSet.open(shards)
     check_model_fits_shards(model.cfg, shard_set, weights)
     output_dir(out, "viz output folder")  # once the inputs are known good: a failure makes nothing
@@ -271,20 +268,3 @@ def viz_checkpoint(ckpt_path: str, out: str, shards: str | None = None, num_imag
             if curve:
                 paths["loss_curves"] = curve
     return list(paths.values())
-
-
-def _shards_of_run(config_file: Path) -> str | None:
-    """data.shards of the run whose config.yaml this is (None where it names none). A file that
-    is not a config (damaged, edited, YAML tags) is a one-line error naming it, read as
-    `--config` reads one (safely: a tag never builds an object)."""
-    from vae_dist.config import load_yaml
-    from vae_dist.errors import ConfigError
-
-    try:
-        shards = load_yaml(config_file).get("data.shards")
-    except ConfigError as e:
-        raise ConfigError(f"{e}; pass --shards DIR") from None
-    if shards is not None and not isinstance(shards, str):
-        raise ConfigError(f"config file {config_file}: data.shards must be a folder name, got {shards!r}; "
-                          f"pass --shards DIR")
-    return shards

@@ -12,17 +12,25 @@ def rank_sample_range(count: int, rank: int, world: int) -> tuple[int, int]:
     return count * rank // world, count * (rank + 1) // world
 
 
+def check_batch_fits(count: int, batch_size: int, world: int, setting: str = "train.batch_size") -> None:
+    """Refuses a per-process batch larger than the smallest rank's part of the train split.
+    `setting` is where that batch came from as the user wrote it (`train.global_batch_size=256`,
+    `train.batch_size=64`): its key is what the message asks to lower."""
+    smallest = count // world
+    if smallest < batch_size:
+        key = setting.split("=")[0]
+        fewer = " or launch fewer processes" if world > 1 else ""
+        raise DataError(
+            f"{counted(count, 'train sample')} over {counted(world, 'process', 'processes')} give {smallest} per "
+            f"process, fewer than one batch of {batch_size} ({setting}): lower {key}{fewer}")
+
+
 def steps_per_epoch(count: int, batch_size: int, rank: int, world: int, train: bool) -> int:
     """train: full batches only, and as many on every rank as on the smallest part, so no
     rank waits in a collective for another. val: every sample of this rank once."""
     if train:
-        smallest = count // world
-        if smallest < batch_size:
-            raise DataError(
-                f"{counted(count, 'sample')} over {counted(world, 'process', 'processes')} give {smallest} per process, "
-                f"fewer than one batch of {batch_size}: lower train.batch_size"
-            )
-        return smallest // batch_size
+        check_batch_fits(count, batch_size, world)  # training checked it before, naming the key the user set
+        return count // world // batch_size
     lo, hi = rank_sample_range(count, rank, world)
     return -(-(hi - lo) // batch_size)
 
