@@ -304,11 +304,11 @@ def refuse_early(cfg: Config, shards: ShardSet, accelerator: Accelerator) -> Non
     on rank 0): a run that cannot start leaves nothing behind and says why in one line."""
     device, world = accelerator.device, accelerator.num_processes
     batch = per_process_batch(cfg.train, world) * cfg.train.grad_accum_steps  # per process and optimizer step
+    check_model_fits_shards(cfg.model, shards)  # first: the wrong image size is the cause of what follows
     check_batch_fits(shards.count("train"), batch, world, batch_setting(cfg.train, world))
     check_ddp_knobs(cfg.train)
     check_cuda_graph(cfg.train.cuda_graph, device, world, cfg.train.grad_accum_steps, accelerator.mixed_precision,
                      compile_mode_for(cfg.model, device, world))
-    check_model_fits_shards(cfg.model, shards)
     resolve_decode(cfg.data.decode, device)
     cache, _ = choose_cache(shards, cfg.data, device)  # refuses data.cache=gpu without CUDA
     # streaming reads through a loader package; a cache fills through DALI or the project's own reader
