@@ -28,7 +28,7 @@ output in `PHASE.log`. At most 8 files per phase come back from the device tool'
 --smoke runs the same phases at toy sizes (minutes on a CPU; the suite runs it so it cannot rot).
 
 Each run works in a folder of its own, removed at the end (VAE_DIST_WORK=DIR: kept and reused);
-what runs reuse on purpose (the sample sets of env/tests/bench/tin20, inductor's graphs) lives in the
+what runs reuse on purpose (the sample sets of env/tests/bench/tin20) lives in the
 per-user cache ${XDG_CACHE_HOME:-~/.cache}/vae-dist/, one run at a time (a lock), and a run says when
 it reuses it. A phase reports only what its own run measured.
 
@@ -764,8 +764,6 @@ def main(argv=None) -> int:
     args.sets = args.work if kept else cache / ("gpu-check-smoke" if args.smoke else "gpu-check")
     if set(phases) - {"quick", "dali"}:
         print(f"gpu_check: sample sets packed once and reused from {args.sets}")
-    # inductor's compiled graphs, reused by later parts and calls: per user, not the shared /tmp
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
     run = {"quick": phase_quick, "dali": phase_dali, "env": phase_env, "tests": phase_tests, "bench": phase_bench,
            "tin20": phase_tin20}
     start = float(os.environ["GPU_CHECK_T0"]) if os.environ.get("GPU_CHECK_T0") else None

@@ -37,7 +37,13 @@ else
   source launch/env.sh || { echo "gpu_check: launch/env.sh could not build .venv (above): set PYTHON= to an interpreter with torch" >&2; exit 2; }
   set +e  # env.sh runs under -e; the check records its failures instead
 fi
-cache=${XDG_CACHE_HOME:-$HOME/.cache}/vae-dist
+cache_home=${XDG_CACHE_HOME:-${HOME:+$HOME/.cache}}
+cache=${cache_home:+$cache_home/vae-dist}
+if [ -z "$cache" ] || ! mkdir -p "$cache" 2>/dev/null; then  # no home to write to: this user's own folder
+  fallback="${TMPDIR:-/tmp}/vae-dist-cache-$(id -u)"
+  echo "gpu_check: cannot write ${cache:-a cache without HOME} (no writable home): the cache is $fallback (XDG_CACHE_HOME= chooses)"
+  cache=$fallback && mkdir -p -m 700 "$cache"
+fi
 export VAE_DIST_CACHE=$cache  # gpu_check.py keeps its reused sample sets there
 site=${VAE_DIST_SITE:-$cache/site}
 install() {  # install NAME WHEEL_DIR: the wheels into $site, once

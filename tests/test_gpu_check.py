@@ -2,11 +2,13 @@
 machine at toy sizes too), write their JSON summaries, and a bad phase name is one line.
 `quick` runs as on a bare GPU machine: DALI, webdataset and wandb hidden."""
 
+import getpass
 import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -20,6 +22,11 @@ in_gpu_check = pytest.mark.skipif(bool(os.environ.get("VAE_DIST_IN_GPU_CHECK")),
                                   reason="run by gpu_check itself: the real phases run")
 
 
+# torch.compile's own per-user cache where it was before $TMPDIR moves: warm, as a user's runs find it
+INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(
+    tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser()))
+
+
 def _env(tmp_path, env=None, work=False) -> dict:
     """gpu_check.sh's environment as on the device, with nothing carried (never a developer's own
     .devwheels/), its temp folders ($TMPDIR), its per-user cache (the site, the sample sets) and
@@ -27,6 +34,7 @@ def _env(tmp_path, env=None, work=False) -> dict:
     for name in ("carried", "tmp"):
         (tmp_path / name).mkdir(exist_ok=True)
     return {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "TMPDIR": str(tmp_path / "tmp"),
+            "TORCHINDUCTOR_CACHE_DIR": INDUCTOR_CACHE,
             "XDG_CACHE_HOME": str(tmp_path / "cache"), "GPU_CHECK_DEVWHEELS": str(tmp_path / "carried"),
             "GPU_CHECK_DALI_STASH": str(tmp_path / "stash"),
             **({"VAE_DIST_WORK": str(tmp_path / "work")} if work else {}), **(env or {})}
