@@ -27,6 +27,11 @@ output in `PHASE.log`. At most 8 files per phase come back from the device tool'
 
 --smoke runs the same phases at toy sizes (minutes on a CPU; the suite runs it so it cannot rot).
 
+Each run works in a folder of its own, removed at the end (VAE_DIST_WORK=DIR: kept and reused);
+what runs reuse on purpose (the sample sets of env/tests/bench/tin20) lives in the
+per-user cache ${XDG_CACHE_HOME:-~/.cache}/vae-dist/, one run at a time (a lock), and a run says when
+it reuses it. A phase reports only what its own run measured.
+
 One call of the device tool may run for 10 minutes and is then killed with everything it left
 unwritten, so the whole invocation has a deadline, GPU_CHECK_BUDGET_S (default 540 s), counted from
 gpu_check.sh's start (GPU_CHECK_T0: the wheels' install is inside it): every
@@ -106,7 +111,7 @@ class Phase:
         """Runs one part; its output goes to the log. A part that outlives its timeout (cut to
         the deadline) gets SIGTERM (the trainer checkpoints on it), then SIGKILL 20 s later.
         `outputs` are removed first, so a part that fails writes nothing a reader could take
-        for this run's (the work folder outlives a call on a warm machine). `keep`: seconds
+        for this run's (the output folder, and a kept work folder, outlive a run). `keep`: seconds
         kept back for the parts after this one."""
         budget = self.deadline.left() - MARGIN_S - 20 - keep
         if not skip and budget < 30:
@@ -208,22 +213,31 @@ def _have(module: str) -> bool:
     return r.returncode == 0
 
 
-def _sample_set(phase: Phase, work: Path, name: str, train_per_class: int, val_per_class: int,
+def _sample_set(phase: Phase, folder: Path, name: str, train_per_class: int, val_per_class: int,
                 timeout: float = 900, keep: float = 0) -> tuple[Path, Path]:
-    """(shards, extracted root) of a sample set, written and packed on every core; reused when
-    already packed in the work folder."""
-    src, shards = work / f"{name}-src", work / f"{name}-shards"
-    if _json(shards / "manifest.json") and (src / "train").is_dir():
-        phase.say(f"[{phase.name}] {name}: reusing {shards}")
-        return shards, src
-    shutil.rmtree(src, ignore_errors=True)
-    t = phase.run(f"{name} sample-data", [PY, "-m", "vae_dist", "sample-data", src, "--train-per-class",
-                                          train_per_class, "--val-per-class", val_per_class, "--test", 0], timeout,
-                  keep=keep)
-    p = phase.run(f"{name} pack", [PY, "-m", "vae_dist", "pack", src, shards, "--shard-size", 5000], timeout,
-                  keep=keep, skip=None if t["status"] == "ok" else "no sample data")
+    """(shards, extracted root) of a sample set in `folder`, written and packed on every core;
+    reused when already packed there. One run at a time makes or checks it (a lock beside it):
+    a second run waits, then reuses what the first packed."""
+    import fcntl
+
+    key = f"{name}-{train_per_class}x{val_per_class}"  # another size is another set
+    src, shards = folder / f"{key}-src", folder / f"{key}-shards"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if _json(shards / "manifest.json") and (src / "train").is_dir():
+            phase.say(f"[{phase.name}] {name}: reusing {shards} (packed by an earlier run)")
+            return shards, src
+        for half_made in (src, shards):  # ours alone (the set's own folders), from a run cut short
+            shutil.rmtree(half_made, ignore_errors=True)
+        t = phase.run(f"{name} sample-data", [PY, "-m", "vae_dist", "sample-data", src, "--train-per-class",
+                                              train_per_class, "--val-per-class", val_per_class, "--test", 0], timeout,
+                      keep=keep)
+        p = phase.run(f"{name} pack", [PY, "-m", "vae_dist", "pack", src, shards, "--shard-size", 5000], timeout,
+                      keep=keep, skip=None if t["status"] == "ok" else "no sample data")
     phase.results.setdefault("data_sets", {})[name] = {
-        "images": 10 * (train_per_class + val_per_class), "sample_data_s": t.get("seconds"), "pack_s": p.get("seconds")}
+        "images": 10 * (train_per_class + val_per_class), "sample_data_s": t.get("seconds"), "pack_s": p.get("seconds"),
+        "folder": str(shards)}
     return shards, src
 
 
@@ -280,7 +294,7 @@ def phase_quick(phase: Phase, args) -> None:
     # -v: each result is a line in the log as it comes, so a part cut at its time still says
     # which passed (the junit XML is written only at the end); 4 workers share the one GPU
     workers = ["-n", "4"] if _have("xdist") and not smoke else []
-    base = [*PYTEST, "-v", *workers]
+    base = [*PYTEST, "-v", *workers, f"--basetemp={work / 'pytest'}"]
     log_start = (out / "quick.log").stat().st_size
     phase.run("gpu tests (no DALI)", [*base, "-m", "gpu and not dali", "tests/test_gpu.py", f"--junitxml={junit}"],
               0.2 * budget, keep=0.05 * budget, outputs=(junit,))
@@ -302,9 +316,7 @@ def phase_quick(phase: Phase, args) -> None:
     model = ["--model.widths=[8,16,16,32]", "--model.latent_dim=8"] if smoke else []
     cache = "gpu" if args.cuda else "ram"  # the cache needs no loader package
     _, r["tin20"] = _train_epochs(phase, shards, work / "tin20-run", epochs, batch, model, budget,
-                                  extra=(f"--data.cache={cache}",), skip=no_data)
-    if (work / "tin20-run" / "metrics.jsonl").is_file():
-        shutil.copy(work / "tin20-run" / "metrics.jsonl", out / "tin20-metrics.jsonl")
+                                  extra=(f"--data.cache={cache}",), skip=no_data, copy_to=out / "tin20-metrics.jsonl")
     r["verdict"], r["lines"] = _quick_verdict(r, judged=not smoke)
     for line in r["lines"]:
         phase.say("   " + line)
@@ -378,7 +390,7 @@ def phase_dali(phase: Phase, args) -> None:
     if not r["dali"]:
         phase.run("dali", [], 0, skip="no NVIDIA DALI here: carry launch/pack_dali.sh's parts (docs/gpu_check.md)")
         return
-    base = [*PYTEST, "-q"]
+    base = [*PYTEST, "-q", f"--basetemp={work / 'pytest'}"]
     gpu_xml, cpu_xml = out / "junit-dali-gpu.xml", out / "junit-dali-cpu.xml"
     phase.run("dali gpu tests", [*base, "-m", "gpu and dali", "tests/test_gpu.py", f"--junitxml={gpu_xml}"],
               0.3 * budget, keep=0.45 * budget, outputs=(gpu_xml,))
@@ -498,7 +510,7 @@ def _junit(path: Path) -> dict:
 
 
 def phase_tests(phase: Phase, args) -> None:
-    base = [*PYTEST, "-q"]
+    base = [*PYTEST, "-q", f"--basetemp={args.work / 'pytest'}"]  # the tests' folders go with the work folder
     if _have("pytest_timeout"):  # one hung test must not take the call with it
         base.append("--timeout=300")
     gpu_xml, suite_xml = phase.out / "junit-gpu.xml", phase.out / "junit-suite.xml"
@@ -553,7 +565,7 @@ def _rate(rows: list[dict], match) -> float | None:
 def phase_bench(phase: Phase, args) -> None:
     work = args.work
     smoke = args.smoke
-    shards, images = _sample_set(phase, work, "bench", 20 if smoke else 1000, 5 if smoke else 50)
+    shards, images = _sample_set(phase, args.sets, "bench", 20 if smoke else 1000, 5 if smoke else 50)
     bench = [PY, "-m", "vae_dist", "bench"]
     tiny = ["--tiny"] if smoke else []
     j = lambda name: work / f"bench-{name}.json"  # noqa: E731
@@ -636,13 +648,14 @@ def _bench_verdicts(data, step, e2e, judged: bool = True) -> dict:
 def phase_tin20(phase: Phase, args) -> None:
     smoke, work = args.smoke, args.work
     per_class = (20, 6) if smoke else (10000, 1000)  # 10 classes: 100k train, 10k val, as Tiny ImageNet
-    shards, images = _sample_set(phase, work, "tin", *per_class)
+    shards, images = _sample_set(phase, args.sets, "tin", *per_class)
     epochs = int(os.environ.get("TIN20_EPOCHS", 2 if smoke else 20))
     batch = int(os.environ.get("TIN20_BATCH", 16 if smoke else 64))
     run = work / "tin20-run"
     model = ["--model.widths=[8,16,16,32]", "--model.latent_dim=8"] if smoke else []
     rec, phase.results["train"] = _train_epochs(phase, shards, run, epochs, batch, model,
-                                                float(os.environ.get("TIN20_TRAIN_TIMEOUT", 480)))
+                                                float(os.environ.get("TIN20_TRAIN_TIMEOUT", 480)),
+                                                copy_to=phase.out / "tin20-metrics.jsonl")
     steps = max(1, (per_class[0] * 10) // batch)  # one epoch of the seed's loop
     seed_json = work / "tin20-seed.json"
     phase.run("seed loop, 1 epoch", [PY, "-m", "vae_dist", "bench", "e2e", *(["--tiny"] if smoke else []),
@@ -660,8 +673,6 @@ def phase_tin20(phase: Phase, args) -> None:
             "note": f"the seed's loop timed over one epoch ({steps} steps) and extrapolated to {epochs} epochs"}
         if train.get("img_per_s"):
             phase.results["speedup_vs_seed"] = train["img_per_s"] / seed["img_per_s"]
-    if (run / "metrics.jsonl").is_file():
-        shutil.copy(run / "metrics.jsonl", phase.out / "tin20-metrics.jsonl")
     r = phase.results
     phase.say(f"   data: {r.get('data_sets', {}).get('tin', {})}")
     phase.say(f"   train: {json.dumps({k: v for k, v in train.items() if k != 'final_val'})}")
@@ -672,41 +683,57 @@ def phase_tin20(phase: Phase, args) -> None:
 
 
 def _train_epochs(phase: Phase, shards: Path, run: Path, epochs: int, batch: int, model: list, timeout: float,
-                  extra: tuple = (), skip: str | None = None) -> tuple[dict, dict]:
-    """`vae-dist train` for `epochs`, evaluated at each epoch end only; (part record, times)."""
+                  extra: tuple = (), skip: str | None = None, copy_to: Path | None = None) -> tuple[dict, dict]:
+    """`vae-dist train` for `epochs`, evaluated at each epoch end only; (part record, times).
+    The run folder starts empty, so nothing an earlier run left there is read as this run's;
+    `copy_to` gets this run's metrics.jsonl (and loses an earlier one first)."""
     wandb_mode = "offline" if _have("wandb") else "disabled"
+    shutil.rmtree(run, ignore_errors=True)
+    if copy_to:
+        copy_to.unlink(missing_ok=True)
     t0 = time.time()
     rec = phase.run(f"train {epochs} epochs", [
         PY, "-m", "vae_dist", "train", f"--data.shards={shards}", f"--train.out_dir={run}", "--train.overwrite=true",
         f"--train.epochs={epochs}", f"--train.batch_size={batch}", f"--log.wandb_mode={wandb_mode}",
         f"--log.log_every={5 if phase.smoke else 200}", "--log.image_every=100000", "--train.checkpoint_every=100000",
         "--train.eval_every=0", *model, *extra], timeout, skip=skip)
+    if copy_to and (run / "metrics.jsonl").is_file():
+        shutil.copy(run / "metrics.jsonl", copy_to)
     return rec, _training_times(run / "metrics.jsonl", t0, rec, epochs, batch)
 
 
 def _training_times(metrics: Path, t0: float, rec: dict, epochs: int, batch: int) -> dict:
-    """Start-up (cache, compile, first window), training (the steps alone) and side work apart."""
+    """Start-up (cache, compile, first window), training (the steps alone) and side work apart,
+    from the rows this run wrote (logged at or after `t0`); a duration that comes out negative
+    is not a measurement and is not reported."""
     try:
-        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    except OSError:
-        return {"status": rec["status"], "why": "no metrics.jsonl"}
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as e:
+        return {"status": rec["status"], "why": f"no metrics.jsonl from this run ({type(e).__name__})"}
+    rows = [r for r in rows if isinstance(r.get("time"), (int, float)) and r["time"] >= t0]
     train = [r for r in rows if "split" not in r]
     val = [r for r in rows if r.get("split") == "val"]
     if not train:
-        return {"status": rec["status"], "why": "no train rows"}
+        return {"status": rec["status"], "why": "no train rows from this run"}
     steps_per_row = [b["step"] - a["step"] for a, b in zip([{"step": 0}] + train[:-1], train)]
     step_s = [n * batch / r["img_per_s"] for n, r in zip(steps_per_row, train) if r["img_per_s"] > 0]
     steady = train[1:] or train
     rate = sum(r["img_per_s"] for r in steady) / len(steady)
     first_window_s = steps_per_row[0] * batch / rate
-    return {
+    startup_s = train[0]["time"] - t0 - first_window_s  # process start, data cache, compile, warm-up
+    out = {
         "status": rec["status"], "wall_s": rec.get("seconds"), "epochs": epochs, "batch_size": batch,
         "steps": train[-1]["step"], "total_steps": train[-1]["total_steps"],
-        "startup_s": train[0]["time"] - t0 - first_window_s,  # process start, data cache, compile, warm-up
-        "train_s": sum(step_s), "img_per_s": rate, "mfu": steady[-1].get("mfu"),
-        "side_s": (rec.get("seconds") or 0) - (train[0]["time"] - t0 - first_window_s) - sum(step_s),
+        "startup_s": startup_s, "train_s": sum(step_s), "img_per_s": rate, "mfu": steady[-1].get("mfu"),
+        "side_s": (rec.get("seconds") or 0) - startup_s - sum(step_s),
         "final_val": {k: val[-1].get(k) for k in ("step", "loss", "recon", "kl", "psnr", "bpd", "sigma")} if val else None,
     }
+    negative = [k for k in ("startup_s", "train_s", "side_s") if out[k] < 0]
+    for k in negative:
+        out[k] = None
+    if negative:
+        out["why"] = f"{', '.join(negative)} came out negative (a clock or a row out of order): not reported"
+    return out
 
 
 def main(argv=None) -> int:
@@ -722,31 +749,41 @@ def main(argv=None) -> int:
         return 2
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "docs" / "bench" / args.label
     out.mkdir(parents=True, exist_ok=True)
-    private = bool({"quick", "dali"} & set(phases)) and not os.environ.get("VAE_DIST_WORK")
-    if private:  # quick and dali make everything they read: a fresh folder of their own, removed at the end
-        args.work = Path(tempfile.mkdtemp(prefix="vae-dist-gpu-check-"))
-    else:  # the other phases reuse a sample set packed by an earlier call on a warm machine
-        default_work = Path(tempfile.gettempdir()) / ("vae-dist-gpu-check" + ("-smoke" if args.smoke else ""))
-        args.work = Path(os.environ.get("VAE_DIST_WORK", default_work))
-        args.work.mkdir(parents=True, exist_ok=True)
+    # The run's work folder is its own (two runs on one machine never share one) and goes at the
+    # end; VAE_DIST_WORK names one that is kept, and reused by the next run that names it.
+    kept = os.environ.get("VAE_DIST_WORK")
+    args.work = Path(kept) if kept else Path(tempfile.mkdtemp(prefix="vae-dist-gpu-check-"))
+    args.work.mkdir(parents=True, exist_ok=True)
+    print(f"gpu_check: work folder {args.work} " + ("(VAE_DIST_WORK: kept)" if kept else
+                                                    "(this run's own, removed at the end; VAE_DIST_WORK=DIR keeps one)"))
+    # env, tests, bench and tin20 reuse the sample sets an earlier run packed (a warm device
+    # machine's calls): in the per-user cache (gpu_check.sh sets VAE_DIST_CACHE), or in the kept
+    # work folder; quick and dali make everything they read afresh, in the work folder
+    cache = Path(os.environ.get("VAE_DIST_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                 / "vae-dist")
+    args.sets = args.work if kept else cache / ("gpu-check-smoke" if args.smoke else "gpu-check")
+    if set(phases) - {"quick", "dali"}:
+        print(f"gpu_check: sample sets packed once and reused from {args.sets}")
     run = {"quick": phase_quick, "dali": phase_dali, "env": phase_env, "tests": phase_tests, "bench": phase_bench,
            "tin20": phase_tin20}
     start = float(os.environ["GPU_CHECK_T0"]) if os.environ.get("GPU_CHECK_T0") else None
     deadline = Deadline(float(os.environ.get("GPU_CHECK_BUDGET_S", 540)), start)
     signal.signal(signal.SIGTERM, _end_live_parts)
-    args.cuda = _have_cuda()
     failed = []
-    for name in phases:
-        phase = Phase(name, out, args.label, args.smoke, deadline)
-        phase.say(f"== {name} ({'smoke, ' if args.smoke else ''}label {args.label}, output {out})")
-        try:
-            run[name](phase, args)
-        except Exception as e:  # noqa: BLE001 - one phase's failure is recorded, the others still run
-            phase.parts.append({"part": "phase", "status": "failed", "tail": [f"{type(e).__name__}: {e}"]})
-        if not phase.finish()["ok"]:
-            failed.append(name)
-    if private:
-        shutil.rmtree(args.work, ignore_errors=True)
+    try:
+        args.cuda = _have_cuda()
+        for name in phases:
+            phase = Phase(name, out, args.label, args.smoke, deadline)
+            phase.say(f"== {name} ({'smoke, ' if args.smoke else ''}label {args.label}, output {out})")
+            try:
+                run[name](phase, args)
+            except Exception as e:  # noqa: BLE001 - one phase's failure is recorded, the others still run
+                phase.parts.append({"part": "phase", "status": "failed", "tail": [f"{type(e).__name__}: {e}"]})
+            if not phase.finish()["ok"]:
+                failed.append(name)
+    finally:  # a SIGTERM too (_end_live_parts raises SystemExit)
+        if not kept:
+            shutil.rmtree(args.work, ignore_errors=True)
     print(f"gpu_check: {len(phases) - len(failed)} of {len(phases)} phases ok" + (f"; failed: {', '.join(failed)}"
                                                                                  if failed else ""))
     return 1 if failed else 0

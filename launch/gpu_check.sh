@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# The whole GPU check, offline, on a machine that already has torch (no venv, no registry, no
-# network): phases env, tests, bench, tin20 (launch/gpu_check.py says what each does).
+# The whole GPU check, offline: phases env, tests, bench, tin20 (launch/gpu_check.py says what
+# each does).
 #   bash launch/gpu_check.sh h200 quick          # the headline in one call: no DALI needed (first, always)
 #   bash launch/gpu_check.sh h200                # every phase but quick, in order
 #   bash launch/gpu_check.sh h200 env tests      # some phases (each fits one 10-minute call)
 #   bash launch/gpu_check.sh --smoke cpu         # the same phases at toy sizes, on a CPU
-# Output: $OUT when set (the device tool's folder), else docs/bench/LABEL/.
+# Python: $PYTHON when set (as launch/env.sh: that interpreter as it is), else the project's
+# .venv when there is one, else python3 (the GPU machine's, which has torch: no venv, no
+# registry, no network there); where none of them has torch, launch/env.sh builds .venv once.
+# Output: $OUT when set (the device tool's folder), else docs/bench/LABEL/. Each run works in a
+# folder of its own, removed at the end (VAE_DIST_WORK=DIR: that folder, kept and reused).
+# What is reused across runs on purpose lives in the per-user cache, one run at a time (a lock):
+# ${XDG_CACHE_HOME:-~/.cache}/vae-dist/ (the installed packages below, the packed sample sets).
 # Packages the machine lacks: where .devwheels/ (docs/gpu_check.md says what it holds)
 # travelled along, small.tar (webdataset, wandb) is installed, and DALI once all its dali-slim-NN
 # parts (launch/pack_dali.sh) have arrived over one or more calls, into $VAE_DIST_SITE (default
-# /tmp/vae-dist-site), which goes on PYTHONPATH with the checkout. Nothing is downloaded.
+# the cache's site/), which goes on PYTHONPATH with the checkout. Nothing is downloaded.
 #   bash launch/gpu_check.sh h200 stash          # a call that only carries a DALI part
 # Without them it runs what it can: the env phase says what is missing, the tests skip with
 # the reason, the bench rows say "unavailable".
@@ -17,8 +23,29 @@ set -uo pipefail
 # the call's clock starts here: the install below counts against GPU_CHECK_BUDGET_S too
 export GPU_CHECK_T0=${GPU_CHECK_T0:-$(date +%s.%N)}
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PY=${PYTHON:-python3}
-site=${VAE_DIST_SITE:-/tmp/vae-dist-site}
+has_torch() { "$1" -c "import importlib.util as u; raise SystemExit(u.find_spec('torch') is None)" 2>/dev/null; }
+if [ -n "${PYTHON:-}" ]; then
+  PY=$PYTHON
+  has_torch "$PY" || { echo "gpu_check: PYTHON=$PY has no torch: choose an interpreter that has it, or unset PYTHON to use the project's .venv (launch/env.sh builds it)" >&2; exit 2; }
+elif [ -x .venv/bin/python ]; then
+  PY=$PWD/.venv/bin/python
+elif has_torch python3; then
+  PY=python3
+else
+  echo "gpu_check: python3 has no torch and there is no .venv: building the project's environment (launch/env.sh, once; PYTHON=... chooses an interpreter instead)"
+  # shellcheck source=launch/env.sh
+  source launch/env.sh || { echo "gpu_check: launch/env.sh could not build .venv (above): set PYTHON= to an interpreter with torch" >&2; exit 2; }
+  set +e  # env.sh runs under -e; the check records its failures instead
+fi
+cache_home=${XDG_CACHE_HOME:-${HOME:+$HOME/.cache}}
+cache=${cache_home:+$cache_home/vae-dist}
+if [ -z "$cache" ] || ! mkdir -p "$cache" 2>/dev/null; then  # no home to write to: this user's own folder
+  fallback="${TMPDIR:-/tmp}/vae-dist-cache-$(id -u)"
+  echo "gpu_check: cannot write ${cache:-a cache without HOME} (no writable home): the cache is $fallback (XDG_CACHE_HOME= chooses)"
+  cache=$fallback && mkdir -p -m 700 "$cache"
+fi
+export VAE_DIST_CACHE=$cache  # gpu_check.py keeps its reused sample sets there
+site=${VAE_DIST_SITE:-$cache/site}
 install() {  # install NAME WHEEL_DIR: the wheels into $site, once
   local stamp="$site/.installed-$1"
   [ -f "$stamp" ] && return 0
@@ -29,11 +56,15 @@ install() {  # install NAME WHEEL_DIR: the wheels into $site, once
     echo "gpu_check: installing $1 failed: $(tail -1 "$site.$1.err")" >&2
   fi
 }
-mkdir -p "$site"
+mkdir -p "$site" || { echo "gpu_check: cannot make $site (set XDG_CACHE_HOME or VAE_DIST_SITE to a writable folder)" >&2; exit 2; }
+# one run at a time installs into the site (two at once would race on it); released before the phases
+exec 9>"$site.lock" && { ! command -v flock >/dev/null || flock 9; }
+reused=$(cd "$site" && ls -A | sed -n 's/^\.installed-//p' | tr '\n' ' ')  # installed by an earlier run
 carried=${GPU_CHECK_DEVWHEELS:-.devwheels}  # what travelled with this call
-if [ -f "$carried/small.tar" ]; then
-  rm -rf /tmp/vae-dist-wheels-small && mkdir -p /tmp/vae-dist-wheels-small
-  tar xf "$carried/small.tar" -C /tmp/vae-dist-wheels-small && install small /tmp/vae-dist-wheels-small
+if [ -f "$carried/small.tar" ] && [ ! -f "$site/.installed-small" ]; then
+  wheels=$(mktemp -d "${TMPDIR:-/tmp}/vae-dist-wheels.XXXXXX")  # this run's own, removed after
+  tar xf "$carried/small.tar" -C "$wheels" && install small "$wheels"
+  rm -rf "$wheels"
 fi
 # DALI travels as launch/pack_dali.sh's parts, one per call (docs/gpu_check.md: the DALI window):
 # every call stashes the parts it carried on the machine, and once they make a whole archive the
@@ -90,6 +121,8 @@ shutil.rmtree(tmp)
 print(f"gpu_check: installed DALI from {len(parts)} parts into {site} in {time.time() - t0:.0f} s")
 PYEOF
 fi
+[ -n "$reused" ] && echo "gpu_check: reusing what an earlier run installed in $site: ${reused% }"
+exec 9>&-  # the lock's end
 export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export WANDB_SILENT=true WANDB_MODE=${WANDB_MODE:-offline}
 exec "$PY" launch/gpu_check.py "$@"

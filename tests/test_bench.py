@@ -1,6 +1,7 @@
 """Each benchmark runs at a tiny size and writes the JSON of DESIGN.md with positive numbers."""
 
 import json
+import re
 
 import pytest
 
@@ -38,6 +39,9 @@ def test_bench_tiny(what, tmp_path, shards, sample_root):
     assert report["benchmark"] == what
     assert (tmp_path / "p.png").stat().st_size > 1000
     assert "img/s" in r.stdout  # the printed table
+    if what == "step":  # issue 44, item 10: the table's title and the JSON say the image size asked for
+        assert f"vae-dist bench step on {report['device']}, 32x32 images" in r.stdout, r.stdout
+        assert report["image_size"] == 32
     if what == "data":
         cache_row = "gpu-cache" if CUDA else "ram-cache"
         rows = _check(report, ["dali-cpu", "webdataset", "ImageFolder", "dali-gpu", cache_row])
@@ -119,3 +123,42 @@ def test_bench_comm_splits_the_ddp_step_into_compute_and_all_reduce(tmp_path):
     assert sweep["backend"] == "gloo" and sweep["fit"]["algbw_gb_s"] > 0
     assert [s["mib"] for s in sweep["sizes"]] == [0.25, 1] and all(s["busbw_gb_s"] > 0 for s in sweep["sizes"])
     assert "all-reduce alone, 2 processes (gloo)" in r.stdout
+    # issue 44, item 8: it says where it is as it goes, each line with the time since it began
+    progress = [line for line in r.stdout.splitlines() if line.startswith("bench comm: [")]
+    said = [re.sub(r"^bench comm: \[ *\d+ s\] ", "", line) for line in progress]
+    assert said[:3] == ["world 2: starting 2 processes (accelerate launch)",
+                        "world 2: all-reduce alone, 0.25 to 1 MiB (gloo) ...", "world 2: all-reduce alone: done"], said
+    assert "world 2: step 2/3, bf16 grads ..." in said and said[-1] == "world 2: done", said
+    assert any(re.fullmatch(r"world 2: step 3/3, accum 2: \d+ ms a step", line) for line in said), said
+    assert r.stdout.index("world 2: done") < r.stdout.index("all-reduce alone, 2 processes (gloo)")  # before the tables
+
+
+# what each benchmark reads: its own options, and those every benchmark shares
+SHARED = {"--steps", "--warmup", "--repeats", "--json", "--plot", "--tiny", "-h"}
+OWN = {"data": {"--shards", "--images", "--batch-size", "--threads"},
+       "step": {"--batch-sizes", "--rows", "--image-size", "--dtypes", "--compile", "--compile-mode", "--channels-last",
+                "--profile"},
+       "e2e": {"--shards", "--images", "--batch-size", "--batch-sizes", "--compile-mode", "--variants", "--config",
+               "--threads"},
+       "comm": {"--batch-size", "--world", "--threads"}}
+
+
+# issue 44, item 10
+@pytest.mark.parametrize("kind", sorted(OWN))
+def test_each_benchmarks_help_gives_its_own_options_each_with_a_meaning_and_its_default(kind):
+    from .test_cli_help import _entries
+
+    r = run_cli("bench", kind, "--help")
+    assert r.returncode == 0, r.stderr
+    entries = _entries(r.stdout)
+    options = {name for name in entries if name.startswith("-")}
+    assert options == OWN[kind] | SHARED, sorted(options ^ (OWN[kind] | SHARED))  # no other benchmark's
+    for name, meaning in entries.items():
+        assert len(meaning) > 8, (name, meaning)
+        assert not re.search(r"\b(data|step|e2e|comm): ", meaning), (name, meaning)  # no "for that kind: ..."
+    if kind == "comm":  # issue 44, item 8: how long the default takes, before one starts it
+        assert re.search(r"\(default: 2,4: \d+ minutes on a busy 2-core CPU", entries["--world"]), entries["--world"]
+    if kind == "step":
+        assert entries["--image-size"].endswith("(default: 64)"), entries["--image-size"]
+    listing = run_cli("bench", "--help").stdout  # every benchmark, one line each, and how to get its options
+    assert f"    {kind} " in listing and "`vae-dist bench KIND --help`: its options" in " ".join(listing.split())

@@ -2,10 +2,13 @@
 machine at toy sizes too), write their JSON summaries, and a bad phase name is one line.
 `quick` runs as on a bare GPU machine: DALI, webdataset and wandb hidden."""
 
+import getpass
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -19,15 +22,36 @@ in_gpu_check = pytest.mark.skipif(bool(os.environ.get("VAE_DIST_IN_GPU_CHECK")),
                                   reason="run by gpu_check itself: the real phases run")
 
 
-def _check(tmp_path, *args, timeout=900, env=None, work=True):
-    """gpu_check.sh as on the device, with nothing carried (never a developer's own .devwheels/)
-    and its site, stash and work folders in tmp_path."""
-    (tmp_path / "carried").mkdir(exist_ok=True)
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "VAE_DIST_SITE": str(tmp_path / "site"),
-           "GPU_CHECK_DEVWHEELS": str(tmp_path / "carried"), "GPU_CHECK_DALI_STASH": str(tmp_path / "stash"),
-           **({"VAE_DIST_WORK": str(tmp_path / "work")} if work else {}), **(env or {})}
+# torch.compile's own per-user cache where it was before $TMPDIR moves: warm, as a user's runs find it
+INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(
+    tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser()))
+
+
+def _env(tmp_path, env=None, work=False) -> dict:
+    """gpu_check.sh's environment as on the device, with nothing carried (never a developer's own
+    .devwheels/), its temp folders ($TMPDIR), its per-user cache (the site, the sample sets) and
+    its stash in tmp_path: a test never touches the real home or /tmp."""
+    for name in ("carried", "tmp"):
+        (tmp_path / name).mkdir(exist_ok=True)
+    return {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "TMPDIR": str(tmp_path / "tmp"),
+            "TORCHINDUCTOR_CACHE_DIR": INDUCTOR_CACHE,
+            "XDG_CACHE_HOME": str(tmp_path / "cache"), "GPU_CHECK_DEVWHEELS": str(tmp_path / "carried"),
+            "GPU_CHECK_DALI_STASH": str(tmp_path / "stash"),
+            **({"VAE_DIST_WORK": str(tmp_path / "work")} if work else {}), **(env or {})}
+
+
+def _check(tmp_path, *args, timeout=900, env=None, work=False):
     return subprocess.run(["bash", str(ROOT / "launch" / "gpu_check.sh"), *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=tmp_path)
+                          env=_env(tmp_path, env, work), timeout=timeout, cwd=tmp_path)
+
+
+def _gpu_check_module():
+    sys.path.insert(0, str(ROOT / "launch"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    return gpu_check
 
 
 @pytest.mark.slow
@@ -89,9 +113,29 @@ def test_the_budget_counts_from_the_scripts_start_and_a_call_never_passes_it(tmp
 @needs_loader
 @in_gpu_check
 def test_smoke_runs_every_phase_and_writes_its_summary(tmp_path):
+    # issue 44, item 2: a second run (the env phase) beside it, in its own process, at the same time:
+    # each works in a folder of its own, both write their whole output, and nothing stays in $TMPDIR
+    other = tmp_path / "other"
+    other.mkdir()
+    second = subprocess.Popen(["bash", str(ROOT / "launch" / "gpu_check.sh"), "--smoke", "other", "env"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                              env=_env(tmp_path, {"OUT": str(other / "out")}))
     r = _check(tmp_path, "--smoke", "smoke")
+    second_out, second_err = second.communicate(timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert second.returncode == 0 and "gpu_check: 1 of 1 phases ok" in second_out, second_out[-3000:] + second_err
     assert "gpu_check: 4 of 4 phases ok" in r.stdout
+    works = [re.search(r"gpu_check: work folder (\S+) \(this run's own", text).group(1) for text in (r.stdout, second_out)]
+    assert works[0] != works[1] and all(w.startswith(str(tmp_path / "tmp")) for w in works), works
+    assert json.loads((other / "out" / "env.json").read_text())["ok"]
+    assert sorted(p.name for p in (other / "out").iterdir()) == ["env.json", "env.log"]
+    # both work folders gone, and nothing else of theirs left there (torch keeps its compiled C++
+    # headers in its own per-user torchinductor_USER there, whatever TORCHINDUCTOR_CACHE_DIR says)
+    left = [p.name for p in (tmp_path / "tmp").iterdir() if not p.name.startswith("torchinductor_")]
+    assert left == [], left
+    sets = tmp_path / "cache" / "vae-dist" / "gpu-check-smoke"  # what the next run reuses, and says so
+    assert {"bench-20x5-shards", "tin-20x6-shards"} <= {p.name for p in sets.iterdir()}
+    assert f"sample sets packed once and reused from {sets}" in r.stdout
     out = tmp_path / "out"
     phases = {name: json.loads((out / f"{name}.json").read_text()) for name in ("env", "tests", "bench", "tin20")}
     assert all(p["ok"] and p["smoke"] and p["label"] == "smoke" for p in phases.values())
@@ -167,7 +211,11 @@ def test_the_dali_parts_carried_over_calls_install_once_whole_and_the_phase_says
     assert not (tmp_path / "site" / "standin_dali").exists() and not (tmp_path / "out").exists()
     second = _check(tmp_path, "--smoke", "cpu", "dali", env={**env, "GPU_CHECK_DEVWHEELS": str(calls[1])})
     assert "installed DALI from 2 parts" in second.stdout, second.stdout + second.stderr
-    assert (tmp_path / "site" / "standin_dali" / "__init__.py").read_bytes().startswith(b"VERSION = 'stand-in'")
+    site = tmp_path / "cache" / "vae-dist" / "site"  # the per-user cache, which a warm machine keeps between calls
+    assert (site / "standin_dali" / "__init__.py").read_bytes().startswith(b"VERSION = 'stand-in'")
+    # issue 44, item 2: a later call reuses it and says where
+    third = _check(tmp_path, "cpu", "warp", env=env)
+    assert f"gpu_check: reusing what an earlier run installed in {site}: dali" in third.stdout, third.stdout
     dali = json.loads((tmp_path / "out" / "dali.json").read_text())
     (part,) = dali["parts"]
     assert part["status"] == "skipped" and part["why"].startswith("no NVIDIA DALI here"), part
@@ -176,11 +224,7 @@ def test_the_dali_parts_carried_over_calls_install_once_whole_and_the_phase_says
 def test_a_test_part_cut_short_still_says_which_tests_passed(tmp_path):
     """pytest writes its junit XML only at the end: quick reads a cut-short part's -v lines
     (plain and pytest-xdist's) from its log instead, from where that part began."""
-    sys.path.insert(0, str(ROOT / "launch"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.pop(0)
+    gpu_check = _gpu_check_module()
     log = tmp_path / "quick.log"
     log.write_text("tests/test_gpu.py::test_old PASSED  [ 1%]\n")
     start = log.stat().st_size
@@ -190,3 +234,96 @@ def test_a_test_part_cut_short_still_says_which_tests_passed(tmp_path):
     got = gpu_check._results_in_log(log, start)
     assert (got["passed"], got["failures"], got["skipped"], got["tests"]) == (1, 1, 1, 3), got
     assert got["failed"] == ["tests/test_gpu.py::test_b[bf16]"] and "test_old" not in str(got["results"])
+
+
+# issue 44, item 1
+def test_the_interpreter_is_python_then_the_projects_venv_and_one_without_torch_is_one_line(tmp_path):
+    """`bash launch/gpu_check.sh ...` as the README writes it runs the project's
+    .venv where there is one (not the system python3); PYTHON= chooses another, and one without
+    torch is one line saying what to do."""
+    repo = tmp_path / "repo"
+    (repo / "launch").mkdir(parents=True)
+    for name in ("gpu_check.sh", "gpu_check.py"):
+        (repo / "launch" / name).write_text((ROOT / "launch" / name).read_text())
+    venv_python = repo / ".venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text(f'#!/bin/sh\necho "$@" >> "{tmp_path}/venv-ran"\nexec "{sys.executable}" "$@"\n')
+    venv_python.chmod(0o755)
+    env = _env(tmp_path)
+    del env["PYTHON"]
+    r = subprocess.run(["bash", str(repo / "launch" / "gpu_check.sh"), "cpu", "warp"], capture_output=True,
+                       text=True, env=env, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and "unknown phase warp" in r.stderr, r.stdout + r.stderr
+    assert "launch/gpu_check.py cpu warp" in (tmp_path / "venv-ran").read_text()
+    no_torch = tmp_path / "bare-python"  # the same interpreter without its site-packages: no torch
+    no_torch.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    no_torch.chmod(0o755)
+    r = _check(tmp_path, "cpu", "env", env={"PYTHON": str(no_torch)}, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"gpu_check: PYTHON={no_torch} has no torch: choose an interpreter that has it, or unset PYTHON to use "
+        "the project's .venv (launch/env.sh builds it)"), r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# issue 44, item 1
+def test_a_phase_reports_only_what_its_own_run_measured(tmp_path):
+    """a metrics.jsonl an earlier run left in the run folder is never read as this
+    run's (a failed run reports no times and says why), and a duration that comes out negative is
+    not reported."""
+    gpu_check = _gpu_check_module()
+    out, run = tmp_path / "out", tmp_path / "work" / "tin20-run"
+    out.mkdir()
+    run.mkdir(parents=True)
+    old = time.time() - 2000
+    stale = [{"step": 5, "total_steps": 10, "time": old, "img_per_s": 900.0, "loss": 1.0},
+             {"step": 10, "total_steps": 10, "time": old + 1, "img_per_s": 950.0, "loss": 0.5},
+             {"step": 10, "split": "val", "time": old + 2, "loss": 0.4, "bpd": 5.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in stale))
+    (out / "tin20-metrics.jsonl").write_text("an earlier call's\n")
+    phase = gpu_check.Phase("tin20", out, "x", True)
+    rec, times = gpu_check._train_epochs(phase, tmp_path / "shards", run, 2, 16, [], 60, skip="no sample set",
+                                         copy_to=out / "tin20-metrics.jsonl")
+    phase.finish()
+    assert rec["status"] == "skipped" and times == {"status": "skipped", "why": "no metrics.jsonl from this run "
+                                                                            "(FileNotFoundError)"}, times
+    assert not (run / "metrics.jsonl").exists() and not (out / "tin20-metrics.jsonl").exists()
+    # the same rows read with a start after them: none is this run's
+    (run.parent / "old.jsonl").write_text("".join(json.dumps(row) + "\n" for row in stale))
+    times = gpu_check._training_times(run.parent / "old.jsonl", time.time(), {"status": "failed"}, 2, 16)
+    assert times == {"status": "failed", "why": "no train rows from this run"}, times
+    # rows of this run whose first window would start before the run did: no negative start-up
+    t0 = time.time()
+    rows = [{"step": 100, "total_steps": 200, "time": t0 + 1, "img_per_s": 10.0},
+            {"step": 200, "total_steps": 200, "time": t0 + 2, "img_per_s": 10.0}]
+    (run.parent / "new.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    times = gpu_check._training_times(run.parent / "new.jsonl", t0, {"status": "ok", "seconds": 3.0}, 2, 16)
+    assert times["startup_s"] is None and times["side_s"] is None and times["train_s"] > 0, times
+    assert times["why"] == "startup_s, side_s came out negative (a clock or a row out of order): not reported"
+
+
+# issue 44, item 2
+def test_a_sample_set_is_made_by_one_run_at_a_time_and_reused_saying_so(tmp_path):
+    """the packed sample sets that runs reuse live in the cache under a lock: a
+    run finding one packed says so and where; a second run waits while the first holds the lock."""
+    import fcntl
+    import threading
+
+    gpu_check = _gpu_check_module()
+    cache = tmp_path / "cache"
+    shards, src = cache / "tin-20x6-shards", cache / "tin-20x6-src"
+    (src / "train").mkdir(parents=True)
+    shards.mkdir()
+    (shards / "manifest.json").write_text('{"image_size": 64}')
+    (tmp_path / "out").mkdir()
+    phase = gpu_check.Phase("bench", tmp_path / "out", "x", True)
+    done = []
+    with open(cache / "tin-20x6.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another run making the set
+        reader = threading.Thread(target=lambda: done.append(gpu_check._sample_set(phase, cache, "tin", 20, 6)))
+        reader.start()
+        reader.join(timeout=2)
+        assert reader.is_alive() and not done  # waits for it
+    reader.join(timeout=30)
+    phase.finish()
+    assert done == [(shards, src)] and phase.parts == []  # nothing made again
+    assert f"[bench] tin: reusing {shards} (packed by an earlier run)" in (tmp_path / "out" / "bench.log").read_text()

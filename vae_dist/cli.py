@@ -160,58 +160,6 @@ class _TrainHelp(_Help):
             "defaults < --config FILE < command line):\n" + config_help() + "\n"
 
 
-def add_bench_args(p) -> None:
-    from vae_dist.bench import CPU_BATCH_SIZES, GPU_BATCH_SIZES
-
-    p.add_argument("what", choices=["data", "step", "e2e", "comm"],
-                   help="data: the loaders alone; step: the training step alone; e2e: real training steps from shards; "
-                        "comm: DDP's gradient all-reduce, N processes (compute vs exposed all-reduce, each DDP knob)")
-    p.add_argument("--json", metavar="FILE", help="write the results JSON to this file (its folder is made)")
-    p.add_argument("--plot", metavar="FILE", help="write a bar chart (PNG) of img/s per configuration to this file")
-    p.add_argument("--shards", metavar="DIR", help="shard folder (default: the sample set, made in a temp folder)")
-    p.add_argument("--images", metavar="DIR", help="data: extracted Tiny ImageNet root for the seed's ImageFolder "
-                   "baseline (default: the sample set's source images when --shards is not given)")
-    p.add_argument("--batch-size", type=int, default=None, help="data and e2e: images per batch; comm: per process "
-                   "micro-batch (default: data 256, e2e 64, comm 32)")
-    p.add_argument("--batch-sizes", default=None, metavar="LIST",
-                   help=f"step and e2e: comma list of batch sizes (step default: {GPU_BATCH_SIZES} on a GPU, "
-                        f"{CPU_BATCH_SIZES} on a CPU; e2e: --batch-size)")
-    p.add_argument("--rows", default=None, metavar="LIST",
-                   help="step: the rows to measure, in order, as MODE:DTYPE:BATCH (MODE eager, default, "
-                        "reduce-overhead, graph = compiled + the whole step as one CUDA graph); wins over "
-                        "--batch-sizes, --dtypes, --compile")
-    p.add_argument("--threads", type=int, default=None,
-                   help="decode threads = loader workers (default: all cores)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="timed batches or steps per repeat (default: data 50; step 30 on a GPU, 10 on a CPU; "
-                        "e2e 60 on a GPU, 20 on a CPU; comm 3)")
-    p.add_argument("--warmup", type=int, default=None,
-                   help="untimed batches or steps before timing (default: data 5; step 10 on a GPU, 3 on a CPU; "
-                        "e2e 20 on a GPU, 5 on a CPU; comm 2)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
-    p.add_argument("--image-size", type=int, default=64, help="step: height and width of the synthetic batches "
-                   "(the model is built for them), as `pack --image-size`")
-    p.add_argument("--dtypes", default=None, metavar="LIST",
-                   help="step: comma list of fp32,bf16 (default: fp32,bf16 on a GPU, fp32 on a CPU)")
-    p.add_argument("--compile", choices=["both", "on", "off"], default="both", help="step: torch.compile rows")
-    p.add_argument("--compile-mode", default="default",
-                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-                   help="torch.compile mode of the compiled rows (reduce-overhead: CUDA graphs)")
-    p.add_argument("--channels-last", choices=["both", "on", "off"], default="both", help="step: channels_last rows")
-    p.add_argument("--variants", default=None, metavar="LIST",
-                   help="e2e: comma list of seed,fast,cache,graph (cache: the decoded split in GPU memory, RAM on a "
-                        "CPU; graph: cache + a whole-step CUDA graph; default: seed,fast,cache on a GPU, seed,fast "
-                        "on a CPU)")
-    p.add_argument("--config", default=None, metavar="FILE",
-                   help="e2e: a config file for the Trainer's rows (e.g. launch/configs/throughput.yaml); its "
-                        "train.batch_size is the default batch; the bench's own settings win")
-    p.add_argument("--profile", default=None, metavar="DIR",
-                   help="step: a torch.profiler trace and summary of each row's steps into this folder")
-    p.add_argument("--world", default=None, metavar="LIST",
-                   help="comm: comma list of process counts, one accelerate launch each (default: 2,4)")
-    p.add_argument("--tiny", action="store_true", help="a tiny model and data set, for tests")
-
-
 def _checkpoint_arg(p) -> None:
     p.add_argument("ckpt", metavar="CKPT", help="a checkpoint folder, a run folder (its final weights) or a "
                    "model.safetensors file")
@@ -313,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(run=_encode)
 
     s = _command(sub, "bench", "throughput benchmarks (images/s) of the loaders, the step, or training end to end",
-                 description="Without --shards they build the sample set in a temp folder; each prints a table.")
+                 description="Each prints a table; `vae-dist bench KIND --help` gives that benchmark's options.")
+    from vae_dist.bench import add_bench_args
+
     add_bench_args(s)
     s.set_defaults(run=_bench)
 

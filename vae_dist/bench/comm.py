@@ -52,29 +52,59 @@ def bench_comm(args) -> tuple[list[dict], dict]:
     worlds = _worlds(args.world or "2,4")
     gpus = torch.cuda.device_count()
     results, sweeps = [], {}
+    t0 = time.time()
     for world in worlds:
         if gpus and world > gpus:
             results.append({"name": f"world {world}", "unavailable": f"{world} processes need {world} GPUs, "
                             f"this machine has {gpus}"})
             continue
+        _progress(t0, f"world {world}: starting {world} processes (accelerate launch)")
         with tempfile.TemporaryDirectory(prefix="vae-dist-comm-") as tmp:
             out = Path(tmp) / "rows.json"
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(world),
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                    "--main_process_port", str(free_port()), "-m", "vae_dist.bench.comm", str(out),
                    json.dumps({"tiny": args.tiny, "batch_size": args.batch_size, "steps": args.steps,
-                               "warmup": args.warmup, "repeats": args.repeats})]
+                               "warmup": args.warmup, "repeats": args.repeats, "t0": t0})]
             # each worker gets its share of the cores (gloo's threads come on top)
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads or max(1, (os.cpu_count() or 1) // world))}
-            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if r.returncode != 0 or not out.is_file():
-                results.append({"name": f"world {world}", "unavailable": f"failed: {_cause(r.stderr, r.returncode)}"})
+            code, stderr = _launch(cmd, env)
+            if code != 0 or not out.is_file():
+                results.append({"name": f"world {world}", "unavailable": f"failed: {_cause(stderr, code)}"})
+                _progress(t0, f"world {world}: failed")
                 continue
             measured = json.loads(out.read_text())
         results.extend(measured["steps"])
         sweeps[str(world)] = {"backend": measured["backend"], "sizes": measured["allreduce"], "fit": measured["fit"]}
+        _progress(t0, f"world {world}: done")
         _print_sweep(world, sweeps[str(world)])
     return results, {"allreduce": sweeps}
+
+
+PROGRESS = "bench comm: "  # the workers' progress lines start so; the launcher passes them on
+
+
+def _progress(t0: float, text: str) -> None:
+    """One progress line, with the time since the benchmark began: a sweep over worlds and knobs
+    runs for minutes, and says where it is as it goes."""
+    print(f"{PROGRESS}[{time.time() - t0:5.0f} s] {text}", flush=True)
+
+
+def _launch(cmd: list[str], env: dict) -> tuple[int, str]:
+    """Runs the launcher; rank 0's progress lines pass through as they come, the rest of its
+    output is kept for a failure's cause. (exit code, stderr)."""
+    import threading
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)  # never a full pipe
+    reader.start()
+    for line in proc.stdout:
+        if line.startswith(PROGRESS):
+            print(line, end="", flush=True)
+    code = proc.wait()
+    reader.join()
+    return code, "".join(err)
 
 
 def _worlds(text: str) -> list[int]:
@@ -113,15 +143,28 @@ def _worker(out: str, options: dict) -> None:
     configure_cuda_math()
     acc = Accelerator(cpu=not torch.cuda.is_available())  # forms the process group (gloo or NCCL)
     world, backend = acc.num_processes, dist.get_backend()
+    t0 = options.get("t0", time.time())
+
+    def progress(text: str) -> None:  # rank 0 speaks for all
+        if acc.is_main_process:
+            _progress(t0, f"world {world}: {text}")
+
+    sizes = SIZES_MIB[:2] if options["tiny"] else SIZES_MIB
+    progress(f"all-reduce alone, {sizes[0]:g} to {sizes[-1]:g} MiB ({backend}) ...")
     sweep = _allreduce_sweep(acc, options)
     fit = _fit(sweep)
+    progress("all-reduce alone: done")
     rows, compute = [], {}
     chosen = options.get("only") or (TINY_KNOBS if options["tiny"] else [name for name, _ in KNOBS])
-    for name, overrides in [k for k in KNOBS if k[0] in chosen]:
+    knobs = [k for k in KNOBS if k[0] in chosen]
+    for i, (name, overrides) in enumerate(knobs, 1):
         label = f"world {world}: {name}"
+        progress(f"step {i}/{len(knobs)}, {name} ...")
         # every rank measures the same rows and refuses the same ones
         row = row_or_reason(label, lambda name=name, overrides=overrides: _step_row(name, overrides, options, fit, compute))
         rows.append(dict(row, name=label, world=world, backend=backend))
+        progress(f"step {i}/{len(knobs)}, {name}: " + (f"{row['step_ms']:.0f} ms a step" if "step_ms" in row
+                                                        else row.get("unavailable", "")))
     if acc.is_main_process:
         Path(out).write_text(json.dumps({"backend": backend, "allreduce": sweep, "fit": fit, "steps": rows}))
     acc.wait_for_everyone()

@@ -113,8 +113,15 @@ def row_or_reason(name: str, measure) -> dict:
         return {"name": name, "unavailable": f"failed: {lines[-1] if lines else type(e).__name__}"}
 
 
-def print_table(what: str, results: list[dict]) -> None:
-    print(f"\nvae-dist bench {what} on {device_name()}")
+def title(what: str, extra: dict | None = None) -> str:
+    """The table's and the plot's title: the benchmark, the device, and the image size where
+    the benchmark chose it (`bench step --image-size`)."""
+    size = (extra or {}).get("image_size")
+    return f"vae-dist bench {what} on {device_name()}" + (f", {size}x{size} images" if size else "")
+
+
+def print_table(what: str, results: list[dict], extra: dict | None = None) -> None:
+    print(f"\n{title(what, extra)}")
     print(f"{'configuration':<48} {'img/s':>12} {'batch':>6} {'steps':>6}  notes")
     for r in results:
         if "unavailable" in r:
@@ -182,7 +189,7 @@ def write_report(what: str, shards: str | None, results: list[dict], json_path: 
     """The table on stdout; the JSON (with a benchmark's `extra` keys) and the plot where asked for."""
     report = {"device": device_name(), "env": environment(), "benchmark": what, "shards": shards, "results": results,
               **(extra or {})}
-    print_table(what, results)
+    print_table(what, results, extra)
     if json_path:
         with writing(json_path, "bench --json file"):
             Path(json_path).parent.mkdir(parents=True, exist_ok=True)
@@ -190,5 +197,5 @@ def write_report(what: str, shards: str | None, results: list[dict], json_path: 
         print(f"results: {json_path}")
     if plot_path:
         with writing(plot_path, "bench --plot file"):
-            plot(results, f"vae-dist bench {what} — {device_name()}", plot_path)
+            plot(results, title(what, extra), plot_path)
         print(f"plot: {plot_path}")
