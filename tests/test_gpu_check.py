@@ -3,6 +3,7 @@ machine at toy sizes too), write their JSON summaries, and a bad phase name is o
 `quick` runs as on a bare GPU machine: DALI, webdataset and wandb hidden."""
 
 import getpass
+import hashlib
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -27,13 +29,35 @@ INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(
     tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser()))
 
 
+def _short_tmp(tmp_path) -> str:
+    """$TMPDIR for a run under tmp_path, by a short name: multiprocessing's AF_UNIX sockets live in
+    $TMPDIR and their paths may not pass 107 bytes, which pytest's own folders (under xdist) do.
+    A link in the system's temp folder, removed after the test (_remove_short_tmps)."""
+    real = tmp_path / "tmp"
+    real.mkdir(exist_ok=True)
+    link = Path(tempfile.gettempdir()) / f"vdgc-{hashlib.sha1(str(real).encode()).hexdigest()[:10]}"
+    if not link.is_symlink():
+        link.symlink_to(real)
+        _SHORT_TMPS.append(link)
+    return str(link)
+
+
+_SHORT_TMPS: list[Path] = []
+
+
+@pytest.fixture(autouse=True)
+def _remove_short_tmps():
+    yield
+    while _SHORT_TMPS:
+        _SHORT_TMPS.pop().unlink(missing_ok=True)
+
+
 def _env(tmp_path, env=None, work=False) -> dict:
     """gpu_check.sh's environment as on the device, with nothing carried (never a developer's own
     .devwheels/), its temp folders ($TMPDIR), its per-user cache (the site, the sample sets) and
     its stash in tmp_path: a test never touches the real home or /tmp."""
-    for name in ("carried", "tmp"):
-        (tmp_path / name).mkdir(exist_ok=True)
-    return {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "TMPDIR": str(tmp_path / "tmp"),
+    (tmp_path / "carried").mkdir(exist_ok=True)
+    return {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "TMPDIR": _short_tmp(tmp_path),
             "TORCHINDUCTOR_CACHE_DIR": INDUCTOR_CACHE,
             "XDG_CACHE_HOME": str(tmp_path / "cache"), "GPU_CHECK_DEVWHEELS": str(tmp_path / "carried"),
             "GPU_CHECK_DALI_STASH": str(tmp_path / "stash"),
@@ -126,7 +150,7 @@ def test_smoke_runs_every_phase_and_writes_its_summary(tmp_path):
     assert second.returncode == 0 and "gpu_check: 1 of 1 phases ok" in second_out, second_out[-3000:] + second_err
     assert "gpu_check: 4 of 4 phases ok" in r.stdout
     works = [re.search(r"gpu_check: work folder (\S+) \(this run's own", text).group(1) for text in (r.stdout, second_out)]
-    assert works[0] != works[1] and all(w.startswith(str(tmp_path / "tmp")) for w in works), works
+    assert works[0] != works[1] and all(w.startswith(_short_tmp(tmp_path)) for w in works), works
     assert json.loads((other / "out" / "env.json").read_text())["ok"]
     assert sorted(p.name for p in (other / "out").iterdir()) == ["env.json", "env.log"]
     # both work folders gone, and nothing else of theirs left there (torch keeps its compiled C++
