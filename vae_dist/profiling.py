@@ -30,39 +30,62 @@ SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize
 # Lines libkineto (the profiler's C++ side) writes to fd 2 that report nothing wrong:
 # - a CUDA build of torch on a machine without a GPU driver: the trace's device properties ask
 #   cudaGetDeviceCount, which fails (code 35: no driver, 100: no device) and is logged at ERROR,
-#   whatever activities were asked for (kineto's DeviceProperties.cpp). Dropped only where the run
-#   profiles no CUDA device: on a GPU the same line is a real error, and it stays.
+#   whatever activities were asked for (kineto's DeviceProperties.cpp);
 # - newer kineto's USDT markers (`USDT:... profiler_start`, `profiler_stop`), meant for tracing
 #   probes, logged at a level above ERROR, so torch's default (ERROR) shows them.
 # KINETO_LOG_LEVEL would hide them only together with every real error, so these lines alone are
-# taken out of what the profiler writes while it starts and stops; everything else passes on.
+# taken out of what the profiler writes while it starts and stops, on a run that profiles no CUDA
+# device (the quiet a CPU run asks for); everything else passes on. A GPU run's stderr is left as
+# it comes: there a failed device count is a real error.
 _NO_GPU_LINE = re.compile(r"^ERROR:.* DeviceProperties\.cpp:\d+\] gpuGetDeviceCount failed with code (35|100)$")
 _USDT_LINE = re.compile(r"^USDT:.*\] profiler_(start|stop)$")
 
 
-def _is_kineto_noise(line: str, cuda: bool) -> bool:
-    return bool(_USDT_LINE.match(line) or (not cuda and _NO_GPU_LINE.match(line)))
+def _is_kineto_noise(line: str) -> bool:
+    return bool(_USDT_LINE.match(line) or _NO_GPU_LINE.match(line))
 
 
 @contextlib.contextmanager
 def _without_kineto_noise(cuda: bool):
     """fd 2 through a file for the block (libkineto writes there from C++, past sys.stderr); then
-    every line of it but kineto's noise on to the real fd 2."""
+    every line of it but kineto's noise on to the real fd 2. Only where no CUDA device is profiled
+    (the noise is a machine without a GPU driver's; on a GPU every line stays as it comes), and
+    only where it can be done: with fd 2 closed, or no temporary file to be had ($TMPDIR full or
+    unwritable), the block runs unfiltered rather than failing the run."""
+    if cuda:
+        yield
+        return
     sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        held = tempfile.TemporaryFile()
+    except OSError:
+        os.close(saved)
+        yield
+        return
+    with held:
         os.dup2(held.fileno(), 2)
         try:
             yield
         finally:
+            # fd 2 is put back first, whatever follows: a crash inside the block still shows its reason
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
             held.seek(0)
             lines = held.read().decode("utf-8", errors="replace").splitlines(keepends=True)
-            kept = "".join(line for line in lines if not _is_kineto_noise(line.rstrip("\n"), cuda))
-            if kept:
-                os.write(2, kept.encode())
+            kept = "".join(line for line in lines if not _is_kineto_noise(line.rstrip("\n")))
+            _write_all(2, kept.encode())
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is out (it may write fewer than it is given)."""
+    while data:
+        data = data[os.write(fd, data):]
 
 
 def _sync(device: torch.device) -> None:
