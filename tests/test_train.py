@@ -139,11 +139,15 @@ def test_sigterm_to_the_launcher_or_to_one_rank_stops_both_ranks_at_one_step(sha
     run = tmp_path / "run"
     args = ["train", f"--data.shards={shards}", f"--train.out_dir={run}", *COMMON,
             "--train.checkpoint_every=0", "--train.max_steps=100000"]
-    launcher = subprocess.Popen(launch_command(2) + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(launch_command(2, launcher="vae_dist.launcher") + args, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
     _wait_for_rows(run, launcher, rows=3)
     launcher.send_signal(signal.SIGTERM)
     out, err = launcher.communicate(timeout=120)
     assert "stopped by signal 15" in out, err[-3000:]
+    # issue 44 review, finding 8: the launch scripts' launcher ends in one line and the signal's code
+    assert launcher.returncode == 143 and "Traceback" not in err, err[-3000:]
+    assert "vae-dist: launch stopped by signal 15 (SIGTERM), passed on to every rank" in err.splitlines(), err[-3000:]
     first = _stopped_step(run, nproc=2)
 
     resumed = subprocess.Popen(launch_command(2) + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -304,7 +308,42 @@ def test_a_refused_start_under_two_processes_is_one_line_and_writes_nothing(shar
     # issue 44, item 4: GPU precision launched where no CUDA is seen (launch_command hides GPUs), said once
     assert (r.stdout + r.stderr).count("this machine has no CUDA") == 1, r.stdout[-3000:]
     assert "Traceback" not in r.stderr and r.stderr.count("vae-dist: launch failed: rank") == 1, r.stderr[-3000:]
+    # issue 44 review, finding 5: the silent rank waits, so rank 0 (the one that says why) exits first
+    assert "vae-dist: launch failed: rank 0 " in r.stderr, r.stderr[-3000:]
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_rank_zero_failing_in_a_decision_stops_every_rank_with_its_traceback(shards, tmp_path):
+    """issue 44 review, finding 11: an error on rank 0 that is not the user's, in a decision the
+    other ranks wait for (here a manifest.json nested past Python's recursion limit, which json
+    raises as RecursionError), reaches them at once: they stop in silence, rank 0's traceback is
+    the report, and the launch ends well within the launcher's timeouts."""
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    (deep / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    cmd = launch_command(2, "-m", "vae_dist", launcher="vae_dist.launcher")
+    start = time.monotonic()
+    r = subprocess.run([*cmd, "train", f"--data.shards={deep}", f"--train.out_dir={tmp_path / 'run'}", *COMMON,
+                        "--train.max_steps=1"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "WANDB_SILENT": "true"})
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert r.stderr.count("RecursionError") >= 1 and r.stderr.count("Traceback") == 1, r.stderr[-3000:]
+    assert "vae-dist: error:" not in r.stderr, r.stderr[-3000:]  # the other rank's SharedError stays silent
+    assert "vae-dist: launch failed: rank 0 " in r.stderr and "exited with code 1 first" in r.stderr, r.stderr[-3000:]
+    assert time.monotonic() - start < 120
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_launcher_refuses_launch_options_accelerate_refuses_in_one_line(monkeypatch, capsys):
+    # issue 44 review, finding 8: train_cpu_dev.sh with NUM_PROCESSES=1 (--multi_gpu with one process)
+    from vae_dist import launcher
+
+    monkeypatch.setattr(sys, "argv", ["vae_dist.launcher", "--multi_gpu", "--num_processes", "1",
+                                      "--num_machines", "1", "--mixed_precision", "no", "-m", "vae_dist", "train"])
+    assert launcher.main() == 2
+    err = capsys.readouterr().err
+    assert err == "vae-dist: error: accelerate launch: You need to use at least 2 processes to use `--multi_gpu`.\n"
 
 
 @pytest.mark.slow
@@ -312,8 +351,17 @@ def test_a_diverged_run_under_two_processes_says_so_once(shards, tmp_path):
     """Every rank reads the same all-reduced counters and stops at the same sync point; the run
     reports it in one line, not one per rank, and keeps the rows written before."""
     run = tmp_path / "run"
-    r = accelerate_launch(2, "train", f"--data.shards={shards}", f"--train.out_dir={run}", *COMMON,
-                          "--train.max_steps=40", "--train.max_bad_steps=2", "--optim.lr=1e30")
-    errors = [line for line in r.stderr.splitlines() if line.startswith("vae-dist: error:")]
-    assert r.returncode != 0 and len(errors) == 1 and "training diverged" in errors[0], r.stderr[-3000:]
+    cmd = launch_command(2, "-m", "vae_dist", launcher="vae_dist.launcher")
+    r = subprocess.run([*cmd, "train", f"--data.shards={shards}", f"--train.out_dir={run}", *COMMON,
+                        "--train.max_steps=40", "--train.max_bad_steps=2", "--optim.lr=1e30",
+                        *(["--log.wandb_mode=offline"] if HAVE_WANDB else [])],  # a finish that takes a while
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_SILENT": "true",
+                                                                         "WANDB_API_KEY": ""})
+    lines = r.stderr.splitlines()
+    errors = [line for line in lines if line.startswith("vae-dist: error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "training diverged" in errors[0], r.stderr[-3000:]
+    # issue 44 review, finding 5: rank 0 says why before its W&B finish, and exits first (the other waits)
+    launch = [line for line in lines if line.startswith("vae-dist: launch failed:")]
+    assert len(launch) == 1 and launch[0].startswith("vae-dist: launch failed: rank 0 "), r.stderr[-3000:]
+    assert lines.index(errors[0]) < lines.index(launch[0])
     assert _rows(run)

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
-from vae_dist.errors import Terminated, UserError, reported_here
+from vae_dist.errors import SILENT_RANK_WAIT_S, SharedError, Terminated, UserError, report, reported_here
 
 
 def _sample_data(args) -> int:
@@ -283,8 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args, rest) if getattr(args, "takes_overrides", False) else args.run(args)
     except UserError as e:
-        if reported_here(e):  # once per run where every rank raised it alike
-            print(f"vae-dist: error: {e}", file=sys.stderr)
+        report(e)  # once per run where every rank raised it alike (rank 0 may have printed it already)
+        if isinstance(e, SharedError) and not reported_here(e):
+            time.sleep(SILENT_RANK_WAIT_S)  # rank 0 exits first: see SILENT_RANK_WAIT_S
         return 2
     except KeyboardInterrupt:
         print("vae-dist: interrupted", file=sys.stderr)

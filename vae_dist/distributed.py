@@ -128,15 +128,27 @@ def print_once(accelerator: Accelerator, text: str) -> None:
 
 
 def rank_zero_decides(accelerator: Accelerator, decide):
-    """Runs `decide` on rank 0 and hands its result (or its UserError) to every rank."""
-    result = error = None
+    """Runs `decide` on rank 0 and hands its result (or its UserError) to every rank. Any other
+    exception on rank 0 is handed on too, as a marker, before rank 0 raises it (its traceback
+    is the report): the other ranks stop with a SharedError, silent, instead of waiting in the
+    broadcast until the launcher's timeout."""
+    result = error = failure = None
     if accelerator.is_main_process:
         try:
             result = decide()
         except UserError as e:
             error = str(e)
+        except BaseException as e:
+            failure = e
+            error = _RANK_ZERO_FAILED.format(type(e).__name__, first_line(e))
     if accelerator.num_processes > 1:
         result, error = broadcast_object_list([result, error])
+    if failure is not None:
+        raise failure
     if error is not None:
         raise SharedError(error)
     return result
+
+
+# what the other ranks raise (and keep to themselves) where rank 0 failed with an error not the user's
+_RANK_ZERO_FAILED = "rank 0 failed ({}: {}); its traceback is in its output"

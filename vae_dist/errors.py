@@ -1,6 +1,7 @@
 """Errors a user can cause. The CLI prints them as one line and exits non-zero."""
 
 import os
+import sys
 
 
 class UserError(Exception):
@@ -39,6 +40,24 @@ def reported_here(e: UserError) -> bool:
     if isinstance(e, ConfigError):
         return os.environ.get("LOCAL_RANK", "0") == "0"
     return True
+
+
+# How long a rank that stays silent on a SharedError waits before it exits: rank 0 prints the line
+# and finishes its cleanup (W&B) meanwhile, then exits first, and the launcher (torch elastic, or srun
+# --kill-on-bad-exit) ends the waiting ranks and names rank 0 as the one that failed first. Were a
+# silent rank to exit first, its exit would end rank 0 before (or while) it says why.
+SILENT_RANK_WAIT_S = 10.0
+
+
+def report(e: UserError) -> None:
+    """The CLI's one line for `e`, where this process reports it (`reported_here`), printed once:
+    rank 0 calls it as soon as the error reaches its cleanup, before W&B's finish, so the cause
+    is on stderr whatever ends the process next; the CLI's own call then finds it done."""
+    if getattr(e, "reported", False):
+        return
+    e.reported = True
+    if reported_here(e):
+        print(f"vae-dist: error: {e}", file=sys.stderr, flush=True)
 
 
 def first_line(e: BaseException) -> str:

@@ -1,7 +1,13 @@
 """`accelerate launch` as the launch scripts run it: the same launcher, with its arguments as they
-are, but a failed rank ends in one line and the rank's exit code instead of the launcher's
-traceback (torch elastic's ChildFailedError report, ~40 lines for 8 ranks). The ranks have
-already printed what went wrong (a user error: one `vae-dist: error:` line for the run).
+are, but its ends are one line and an exit code instead of a traceback:
+- a failed rank: the rank's exit code, not torch elastic's ChildFailedError report (~40 lines
+  for 8 ranks). The ranks have already printed what went wrong (a user error: one
+  `vae-dist: error:` line for the run);
+- SIGTERM/SIGINT/SIGHUP/SIGQUIT to the launcher: torch elastic passes the signal on to every
+  rank, gives them 30 s to stop (a training run checkpoints and exits 143), kills those left,
+  and raises SignalException; this exits 128 + the signal's number, as the signal would;
+- launch options accelerate refuses (`--multi_gpu` with one process, ...): its ValueError's
+  message, exit code 2.
 
     python -m vae_dist.launcher --num_processes 2 ... -m vae_dist train ...
 """
@@ -13,6 +19,7 @@ import sys
 
 def main() -> int:
     from accelerate.commands.launch import main as accelerate_launch
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     try:
@@ -23,6 +30,14 @@ def main() -> int:
         print(f"vae-dist: launch failed: rank {rank} (pid {failure.pid} on this node) exited with code "
               f"{failure.exitcode} first; its output is above", file=sys.stderr)
         return code
+    except SignalException as e:
+        print(f"vae-dist: launch stopped by signal {int(e.sigval)} ({e.sigval.name}), passed on to every rank",
+              file=sys.stderr)
+        return 128 + int(e.sigval)
+    except ValueError as e:  # accelerate's checks of the launch options, before any rank starts
+        first = str(e).strip().splitlines()
+        print(f"vae-dist: error: accelerate launch: {first[0] if first else type(e).__name__}", file=sys.stderr)
+        return 2
     return 0
 
 

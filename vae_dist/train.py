@@ -36,7 +36,7 @@ from vae_dist.data.loaders import (
 from vae_dist.data.partition import check_batch_fits
 from vae_dist.data.shards import ShardSet
 from vae_dist.distributed import check_comm_hook, check_ddp_knobs, make_accelerator, print_once, rank_zero_decides
-from vae_dist.errors import SharedError, counted
+from vae_dist.errors import SharedError, UserError, counted, report
 from vae_dist.evaluation import Evaluator
 from vae_dist.flops import peak_flops, train_flops_per_image
 from vae_dist.hooks import make_hooks
@@ -130,7 +130,9 @@ class Trainer:
             while self.state.step < self.total_steps and not stop.agreed:
                 self.run_epoch(stop)
             return self.stopped(stop.agreed) if stop.agreed else self.finish()
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, UserError):
+                report(e)  # first: the other ranks may be gone already, and the launcher ends this one next
             self.watchdog.close()  # what follows is rank 0's alone: no rank waits for another now
             self.hooks.close(failed=True)  # the W&B run is finished (as failed), files flushed
             raise
@@ -345,6 +347,9 @@ def train(cfg: Config) -> int:
         # nobody exits before rank 0 has let go of the folder (srun --kill-on-bad-exit ends
         # the other ranks as soon as one exits with a signal's code)
         accelerator.wait_for_everyone()
+    except UserError as e:
+        report(e)  # before the folder's release: see Trainer.fit
+        raise
     finally:
         lock.release()
     sys.stdout.flush()
