@@ -3,7 +3,7 @@
 #   bash launch/train_single_node.sh --data.shards=shards --train.out_dir=runs/tin
 # NUM_GPUS overrides the count; MIXED_PRECISION=fp16|no overrides bf16; PYTHON=... uses that
 # interpreter as it is (see env.sh). On a machine without GPUs: launch/train_cpu_dev.sh.
-# vae_dist.launcher is `accelerate launch` ending a failed rank in one line, not a traceback.
+# vae_dist.launcher is `accelerate launch` ending a failed rank (or a signal) in one line, not a traceback.
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 fail() { echo "vae-dist: error: $*" >&2; exit 2; }
 if [ -n "${NUM_GPUS:-}" ]; then

@@ -44,7 +44,7 @@ def check_pictures_and_wandb(run: Path, steps: tuple[int, ...]) -> None:
 def _check_loss_curves(metrics: Path) -> None:
     """Each curve of the loss-curve picture plots what its label says, read back from the
     figure against metrics.jsonl; the -ELBO is shown as val bits/dim, the objective as loss."""
-    from vae_dist.viz import loss_curves_figure, read_metrics
+    from vae_dist.viz import _run_recon, loss_curves_figure, read_metrics
 
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     train = [r for r in rows if "split" not in r]
@@ -54,7 +54,7 @@ def _check_loss_curves(metrics: Path) -> None:
         "train loss": (train, "loss"), "train recon": (train, "recon"), "val loss": (val, "loss"),
         "train kl": (train, "kl"), "val kl": (val, "kl"), "val bpd": (val, "bpd"), "train beta": (train, "beta"),
     }
-    fig = loss_curves_figure(*read_metrics(metrics))
+    fig = loss_curves_figure(*read_metrics(metrics), _run_recon(metrics))
     curves = {line.get_label(): (ax, line) for ax in fig.axes for line in ax.get_lines()}
     assert set(curves) == set(expected)
     for label, (chosen, key) in expected.items():
@@ -62,9 +62,11 @@ def _check_loss_curves(metrics: Path) -> None:
         assert list(line.get_xdata()) == [r["step"] for r in chosen], label
         assert list(line.get_ydata()) == [r[key] for r in chosen], label
     assert curves["val bpd"][0].get_ylabel() == "bits / subpixel" and "bits/dim" in curves["val bpd"][0].get_title()
-    for label in ("train loss", "val loss", "train kl"):
+    # issue 44 review, Low: the objective's unit is the run's (loss.recon=sum: the seed's sum of squares)
+    for label, unit in (("train loss", "sum of squares / image (+ β·KL, nats)"),
+                        ("val loss", "sum of squares / image (+ β·KL, nats)"), ("train kl", "nats / image")):
         ax = curves[label][0]
-        assert ax.get_ylabel() == "nats / image" and "ELBO" not in ax.get_title() + ax.get_ylabel(), label
+        assert ax.get_ylabel() == unit and "ELBO" not in ax.get_title() + ax.get_ylabel(), label
 
 
 @needs_loader
@@ -225,13 +227,24 @@ def test_curves_of_few_points_mark_them_and_beta_is_drawn(tmp_path):
     assert curves["val bpd"].get_marker() == "o"  # evaluations: always points
 
 
-def test_loss_curves_read_a_run_written_with_the_old_elbo_key(tmp_path):
-    # issue 44, item 3: runs from before elbo_nats carry `elbo` in both kinds of row: still drawn
-    from vae_dist.viz import loss_curves
+def test_the_objective_panel_is_labelled_in_the_unit_of_the_run_s_reconstruction_term(tmp_path):
+    # issue 44 review, Low: `loss` is recon + β·KL, recon in the unit loss.recon gives it (README,
+    # What a run logs), read from the run's config.yaml beside metrics.jsonl; the KL panel is nats
+    from vae_dist.viz import _run_recon, loss_curves_figure, read_metrics
 
-    old = _metrics_rows(tmp_path / "old.jsonl", range(2, 12, 2), [5, 10], elbo=-900.0)
-    assert '"elbo"' in old.read_text()
-    assert loss_curves(old, tmp_path / "curves.png").stat().st_size > 1000
+    metrics = _metrics_rows(tmp_path / "metrics.jsonl", range(2, 12, 2), [5, 10])
+    units = {"sum": "sum of squares / image (+ β·KL, nats)",
+             "mean": "squared error / subpixel (+ β·KL, nats / image)", "gaussian": "nats / image",
+             None: "objective / image (recon + β·KL)"}  # no config.yaml: a bare metrics.jsonl
+    for recon, unit in units.items():
+        config = tmp_path / "config.yaml"
+        config.unlink(missing_ok=True)
+        if recon is not None:
+            config.write_text(f"loss:\n  recon: {recon}\n")
+        assert _run_recon(metrics) == recon
+        fig = loss_curves_figure(*read_metrics(metrics), _run_recon(metrics))
+        objective, kl = fig.axes[:2]
+        assert objective.get_ylabel() == unit and kl.get_ylabel() == "nats / image", recon
 
 
 def test_the_latent_traversal_says_what_its_rows_and_columns_are():

@@ -165,11 +165,30 @@ def _curve(ax, rows: dict[int, dict], key: str, label: str, **style):
     return ax.plot(steps, [rows[s][key] for s in steps], label=label, **style)
 
 
-def loss_curves_figure(train: dict[int, dict], val: dict[int, dict]):
+# The objective panel's unit, by loss.recon: `loss` is recon + β·KL, recon in the unit of its kind
+# and the KL in nats per image (README, What a run logs)
+OBJECTIVE_UNITS = {"sum": "sum of squares / image (+ β·KL, nats)",
+                   "mean": "squared error / subpixel (+ β·KL, nats / image)",
+                   "gaussian": "nats / image"}
+
+
+def _run_recon(metrics_path: Path) -> str | None:
+    """loss.recon of the run whose metrics.jsonl this is (its config.yaml beside it), None where unknown."""
+    import yaml
+
+    try:
+        recon = yaml.safe_load((Path(metrics_path).parent / "config.yaml").read_text())["loss"]["recon"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    return recon if recon in OBJECTIVE_UNITS else None
+
+
+def loss_curves_figure(train: dict[int, dict], val: dict[int, dict], recon: str | None = None):
     """Four panels against the step: the training objective (train and val `loss`, with the
     train `recon` term), the KL term, the val bits/dim (the negative ELBO under the discretized
     decoder: the likelihood to compare runs by) and the KL weight beta. Every curve's label
-    names the metrics.jsonl key it plots; a curve of few points marks each one."""
+    names the metrics.jsonl key it plots; a curve of few points marks each one. `recon`: the run's
+    loss.recon, which gives the objective its unit (unknown: the README's "objective / image")."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,7 +201,7 @@ def loss_curves_figure(train: dict[int, dict], val: dict[int, dict]):
         _curve(objective, val, "loss", "val loss", marker="o")
     objective.set_yscale("log")
     objective.set_title("training objective (loss)")
-    objective.set_ylabel("nats / image")
+    objective.set_ylabel(OBJECTIVE_UNITS.get(recon, "objective / image (recon + β·KL)"))
     _curve(kl, train, "kl", "train kl")
     if val:
         _curve(kl, val, "kl", "val kl", marker="o")
@@ -210,7 +229,7 @@ def loss_curves(metrics_path: Path, path: Path) -> Path | None:
     train, val = read_metrics(metrics_path)
     if not train:
         return None
-    return _save_figure(loss_curves_figure(train, val), path)
+    return _save_figure(loss_curves_figure(train, val, _run_recon(metrics_path)), path)
 
 
 def picture_set(model: VAE, images: torch.Tensor, out_dir: Path, suffix: str = "",
