@@ -6,7 +6,7 @@
 #   sudo bash launch/slurm_local.sh up      # install if needed, start munged, slurmctld, 2 x slurmd
 #   bash launch/test.sh -k slurm            # the SLURM tests now run instead of skipping
 #   bash launch/slurm_local.sh status       # sinfo + squeue
-#   sudo bash launch/slurm_local.sh down    # cancel every job, stop the daemons (slurmd, slurmctld, munged)
+#   sudo bash launch/slurm_local.sh down    # cancel its jobs, stop the daemons (slurmd, slurmctld, munged)
 #
 # Nodes are node1 and node2 (partition "main", default), both this host: node names resolve
 # to 127.0.0.1 through /etc/hosts, each slurmd listens on its own port. Each node offers
@@ -15,12 +15,26 @@
 # Needs root (apt-get, /etc, the daemons) and apt; writes /etc/slurm/slurm.conf, /etc/munge,
 # /var/spool/slurm-local and a line in /etc/hosts. Takes about a minute the first time
 # (install), seconds after. A machine that is part of a real cluster already has one: not here.
+# A slurm.conf this script did not write (no MARKER line; the older ../shared/tools/slurm-local.sh's,
+# ClusterName=local with its state in /var/spool/slurm-local, counts as ours) makes up and down
+# refuse in one line: they would overwrite that install's config and stop its daemons.
 set -euo pipefail
-conf=/etc/slurm/slurm.conf
+conf=${SLURM_CONF:-/etc/slurm/slurm.conf}  # SLURM's own variable: its daemons and commands read it too
 state=/var/spool/slurm-local
+MARKER="# written by vae-dist launch/slurm_local.sh (a local test cluster; 'down' stops it)"
+
+ours() {  # the slurm.conf is absent, or this script's (or the older script's) own
+  [ ! -e "$conf" ] && return 0
+  grep -qxF "$MARKER" "$conf" && return 0
+  grep -qx 'ClusterName=local' "$conf" && grep -qx "StateSaveLocation=$state/ctld" "$conf"
+}
+
+refuse_foreign_conf() {
+  ours || { echo "slurm_local.sh: $conf exists and was not written by this script (a real SLURM install?): not touching it or its daemons" >&2; exit 2; }
+}
 
 start_daemons() {
-  mkdir -p /etc/munge /var/log/munge /run/munge /var/lib/munge "$state/ctld" "$state/d" /etc/slurm
+  mkdir -p /etc/munge /var/log/munge /run/munge /var/lib/munge "$state/ctld" "$state/d" "$(dirname "$conf")"
   if [ ! -s /etc/munge/munge.key ]; then
     dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null
   fi
@@ -31,6 +45,7 @@ start_daemons() {
   local host cpus mem
   host=$(hostname); cpus=$(nproc); mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))
   cat > "$conf" <<EOF
+$MARKER
 ClusterName=local
 SlurmctldHost=$host
 SlurmUser=root
@@ -71,6 +86,7 @@ need_root() {
 
 case "${1:-up}" in
   up)
+    refuse_foreign_conf
     need_root up
     if ! command -v slurmctld >/dev/null && ! command -v apt-get >/dev/null; then
       echo "slurm_local.sh: SLURM is not installed and there is no apt-get to install slurm-wlm and munge" >&2; exit 2
@@ -87,8 +103,10 @@ case "${1:-up}" in
     sinfo; squeue
     ;;
   down)
+    refuse_foreign_conf
     need_root down
-    scancel --full --quiet --user="$(id -un)" 2>/dev/null || true
+    # every job of the cluster's one partition, whoever submitted it: the cluster is this script's
+    [ -e "$conf" ] && scancel --full --quiet --partition=main 2>/dev/null || true
     for f in /run/slurmd-local-node1.pid /run/slurmd-local-node2.pid /run/slurmctld-local.pid /run/munge/munged.pid; do
       [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
       rm -f "$f"

@@ -168,7 +168,8 @@ def test_a_missing_cluster_is_one_line_in_the_summary(tmp_path):
     """issue 44, item 5: the SLURM tests run on a PATH without sbatch skip, naming the project's
     own script (not a path outside the clone), and the run's summary says so in one line."""
     r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q",
-                        "tests/test_slurm.py", "-k", "not accelerate_launch and not one_line_in_the_summary"],
+                        "tests/test_slurm.py", "-k",
+                        "not accelerate_launch and not one_line_in_the_summary and not leaves_a_slurm_conf"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PATH": str(tmp_path)})  # a folder with no sbatch in it
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -181,3 +182,19 @@ def test_a_missing_cluster_is_one_line_in_the_summary(tmp_path):
     assert lines == [f"SLURM: {len(needing)} tests skipped: no SLURM cluster (no sbatch on the PATH): "
                      "bring one up with sudo bash launch/slurm_local.sh up"], r.stdout[-3000:]
     assert (ROOT / "launch" / "slurm_local.sh").is_file() and "shared" not in r.stdout
+
+
+@pytest.mark.parametrize("command", ["up", "down"])
+def test_slurm_local_leaves_a_slurm_conf_it_did_not_write_alone(tmp_path, command):
+    """issue 44 review, finding 6: on a machine with its own SLURM install, up would overwrite its
+    slurm.conf and down stop its daemons and cancel its jobs: both refuse in one line, before
+    anything (SLURM_CONF, which SLURM's own daemons and commands read, names the file here)."""
+    conf = tmp_path / "slurm.conf"
+    text = "ClusterName=prod\nSlurmctldHost=head\nStateSaveLocation=/var/spool/slurmctld\n"
+    conf.write_text(text)
+    r = subprocess.run(["bash", "launch/slurm_local.sh", command], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "SLURM_CONF": str(conf)})
+    assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+    assert r.stderr == (f"slurm_local.sh: {conf} exists and was not written by this script (a real SLURM "
+                        "install?): not touching it or its daemons\n")
+    assert conf.read_text() == text
