@@ -223,7 +223,7 @@ def _sample_set(phase: Phase, folder: Path, name: str, train_per_class: int, val
     """(shards, extracted root) of a sample set in `folder`, written and packed on every core;
     reused when already packed there. One run at a time makes or checks it (a lock beside it):
     a second run waits, then reuses what the first packed."""
-    key = f"{name}-{train_per_class}x{val_per_class}-{_SETS_VERSION}"  # another size, or generator, is another set
+    key = f"{name}-{train_per_class}x{val_per_class}-{_sets_version()}"  # another size, or generator, is another set
     src, shards = folder / f"{key}-src", folder / f"{key}-shards"
     folder.mkdir(parents=True, exist_ok=True)
     with _held(folder / f"{key}.lock", f"[{phase.name}] {name}", phase.say):
@@ -251,9 +251,6 @@ def _sets_version() -> str:
     sources = ("sample.py", "pack.py", "images.py", "shards.py")
     code = b"".join((ROOT / "vae_dist" / "data" / name).read_bytes() for name in sources)
     return hashlib.sha1(code).hexdigest()[:8]
-
-
-_SETS_VERSION = _sets_version()
 
 
 @contextlib.contextmanager

@@ -284,9 +284,108 @@ def test_the_interpreter_is_python_then_the_projects_venv_and_one_without_torch_
     no_torch.chmod(0o755)
     r = _check(tmp_path, "cpu", "env", env={"PYTHON": str(no_torch)}, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == (
-        f"gpu_check: PYTHON={no_torch} has no torch: choose an interpreter that has it, or unset PYTHON to use "
-        "the project's .venv (launch/env.sh builds it)"), r.stderr
+        f"gpu_check: PYTHON={no_torch} lacks torch torchvision accelerate numpy PIL yaml matplotlib safetensors "
+        "skimage tqdm pytest: choose an interpreter that has them, or unset PYTHON to use the project's .venv "
+        "(launch/env.sh builds it)"), r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _clone_with_venv(tmp_path, venv_python: str) -> tuple[Path, dict]:
+    """The launch scripts and what env.sh reads, in a folder of their own, with `venv_python` as
+    .venv/bin/python and a python3 on PATH that lacks what the check needs (no python3 to fall to)."""
+    repo = tmp_path / "repo"
+    (repo / "launch").mkdir(parents=True)
+    for name in ("launch/gpu_check.sh", "launch/gpu_check.py", "launch/env.sh", "launch/constraints.txt",
+                 "pyproject.toml"):
+        (repo / name).write_text((ROOT / name).read_text())
+    python = repo / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(venv_python)
+    python.chmod(0o755)
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    (bin_ / "python3").chmod(0o755)
+    env = _env(tmp_path, {"PATH": f"{bin_}{os.pathsep}{os.environ['PATH']}"})
+    del env["PYTHON"]
+    env.pop("GPU_CHECK_T0", None)
+    return repo, env
+
+
+# issue 44, item 1 (review: a failed build)
+def test_a_venv_that_lacks_torch_is_built_again_and_a_failed_build_is_one_line_and_no_stamp(tmp_path):
+    """A .venv without what the check needs (a build cut short) is not used: launch/env.sh builds
+    it again, in a shell of its own, so a pip that fails (offline) ends the build, stamps nothing
+    (the next run tries again) and is one line here, not a check run on a .venv without torch."""
+    repo, env = _clone_with_venv(tmp_path, f'#!/bin/sh\n[ "$1 $2" = "-m pip" ] && exit 1\nexec "{sys.executable}" -S "$@"\n')
+    (repo / ".venv" / ".installed-0123456789abcdef").touch()  # stamped by a build whose pip failed
+    r = subprocess.run(["bash", str(repo / "launch" / "gpu_check.sh"), "cpu", "env"], capture_output=True,
+                       text=True, env=env, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "gpu_check: .venv lacks torch" in r.stdout and "building it again" in r.stdout, r.stdout
+    assert r.stderr.strip().splitlines()[-1] == ("gpu_check: launch/env.sh could not build .venv (above): set PYTHON= "
+                                                 "to an interpreter that has torch torchvision accelerate numpy PIL "
+                                                 "yaml matplotlib safetensors skimage tqdm pytest"), r.stderr
+    assert list((repo / ".venv").glob(".installed-*")) == [] and not (tmp_path / "out").exists()
+
+
+# issue 44, item 1 (review: the clock after a build)
+def test_the_calls_clock_starts_after_a_venv_build_and_says_so(tmp_path):
+    """Where this run builds .venv, the call's budget counts from the end of the build (a fresh
+    clone's minutes of pip would eat it), and a line says so."""
+    built, ran = tmp_path / "built", tmp_path / "ran"
+    repo, env = _clone_with_venv(tmp_path, f"""#!/bin/sh
+if [ "$1 $2" = "-m pip" ]; then sleep 2; date +%s.%N > "{built}"; exit 0; fi
+[ -f "{built}" ] || exec "{sys.executable}" -S "$@"
+echo "$GPU_CHECK_T0 $*" >> "{ran}"
+exec "{sys.executable}" "$@"
+""")
+    r = subprocess.run(["bash", str(repo / "launch" / "gpu_check.sh"), "cpu", "warp"], capture_output=True,
+                       text=True, env=env, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and "unknown phase warp" in r.stderr, r.stdout + r.stderr
+    assert re.search(r"gpu_check: built \.venv in \d+ s; the call's clock \(GPU_CHECK_BUDGET_S\) starts now, after it",
+                     r.stdout), r.stdout
+    assert len(list((repo / ".venv").glob(".installed-*"))) == 1  # env.sh's stamp: built
+    t0, _ = ran.read_text().splitlines()[-1].split(" ", 1)
+    assert float(t0) >= float(built.read_text()), (t0, built.read_text())
+
+
+# issue 44, item 2 (review: the per-user cache)
+def test_the_cache_fallback_is_used_only_when_private_and_a_waiting_run_says_for_whom(tmp_path):
+    """With no writable home the cache falls back to $TMPDIR/vae-dist-cache-UID, a name anyone
+    could make first: a link or a folder open to others is refused in one line. A run that waits
+    for the site's lock names the run (pid) that holds it."""
+    import fcntl
+
+    no_home = tmp_path / "not-a-folder"
+    no_home.write_text("")
+    env = {"XDG_CACHE_HOME": str(no_home)}
+    fallback = Path(_short_tmp(tmp_path)) / f"vae-dist-cache-{os.getuid()}"
+    fallback.mkdir(mode=0o755)
+    fallback.chmod(0o755)
+    refused = (f"gpu_check: {fallback} is not a private folder of this user (a link, another owner, or not mode 700): "
+               "refusing it; set XDG_CACHE_HOME to a writable folder")
+    r = _check(tmp_path, "cpu", "warp", env=env, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == refused, r.stderr
+    fallback.rmdir()
+    fallback.symlink_to(tmp_path)
+    r = _check(tmp_path, "cpu", "warp", env=env, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == refused, r.stderr
+    fallback.unlink()
+    fallback.mkdir(mode=0o700)
+    site = fallback / "site"
+    site.mkdir()
+    with open(f"{site}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another run installing
+        held.write("4242\n")
+        held.flush()
+        waiting = subprocess.Popen(["bash", str(ROOT / "launch" / "gpu_check.sh"), "cpu", "warp"], text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(tmp_path, env), cwd=tmp_path)
+        lines = [waiting.stdout.readline() for _ in range(2)]
+    out, err = waiting.communicate(timeout=60)
+    assert f"gpu_check: waiting for another run (pid 4242) that holds {site}.lock\n" in lines, lines
+    assert waiting.returncode == 2 and "unknown phase warp" in err, out + err
+    assert f"the cache is {fallback}" in lines[0]
 
 
 # issue 44, item 1
