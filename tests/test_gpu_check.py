@@ -131,34 +131,45 @@ def test_the_budget_counts_from_the_scripts_start_and_a_call_never_passes_it(tmp
         assert status[part]["status"] == "skipped" and status[part]["why"].startswith("no time left in this call"), q
     assert status["train 2 epochs"]["why"] == "no sample set (its parts did not run)", q["parts"]
     assert r.returncode == 0 and "gpu_check: 1 of 1 phases ok" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    # issue 44, item 1 (review): a pass that measured less says what it left out
+    assert re.search(r"gpu_check: \d+ part\(s\) skipped for lack of time \(GPU_CHECK_BUDGET_S\), measured nothing: "
+                     r"quick: step; quick: tin sample-data", r.stdout), r.stdout[-2000:]
 
 
 @pytest.mark.slow
 @needs_loader
 @in_gpu_check
 def test_smoke_runs_every_phase_and_writes_its_summary(tmp_path):
-    # issue 44, item 2: a second run (the env phase) beside it, in its own process, at the same time:
-    # each works in a folder of its own, both write their whole output, and nothing stays in $TMPDIR
-    other = tmp_path / "other"
-    other.mkdir()
-    second = subprocess.Popen(["bash", str(ROOT / "launch" / "gpu_check.sh"), "--smoke", "other", "env"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                              env=_env(tmp_path, {"OUT": str(other / "out")}))
+    # issue 44, item 2: a second run (env and tin20, which trains in its work folder) beside it, in
+    # its own process, at the same time, writing where the README's command writes (a new folder
+    # of its own; GPU_CHECK_RUNS keeps it out of the checkout): both write their whole output,
+    # each log names only its own run's folders, and nothing stays in $TMPDIR
+    second_env = _env(tmp_path, {"GPU_CHECK_RUNS": str(tmp_path / "runs")})
+    del second_env["OUT"]
+    second = subprocess.Popen(["bash", str(ROOT / "launch" / "gpu_check.sh"), "--smoke", "other", "env", "tin20"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=second_env)
     r = _check(tmp_path, "--smoke", "smoke")
     second_out, second_err = second.communicate(timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert second.returncode == 0 and "gpu_check: 1 of 1 phases ok" in second_out, second_out[-3000:] + second_err
+    assert second.returncode == 0 and "gpu_check: 2 of 2 phases ok" in second_out, second_out[-3000:] + second_err
     assert "gpu_check: 4 of 4 phases ok" in r.stdout
+    other = Path(re.search(r"gpu_check: output (\S+)", second_out).group(1))
+    assert other.parent == tmp_path / "runs" and other.name.startswith("other-"), other
+    assert sorted(p.name for p in other.iterdir()) == ["env.json", "env.log", "tin20-metrics.jsonl", "tin20.json",
+                                                      "tin20.log"]
+    assert all(json.loads((other / f"{name}.json").read_text())["ok"] for name in ("env", "tin20"))
     works = [re.search(r"gpu_check: work folder (\S+) \(this run's own", text).group(1) for text in (r.stdout, second_out)]
-    assert works[0] != works[1] and all(w.startswith(_short_tmp(tmp_path)) for w in works), works
-    assert json.loads((other / "out" / "env.json").read_text())["ok"]
-    assert sorted(p.name for p in (other / "out").iterdir()) == ["env.json", "env.log"]
+    assert all(w.startswith(_short_tmp(tmp_path)) for w in works), works
+    for mine, theirs, log in ((works[0], works[1], tmp_path / "out" / "tin20.log"), (works[1], works[0], other / "tin20.log")):
+        text = log.read_text()
+        assert f"--train.out_dir={mine}/tin20-run" in text and theirs not in text, (log, mine, theirs)
     # both work folders gone, and nothing else of theirs left there (torch keeps its compiled C++
     # headers in its own per-user torchinductor_USER there, whatever TORCHINDUCTOR_CACHE_DIR says)
     left = [p.name for p in (tmp_path / "tmp").iterdir() if not p.name.startswith("torchinductor_")]
     assert left == [], left
     sets = tmp_path / "cache" / "vae-dist" / "gpu-check-smoke"  # what the next run reuses, and says so
-    assert {"bench-20x5-shards", "tin-20x6-shards"} <= {p.name for p in sets.iterdir()}
+    version = _gpu_check_module()._sets_version()
+    assert {f"bench-20x5-{version}-shards", f"tin-20x6-{version}-shards"} <= {p.name for p in sets.iterdir()}
     assert f"sample sets packed once and reused from {sets}" in r.stdout
     out = tmp_path / "out"
     phases = {name: json.loads((out / f"{name}.json").read_text()) for name in ("env", "tests", "bench", "tin20")}
@@ -433,15 +444,19 @@ def test_a_sample_set_is_made_by_one_run_at_a_time_and_reused_saying_so(tmp_path
 
     gpu_check = _gpu_check_module()
     cache = tmp_path / "cache"
-    shards, src = cache / "tin-20x6-shards", cache / "tin-20x6-src"
+    key = f"tin-20x6-{gpu_check._sets_version()}"  # made by other code (a hash of it), another set
+    assert re.fullmatch(r"[0-9a-f]{8}", key.rsplit("-", 1)[1]), key
+    shards, src = cache / f"{key}-shards", cache / f"{key}-src"
     (src / "train").mkdir(parents=True)
     shards.mkdir()
     (shards / "manifest.json").write_text('{"image_size": 64}')
     (tmp_path / "out").mkdir()
     phase = gpu_check.Phase("bench", tmp_path / "out", "x", True)
     done = []
-    with open(cache / "tin-20x6.lock", "w") as held:
+    with open(cache / f"{key}.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # another run making the set
+        held.write("4242\n")
+        held.flush()
         reader = threading.Thread(target=lambda: done.append(gpu_check._sample_set(phase, cache, "tin", 20, 6)))
         reader.start()
         reader.join(timeout=2)
@@ -449,4 +464,32 @@ def test_a_sample_set_is_made_by_one_run_at_a_time_and_reused_saying_so(tmp_path
     reader.join(timeout=30)
     phase.finish()
     assert done == [(shards, src)] and phase.parts == []  # nothing made again
-    assert f"[bench] tin: reusing {shards} (packed by an earlier run)" in (tmp_path / "out" / "bench.log").read_text()
+    log = (tmp_path / "out" / "bench.log").read_text()
+    assert f"[bench] tin: waiting for another run (pid 4242) that holds {cache / key}.lock" in log, log
+    assert f"[bench] tin: reusing {shards} (packed by an earlier run)" in log
+
+
+# issue 44, item 2 (review: two runs' outputs)
+def test_an_output_folder_is_the_runs_own_or_refused_while_another_run_writes_it(tmp_path, monkeypatch, capsys):
+    """A smoke run's default output is a new folder of its own in the git-ignored runs/gpu-check/;
+    a real label's is docs/bench/LABEL/ (to be committed), which a second run at the same time
+    refuses in one line."""
+    gpu_check = _gpu_check_module()
+    monkeypatch.delenv("OUT", raising=False)
+    monkeypatch.delenv("GPU_CHECK_RUNS", raising=False)
+    smoke = gpu_check._output_folder("cpu", smoke=True)
+    assert smoke.parent == ROOT / "runs" / "gpu-check" and re.fullmatch(rf"cpu-\d{{8}}-\d{{6}}-{os.getpid()}", smoke.name)
+    r = subprocess.run(["git", "check-ignore", "-q", "--no-index", str(smoke / "quick.json")], cwd=ROOT)
+    assert r.returncode == 0, f"{smoke} is not ignored by git"
+    assert gpu_check._output_folder("h200", smoke=False) == ROOT / "docs" / "bench" / "h200"
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setenv("OUT", str(out))
+    held = gpu_check._lock_output(out)  # another run writing there
+    try:
+        assert gpu_check.main(["h200", "env"]) == 2
+    finally:
+        os.close(held)
+    assert capsys.readouterr().err.strip() == (f"gpu_check: another run is writing {out} now: wait for it to end, or "
+                                               "choose another folder (OUT=DIR)")
+    assert list(out.iterdir()) == []  # nothing written
