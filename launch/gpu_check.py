@@ -3,7 +3,9 @@
     python3 launch/gpu_check.py LABEL [quick] [env] [tests] [bench] [tin20] [--smoke]
 
 Every phase runs its parts as subprocesses (a crash or a hang in one is recorded, the rest
-still run), writes its output into one folder ($OUT when set, else docs/bench/LABEL/), ends
+still run), writes its output into one folder ($OUT when set; else a smoke run's own new
+runs/gpu-check/LABEL-DATE-PID/, git-ignored; else docs/bench/LABEL/, to be committed, which a
+second run at the same time refuses in one line), ends
 with a one-screen summary on stdout and a JSON file `PHASE.json`, and keeps the parts' full
 output in `PHASE.log`. At most 8 files per phase come back from the device tool's $OUT.
 
@@ -28,13 +30,15 @@ output in `PHASE.log`. At most 8 files per phase come back from the device tool'
 --smoke runs the same phases at toy sizes (minutes on a CPU; the suite runs it so it cannot rot).
 
 Each run works in a folder of its own, removed at the end (VAE_DIST_WORK=DIR: kept and reused);
-what runs reuse on purpose (the sample sets of env/tests/bench/tin20) lives in the
+what runs reuse on purpose (the sample sets that bench and tin20 pack, keyed by their size and a
+hash of the code that makes them) lives in the
 per-user cache ${XDG_CACHE_HOME:-~/.cache}/vae-dist/, one run at a time (a lock), and a run says when
 it reuses it. A phase reports only what its own run measured.
 
 One call of the device tool may run for 10 minutes and is then killed with everything it left
 unwritten, so the whole invocation has a deadline, GPU_CHECK_BUDGET_S (default 540 s), counted from
-gpu_check.sh's start (GPU_CHECK_T0: the wheels' install is inside it): every
+gpu_check.sh's start (GPU_CHECK_T0: the wheels' install is inside it; a .venv that the script
+builds first is not, the clock starts after it): every
 part's timeout is cut to the time left, a part with no time left is skipped and says so, and
 each phase rewrites its JSON after every part. Parts run in their own process group, which a
 timeout or a SIGTERM to this script ends whole (no process outlives the call on the GPU).
@@ -43,6 +47,7 @@ timeout or a SIGTERM to this script ends whole (no process outlives the call on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -218,13 +223,10 @@ def _sample_set(phase: Phase, folder: Path, name: str, train_per_class: int, val
     """(shards, extracted root) of a sample set in `folder`, written and packed on every core;
     reused when already packed there. One run at a time makes or checks it (a lock beside it):
     a second run waits, then reuses what the first packed."""
-    import fcntl
-
-    key = f"{name}-{train_per_class}x{val_per_class}"  # another size is another set
+    key = f"{name}-{train_per_class}x{val_per_class}-{_sets_version()}"  # another size, or generator, is another set
     src, shards = folder / f"{key}-src", folder / f"{key}-shards"
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with _held(folder / f"{key}.lock", f"[{phase.name}] {name}", phase.say):
         if _json(shards / "manifest.json") and (src / "train").is_dir():
             phase.say(f"[{phase.name}] {name}: reusing {shards} (packed by an earlier run)")
             return shards, src
@@ -239,6 +241,37 @@ def _sample_set(phase: Phase, folder: Path, name: str, train_per_class: int, val
         "images": 10 * (train_per_class + val_per_class), "sample_data_s": t.get("seconds"), "pack_s": p.get("seconds"),
         "folder": str(shards)}
     return shards, src
+
+
+def _sets_version() -> str:
+    """What a packed sample set depends on, as a short hash of the code that writes it (the
+    generator and the packer): a set made by other code is another set, never reused as this one's."""
+    import hashlib
+
+    sources = ("sample.py", "pack.py", "images.py", "shards.py")
+    code = b"".join((ROOT / "vae_dist" / "data" / name).read_bytes() for name in sources)
+    return hashlib.sha1(code).hexdigest()[:8]
+
+
+@contextlib.contextmanager
+def _held(path: Path, who: str, say=print):
+    """An exclusive lock on `path` (made when missing) for the block; a run that has to wait says
+    for whom (the holder writes its pid into the file)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not truncated: it names the holder
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            say(f"{who}: waiting for another run (pid {holder}) that holds {path}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # the lock's end
 
 
 # -- quick ---------------------------------------------------------------------------------------
@@ -736,9 +769,40 @@ def _training_times(metrics: Path, t0: float, rec: dict, epochs: int, batch: int
     return out
 
 
+# a smoke run's output when $OUT is not set: a folder of its own under the checkout's ignored runs/
+RUNS = ROOT / "runs" / "gpu-check"
+
+
+def _output_folder(label: str, smoke: bool) -> Path:
+    """$OUT when set (the device tool's folder); a smoke run's own new folder under runs/gpu-check/
+    (GPU_CHECK_RUNS chooses another parent), never shared with another run and ignored by git;
+    else docs/bench/LABEL/, the results meant to be committed (one run at a time: _lock_output)."""
+    if os.environ.get("OUT"):
+        return Path(os.environ["OUT"])
+    if smoke:
+        runs = Path(os.environ.get("GPU_CHECK_RUNS") or RUNS)
+        return runs / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    return ROOT / "docs" / "bench" / label
+
+
+def _lock_output(out: Path) -> int | None:
+    """An exclusive lock on the output folder itself (nothing written beside it) for the rest of
+    this process; None when another run holds it."""
+    import fcntl
+
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("label", help="names the output folder docs/bench/LABEL (when $OUT is not set)")
+    p.add_argument("label", help="names the output folder when $OUT is not set: docs/bench/LABEL/, or with --smoke "
+                                 "runs/gpu-check/LABEL-DATE-PID/")
     p.add_argument("phases", nargs="*", help=f"some of {', '.join(PHASES)} (default: all)")
     p.add_argument("--smoke", action="store_true", help="toy sizes, for a CPU")
     args = p.parse_args(argv)
@@ -747,8 +811,14 @@ def main(argv=None) -> int:
     if unknown:
         print(f"gpu_check: unknown phase {', '.join(unknown)} (choose from {', '.join(PHASES)})", file=sys.stderr)
         return 2
-    out = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "docs" / "bench" / args.label
+    out = _output_folder(args.label, args.smoke)
     out.mkdir(parents=True, exist_ok=True)
+    out_lock = _lock_output(out)
+    if out_lock is None:
+        print(f"gpu_check: another run is writing {out} now: wait for it to end, or choose another folder "
+              "(OUT=DIR)", file=sys.stderr)
+        return 2
+    print(f"gpu_check: output {out}")
     # The run's work folder is its own (two runs on one machine never share one) and goes at the
     # end; VAE_DIST_WORK names one that is kept, and reused by the next run that names it.
     kept = os.environ.get("VAE_DIST_WORK")
@@ -756,20 +826,20 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     print(f"gpu_check: work folder {args.work} " + ("(VAE_DIST_WORK: kept)" if kept else
                                                     "(this run's own, removed at the end; VAE_DIST_WORK=DIR keeps one)"))
-    # env, tests, bench and tin20 reuse the sample sets an earlier run packed (a warm device
+    # bench and tin20 reuse the sample sets an earlier run packed (a warm device
     # machine's calls): in the per-user cache (gpu_check.sh sets VAE_DIST_CACHE), or in the kept
     # work folder; quick and dali make everything they read afresh, in the work folder
     cache = Path(os.environ.get("VAE_DIST_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
                  / "vae-dist")
     args.sets = args.work if kept else cache / ("gpu-check-smoke" if args.smoke else "gpu-check")
-    if set(phases) - {"quick", "dali"}:
+    if set(phases) & {"bench", "tin20"}:
         print(f"gpu_check: sample sets packed once and reused from {args.sets}")
     run = {"quick": phase_quick, "dali": phase_dali, "env": phase_env, "tests": phase_tests, "bench": phase_bench,
            "tin20": phase_tin20}
     start = float(os.environ["GPU_CHECK_T0"]) if os.environ.get("GPU_CHECK_T0") else None
     deadline = Deadline(float(os.environ.get("GPU_CHECK_BUDGET_S", 540)), start)
     signal.signal(signal.SIGTERM, _end_live_parts)
-    failed = []
+    failed, late = [], []
     try:
         args.cuda = _have_cuda()
         for name in phases:
@@ -779,13 +849,18 @@ def main(argv=None) -> int:
                 run[name](phase, args)
             except Exception as e:  # noqa: BLE001 - one phase's failure is recorded, the others still run
                 phase.parts.append({"part": "phase", "status": "failed", "tail": [f"{type(e).__name__}: {e}"]})
-            if not phase.finish()["ok"]:
+            summary = phase.finish()
+            if not summary["ok"]:
                 failed.append(name)
+            late += [f"{name}: {p['part']}" for p in summary["parts"] if p.get("why", "").startswith("no time left")]
     finally:  # a SIGTERM too (_end_live_parts raises SystemExit)
         if not kept:
             shutil.rmtree(args.work, ignore_errors=True)
     print(f"gpu_check: {len(phases) - len(failed)} of {len(phases)} phases ok" + (f"; failed: {', '.join(failed)}"
                                                                                  if failed else ""))
+    if late:  # they count as ok, having measured nothing: a run that passes says what it left out
+        print(f"gpu_check: {len(late)} part(s) skipped for lack of time (GPU_CHECK_BUDGET_S), measured nothing: "
+              f"{'; '.join(late)}")
     return 1 if failed else 0
 
 

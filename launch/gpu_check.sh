@@ -6,12 +6,16 @@
 #   bash launch/gpu_check.sh h200 env tests      # some phases (each fits one 10-minute call)
 #   bash launch/gpu_check.sh --smoke cpu         # the same phases at toy sizes, on a CPU
 # Python: $PYTHON when set (as launch/env.sh: that interpreter as it is), else the project's
-# .venv when there is one, else python3 (the GPU machine's, which has torch: no venv, no
-# registry, no network there); where none of them has torch, launch/env.sh builds .venv once.
-# Output: $OUT when set (the device tool's folder), else docs/bench/LABEL/. Each run works in a
-# folder of its own, removed at the end (VAE_DIST_WORK=DIR: that folder, kept and reused).
+# .venv when there is one, else python3 (the GPU machine's: no venv, no registry, no network
+# there), each only when it has what the phases import (NEEDED below; a one-line error names
+# what $PYTHON lacks); where neither has it, launch/env.sh builds (or rebuilds) .venv once.
+# Output: $OUT when set (the device tool's folder); else with --smoke a new folder of the run's
+# own, runs/gpu-check/LABEL-DATE-PID/ (git-ignored); else docs/bench/LABEL/ (to be committed; a
+# second run at the same time refuses it in one line). Each run works in a folder of its own,
+# removed at the end (VAE_DIST_WORK=DIR: that folder, kept and reused).
 # What is reused across runs on purpose lives in the per-user cache, one run at a time (a lock):
-# ${XDG_CACHE_HOME:-~/.cache}/vae-dist/ (the installed packages below, the packed sample sets).
+# ${XDG_CACHE_HOME:-~/.cache}/vae-dist/ (the installed packages below, the sample sets that bench
+# and tin20 pack), or, with no writable home, $TMPDIR/vae-dist-cache-UID (private: mode 700).
 # Packages the machine lacks: where .devwheels/ (docs/gpu_check.md says what it holds)
 # travelled along, small.tar (webdataset, wandb) is installed, and DALI once all its dali-slim-NN
 # parts (launch/pack_dali.sh) have arrived over one or more calls, into $VAE_DIST_SITE (default
@@ -20,29 +24,63 @@
 # Without them it runs what it can: the env phase says what is missing, the tests skip with
 # the reason, the bench rows say "unavailable".
 set -uo pipefail
-# the call's clock starts here: the install below counts against GPU_CHECK_BUDGET_S too
+# The call's clock (GPU_CHECK_BUDGET_S) starts here, wheels' install included; where this run
+# builds .venv first (minutes, a fresh clone only) it starts again after the build, and says so.
+t0_given=${GPU_CHECK_T0:-}
 export GPU_CHECK_T0=${GPU_CHECK_T0:-$(date +%s.%N)}
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-has_torch() { "$1" -c "import importlib.util as u; raise SystemExit(u.find_spec('torch') is None)" 2>/dev/null; }
+# what the phases import (their parts run vae_dist, accelerate and pytest); DALI, webdataset and
+# wandb are optional: the phases say when they are missing
+NEEDED="torch torchvision accelerate numpy PIL yaml matplotlib safetensors skimage tqdm pytest"
+lacks() {  # lacks PYTHON: the needed modules it cannot import, by name ("" when it has them all)
+  "$1" -c "import importlib.util as u, sys; print(' '.join(m for m in sys.argv[1:] if u.find_spec(m) is None))" \
+    $NEEDED 2>/dev/null || echo "(it does not run)"
+}
 if [ -n "${PYTHON:-}" ]; then
   PY=$PYTHON
-  has_torch "$PY" || { echo "gpu_check: PYTHON=$PY has no torch: choose an interpreter that has it, or unset PYTHON to use the project's .venv (launch/env.sh builds it)" >&2; exit 2; }
-elif [ -x .venv/bin/python ]; then
-  PY=$PWD/.venv/bin/python
-elif has_torch python3; then
-  PY=python3
+  missing=$(lacks "$PY")
+  [ -z "$missing" ] || { echo "gpu_check: PYTHON=$PY lacks $missing: choose an interpreter that has them, or unset PYTHON to use the project's .venv (launch/env.sh builds it)" >&2; exit 2; }
 else
-  echo "gpu_check: python3 has no torch and there is no .venv: building the project's environment (launch/env.sh, once; PYTHON=... chooses an interpreter instead)"
-  # shellcheck source=launch/env.sh
-  source launch/env.sh || { echo "gpu_check: launch/env.sh could not build .venv (above): set PYTHON= to an interpreter with torch" >&2; exit 2; }
-  set +e  # env.sh runs under -e; the check records its failures instead
+  PY=
+  if [ -x .venv/bin/python ]; then
+    missing=$(lacks .venv/bin/python)
+    if [ -z "$missing" ]; then PY=$PWD/.venv/bin/python
+    else  # its stamp would tell env.sh it is built
+      echo "gpu_check: .venv lacks $missing (a build cut short?): building it again"
+      rm -f .venv/.installed-*
+    fi
+  fi
+  if [ -z "$PY" ] && [ ! -x .venv/bin/python ] && [ -z "$(lacks python3)" ]; then
+    PY=python3  # the GPU machine's own (no venv, no registry there)
+  fi
+  if [ -z "$PY" ]; then
+    [ -x .venv/bin/python ] || echo "gpu_check: python3 lacks $(lacks python3) and there is no .venv: building the project's environment (launch/env.sh, once; PYTHON=... chooses an interpreter instead)"
+    built=$(date +%s)
+    # a child shell: env.sh's set -e holds there (on the left of || in this one it would not, and a
+    # failed pip would still stamp .venv as built)
+    bash -c 'source launch/env.sh' || { echo "gpu_check: launch/env.sh could not build .venv (above): set PYTHON= to an interpreter that has $NEEDED" >&2; exit 2; }
+    missing=$(lacks .venv/bin/python)
+    [ -z "$missing" ] || { echo "gpu_check: .venv, as launch/env.sh built it, lacks $missing: set PYTHON= to an interpreter that has them" >&2; exit 2; }
+    PY=$PWD/.venv/bin/python
+    if [ -z "$t0_given" ]; then
+      GPU_CHECK_T0=$(date +%s.%N)
+      echo "gpu_check: built .venv in $(( $(date +%s) - built )) s; the call's clock (GPU_CHECK_BUDGET_S) starts now, after it"
+    fi
+  fi
 fi
 cache_home=${XDG_CACHE_HOME:-${HOME:+$HOME/.cache}}
 cache=${cache_home:+$cache_home/vae-dist}
-if [ -z "$cache" ] || ! mkdir -p "$cache" 2>/dev/null; then  # no home to write to: this user's own folder
+if [ -z "$cache" ] || ! mkdir -p "$cache" 2>/dev/null || [ ! -w "$cache" ]; then  # no home to write to
   fallback="${TMPDIR:-/tmp}/vae-dist-cache-$(id -u)"
   echo "gpu_check: cannot write ${cache:-a cache without HOME} (no writable home): the cache is $fallback (XDG_CACHE_HOME= chooses)"
-  cache=$fallback && mkdir -p -m 700 "$cache"
+  cache=$fallback
+  mkdir -m 700 "$cache" 2>/dev/null
+  # a name anyone could have made first: use it only when it is this user's own, private folder
+  # (its site/ goes first on PYTHONPATH)
+  if [ -L "$cache" ] || [ ! -d "$cache" ] || [ ! -O "$cache" ] || [ "$(stat -c %a "$cache")" != 700 ]; then
+    echo "gpu_check: $cache is not a private folder of this user (a link, another owner, or not mode 700): refusing it; set XDG_CACHE_HOME to a writable folder" >&2
+    exit 2
+  fi
 fi
 export VAE_DIST_CACHE=$cache  # gpu_check.py keeps its reused sample sets there
 site=${VAE_DIST_SITE:-$cache/site}
@@ -58,7 +96,14 @@ install() {  # install NAME WHEEL_DIR: the wheels into $site, once
 }
 mkdir -p "$site" || { echo "gpu_check: cannot make $site (set XDG_CACHE_HOME or VAE_DIST_SITE to a writable folder)" >&2; exit 2; }
 # one run at a time installs into the site (two at once would race on it); released before the phases
-exec 9>"$site.lock" && { ! command -v flock >/dev/null || flock 9; }
+exec 9>>"$site.lock"  # appending: the file keeps its holder's pid until the lock is ours
+if ! command -v flock >/dev/null; then
+  echo "gpu_check: no flock(1) here (util-linux): the installs into $site are not locked against another run"
+elif ! flock -n 9; then
+  echo "gpu_check: waiting for another run (pid $(cat "$site.lock" 2>/dev/null || echo unknown)) that holds $site.lock"
+  flock 9
+fi
+echo $$ >"$site.lock"
 reused=$(cd "$site" && ls -A | sed -n 's/^\.installed-//p' | tr '\n' ' ')  # installed by an earlier run
 carried=${GPU_CHECK_DEVWHEELS:-.devwheels}  # what travelled with this call
 if [ -f "$carried/small.tar" ] && [ ! -f "$site/.installed-small" ]; then

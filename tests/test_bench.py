@@ -162,3 +162,58 @@ def test_each_benchmarks_help_gives_its_own_options_each_with_a_meaning_and_its_
         assert entries["--image-size"].endswith("(default: 64)"), entries["--image-size"]
     listing = run_cli("bench", "--help").stdout  # every benchmark, one line each, and how to get its options
     assert f"    {kind} " in listing and "`vae-dist bench KIND --help`: its options" in " ".join(listing.split())
+
+
+# issue 44, item 10 (review: bench.sh and the shared options)
+def test_bench_sh_gives_each_benchmark_its_options_and_writes_where_git_ignores(tmp_path):
+    """launch/bench.sh passes step every option it takes (--tiny, --steps, ...: before, it got none
+    and ran at full size) and none of the data options; its default output is runs/bench/LABEL/,
+    which git ignores (a clone stays clean), $OUT another folder. The interpreter records what it
+    is asked to run (the benchmarks themselves are tested above)."""
+    import os
+    import shutil
+    import subprocess
+
+    from .conftest import ROOT
+
+    calls = tmp_path / "calls"
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\n')
+    python.chmod(0o755)
+    label = f"test-bench-sh-{os.getpid()}"
+    default = ROOT / "runs" / "bench" / label
+    made = [p for p in (ROOT / "runs", ROOT / "runs" / "bench") if not p.exists()]  # removed after, with it
+    try:
+        r = subprocess.run(["bash", str(ROOT / "launch" / "bench.sh"), label, "--tiny", "--steps", "2", "--shards",
+                            "S", "--images=I", "--threads", "1", "--batch-size", "8", "--repeats", "1"],
+                           capture_output=True, text=True, env={**os.environ, "PYTHON": str(python)}, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        data, step, e2e = calls.read_text().splitlines()
+        assert step == (f"-m vae_dist bench step --json runs/bench/{label}/step.json --plot runs/bench/{label}/step.png "
+                        "--tiny --steps 2 --repeats 1"), step
+        for line, kind in ((data, "data"), (e2e, "e2e")):
+            assert line.endswith(f"{kind}.png --tiny --steps 2 --shards S --images=I --threads 1 --batch-size 8 "
+                                 "--repeats 1"), line
+        assert sorted(p.name for p in default.iterdir()) == ["data.txt", "e2e.txt", "step.txt"]
+        ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", str(default / "step.json")], cwd=ROOT)
+        assert ignored.returncode == 0, f"{default} is not ignored by git"
+    finally:
+        shutil.rmtree(made[0] if made else default, ignore_errors=True)
+    r = subprocess.run(["bash", str(ROOT / "launch" / "bench.sh"), label, "--tiny"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": str(python), "OUT": str(tmp_path / "mine")}, timeout=60)
+    assert r.returncode == 0 and f"--json {tmp_path}/mine/step.json" in calls.read_text().splitlines()[-2], r.stderr
+    assert not default.exists()
+
+
+# issue 44, item 10 (review: options before the kind)
+def test_the_options_every_benchmark_takes_may_come_before_the_kind():
+    from vae_dist.bench import kind_first
+    from vae_dist.cli import build_parser
+
+    argv = kind_first(["bench", "--tiny", "--steps", "3", "step", "--compile", "off"])
+    assert argv == ["bench", "step", "--tiny", "--steps", "3", "--compile", "off"]
+    args, rest = build_parser().parse_known_args(argv)
+    assert (args.what, args.tiny, args.steps, args.compile, rest) == ("step", True, 3, "off", [])
+    assert kind_first(["bench", "--help"]) == ["bench", "--help"] and kind_first(["train", "--x"]) == ["train", "--x"]
+    r = run_cli("bench", "--shards", "S", "step")  # an option that kind does not take: named
+    assert r.returncode == 2 and "unrecognized arguments: --shards S" in r.stderr, r.stderr

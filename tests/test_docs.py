@@ -76,9 +76,12 @@ def test_the_readme_examples_write_where_git_ignores():
     outputs += re.findall(r"--(?:json|out|plot)[ =](\S+)", readme)  # in the prose, too
     outputs += re.findall(r"--train\.out_dir=(\S+)", readme)
     outputs += ["tiny-imagenet-200.zip", "tiny-imagenet-200/"]  # "Get it once", then pack it from here
+    # the launch scripts' default outputs, as the README names them (bench.sh, gpu_check.sh --smoke)
+    outputs += [re.sub(r"[A-Z]+", "x", out) for out in re.findall(r"\b(runs/(?:bench|gpu-check)/[A-Z][A-Z-]*)/", readme)]
     outputs = sorted({o.strip("`") for o in outputs
                       if o and not o.startswith(("/", "$")) and not re.match(r"^[A-Z_]+\b", o) and "{" not in o})
-    for expected in ("runs/demo/eval.json", "shards-128", "shards-64/", "runs/photos", "runs/demo/samples"):
+    for expected in ("runs/demo/eval.json", "shards-128", "shards-64/", "runs/photos", "runs/demo/samples",
+                     "runs/bench/x", "runs/gpu-check/x-x-x"):
         assert expected in outputs, outputs  # the parse found the examples
     for out in outputs:
         # a folder (shards/, whose README.md is tracked, or shards-128) is checked by a file it gets

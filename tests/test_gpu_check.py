@@ -131,34 +131,45 @@ def test_the_budget_counts_from_the_scripts_start_and_a_call_never_passes_it(tmp
         assert status[part]["status"] == "skipped" and status[part]["why"].startswith("no time left in this call"), q
     assert status["train 2 epochs"]["why"] == "no sample set (its parts did not run)", q["parts"]
     assert r.returncode == 0 and "gpu_check: 1 of 1 phases ok" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    # issue 44, item 1 (review): a pass that measured less says what it left out
+    assert re.search(r"gpu_check: \d+ part\(s\) skipped for lack of time \(GPU_CHECK_BUDGET_S\), measured nothing: "
+                     r"quick: step; quick: tin sample-data", r.stdout), r.stdout[-2000:]
 
 
 @pytest.mark.slow
 @needs_loader
 @in_gpu_check
 def test_smoke_runs_every_phase_and_writes_its_summary(tmp_path):
-    # issue 44, item 2: a second run (the env phase) beside it, in its own process, at the same time:
-    # each works in a folder of its own, both write their whole output, and nothing stays in $TMPDIR
-    other = tmp_path / "other"
-    other.mkdir()
-    second = subprocess.Popen(["bash", str(ROOT / "launch" / "gpu_check.sh"), "--smoke", "other", "env"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                              env=_env(tmp_path, {"OUT": str(other / "out")}))
+    # issue 44, item 2: a second run (env and tin20, which trains in its work folder) beside it, in
+    # its own process, at the same time, writing where the README's command writes (a new folder
+    # of its own; GPU_CHECK_RUNS keeps it out of the checkout): both write their whole output,
+    # each log names only its own run's folders, and nothing stays in $TMPDIR
+    second_env = _env(tmp_path, {"GPU_CHECK_RUNS": str(tmp_path / "runs")})
+    del second_env["OUT"]
+    second = subprocess.Popen(["bash", str(ROOT / "launch" / "gpu_check.sh"), "--smoke", "other", "env", "tin20"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=second_env)
     r = _check(tmp_path, "--smoke", "smoke")
     second_out, second_err = second.communicate(timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert second.returncode == 0 and "gpu_check: 1 of 1 phases ok" in second_out, second_out[-3000:] + second_err
+    assert second.returncode == 0 and "gpu_check: 2 of 2 phases ok" in second_out, second_out[-3000:] + second_err
     assert "gpu_check: 4 of 4 phases ok" in r.stdout
+    other = Path(re.search(r"gpu_check: output (\S+)", second_out).group(1))
+    assert other.parent == tmp_path / "runs" and other.name.startswith("other-"), other
+    assert sorted(p.name for p in other.iterdir()) == ["env.json", "env.log", "tin20-metrics.jsonl", "tin20.json",
+                                                      "tin20.log"]
+    assert all(json.loads((other / f"{name}.json").read_text())["ok"] for name in ("env", "tin20"))
     works = [re.search(r"gpu_check: work folder (\S+) \(this run's own", text).group(1) for text in (r.stdout, second_out)]
-    assert works[0] != works[1] and all(w.startswith(_short_tmp(tmp_path)) for w in works), works
-    assert json.loads((other / "out" / "env.json").read_text())["ok"]
-    assert sorted(p.name for p in (other / "out").iterdir()) == ["env.json", "env.log"]
+    assert all(w.startswith(_short_tmp(tmp_path)) for w in works), works
+    for mine, theirs, log in ((works[0], works[1], tmp_path / "out" / "tin20.log"), (works[1], works[0], other / "tin20.log")):
+        text = log.read_text()
+        assert f"--train.out_dir={mine}/tin20-run" in text and theirs not in text, (log, mine, theirs)
     # both work folders gone, and nothing else of theirs left there (torch keeps its compiled C++
     # headers in its own per-user torchinductor_USER there, whatever TORCHINDUCTOR_CACHE_DIR says)
     left = [p.name for p in (tmp_path / "tmp").iterdir() if not p.name.startswith("torchinductor_")]
     assert left == [], left
     sets = tmp_path / "cache" / "vae-dist" / "gpu-check-smoke"  # what the next run reuses, and says so
-    assert {"bench-20x5-shards", "tin-20x6-shards"} <= {p.name for p in sets.iterdir()}
+    version = _gpu_check_module()._sets_version()
+    assert {f"bench-20x5-{version}-shards", f"tin-20x6-{version}-shards"} <= {p.name for p in sets.iterdir()}
     assert f"sample sets packed once and reused from {sets}" in r.stdout
     out = tmp_path / "out"
     phases = {name: json.loads((out / f"{name}.json").read_text()) for name in ("env", "tests", "bench", "tin20")}
@@ -284,9 +295,108 @@ def test_the_interpreter_is_python_then_the_projects_venv_and_one_without_torch_
     no_torch.chmod(0o755)
     r = _check(tmp_path, "cpu", "env", env={"PYTHON": str(no_torch)}, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == (
-        f"gpu_check: PYTHON={no_torch} has no torch: choose an interpreter that has it, or unset PYTHON to use "
-        "the project's .venv (launch/env.sh builds it)"), r.stderr
+        f"gpu_check: PYTHON={no_torch} lacks torch torchvision accelerate numpy PIL yaml matplotlib safetensors "
+        "skimage tqdm pytest: choose an interpreter that has them, or unset PYTHON to use the project's .venv "
+        "(launch/env.sh builds it)"), r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _clone_with_venv(tmp_path, venv_python: str) -> tuple[Path, dict]:
+    """The launch scripts and what env.sh reads, in a folder of their own, with `venv_python` as
+    .venv/bin/python and a python3 on PATH that lacks what the check needs (no python3 to fall to)."""
+    repo = tmp_path / "repo"
+    (repo / "launch").mkdir(parents=True)
+    for name in ("launch/gpu_check.sh", "launch/gpu_check.py", "launch/env.sh", "launch/constraints.txt",
+                 "pyproject.toml"):
+        (repo / name).write_text((ROOT / name).read_text())
+    python = repo / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(venv_python)
+    python.chmod(0o755)
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    (bin_ / "python3").chmod(0o755)
+    env = _env(tmp_path, {"PATH": f"{bin_}{os.pathsep}{os.environ['PATH']}"})
+    del env["PYTHON"]
+    env.pop("GPU_CHECK_T0", None)
+    return repo, env
+
+
+# issue 44, item 1 (review: a failed build)
+def test_a_venv_that_lacks_torch_is_built_again_and_a_failed_build_is_one_line_and_no_stamp(tmp_path):
+    """A .venv without what the check needs (a build cut short) is not used: launch/env.sh builds
+    it again, in a shell of its own, so a pip that fails (offline) ends the build, stamps nothing
+    (the next run tries again) and is one line here, not a check run on a .venv without torch."""
+    repo, env = _clone_with_venv(tmp_path, f'#!/bin/sh\n[ "$1 $2" = "-m pip" ] && exit 1\nexec "{sys.executable}" -S "$@"\n')
+    (repo / ".venv" / ".installed-0123456789abcdef").touch()  # stamped by a build whose pip failed
+    r = subprocess.run(["bash", str(repo / "launch" / "gpu_check.sh"), "cpu", "env"], capture_output=True,
+                       text=True, env=env, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "gpu_check: .venv lacks torch" in r.stdout and "building it again" in r.stdout, r.stdout
+    assert r.stderr.strip().splitlines()[-1] == ("gpu_check: launch/env.sh could not build .venv (above): set PYTHON= "
+                                                 "to an interpreter that has torch torchvision accelerate numpy PIL "
+                                                 "yaml matplotlib safetensors skimage tqdm pytest"), r.stderr
+    assert list((repo / ".venv").glob(".installed-*")) == [] and not (tmp_path / "out").exists()
+
+
+# issue 44, item 1 (review: the clock after a build)
+def test_the_calls_clock_starts_after_a_venv_build_and_says_so(tmp_path):
+    """Where this run builds .venv, the call's budget counts from the end of the build (a fresh
+    clone's minutes of pip would eat it), and a line says so."""
+    built, ran = tmp_path / "built", tmp_path / "ran"
+    repo, env = _clone_with_venv(tmp_path, f"""#!/bin/sh
+if [ "$1 $2" = "-m pip" ]; then sleep 2; date +%s.%N > "{built}"; exit 0; fi
+[ -f "{built}" ] || exec "{sys.executable}" -S "$@"
+echo "$GPU_CHECK_T0 $*" >> "{ran}"
+exec "{sys.executable}" "$@"
+""")
+    r = subprocess.run(["bash", str(repo / "launch" / "gpu_check.sh"), "cpu", "warp"], capture_output=True,
+                       text=True, env=env, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and "unknown phase warp" in r.stderr, r.stdout + r.stderr
+    assert re.search(r"gpu_check: built \.venv in \d+ s; the call's clock \(GPU_CHECK_BUDGET_S\) starts now, after it",
+                     r.stdout), r.stdout
+    assert len(list((repo / ".venv").glob(".installed-*"))) == 1  # env.sh's stamp: built
+    t0, _ = ran.read_text().splitlines()[-1].split(" ", 1)
+    assert float(t0) >= float(built.read_text()), (t0, built.read_text())
+
+
+# issue 44, item 2 (review: the per-user cache)
+def test_the_cache_fallback_is_used_only_when_private_and_a_waiting_run_says_for_whom(tmp_path):
+    """With no writable home the cache falls back to $TMPDIR/vae-dist-cache-UID, a name anyone
+    could make first: a link or a folder open to others is refused in one line. A run that waits
+    for the site's lock names the run (pid) that holds it."""
+    import fcntl
+
+    no_home = tmp_path / "not-a-folder"
+    no_home.write_text("")
+    env = {"XDG_CACHE_HOME": str(no_home)}
+    fallback = Path(_short_tmp(tmp_path)) / f"vae-dist-cache-{os.getuid()}"
+    fallback.mkdir(mode=0o755)
+    fallback.chmod(0o755)
+    refused = (f"gpu_check: {fallback} is not a private folder of this user (a link, another owner, or not mode 700): "
+               "refusing it; set XDG_CACHE_HOME to a writable folder")
+    r = _check(tmp_path, "cpu", "warp", env=env, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == refused, r.stderr
+    fallback.rmdir()
+    fallback.symlink_to(tmp_path)
+    r = _check(tmp_path, "cpu", "warp", env=env, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == refused, r.stderr
+    fallback.unlink()
+    fallback.mkdir(mode=0o700)
+    site = fallback / "site"
+    site.mkdir()
+    with open(f"{site}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another run installing
+        held.write("4242\n")
+        held.flush()
+        waiting = subprocess.Popen(["bash", str(ROOT / "launch" / "gpu_check.sh"), "cpu", "warp"], text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(tmp_path, env), cwd=tmp_path)
+        lines = [waiting.stdout.readline() for _ in range(2)]
+    out, err = waiting.communicate(timeout=60)
+    assert f"gpu_check: waiting for another run (pid 4242) that holds {site}.lock\n" in lines, lines
+    assert waiting.returncode == 2 and "unknown phase warp" in err, out + err
+    assert f"the cache is {fallback}" in lines[0]
 
 
 # issue 44, item 1
@@ -334,15 +444,19 @@ def test_a_sample_set_is_made_by_one_run_at_a_time_and_reused_saying_so(tmp_path
 
     gpu_check = _gpu_check_module()
     cache = tmp_path / "cache"
-    shards, src = cache / "tin-20x6-shards", cache / "tin-20x6-src"
+    key = f"tin-20x6-{gpu_check._sets_version()}"  # made by other code (a hash of it), another set
+    assert re.fullmatch(r"[0-9a-f]{8}", key.rsplit("-", 1)[1]), key
+    shards, src = cache / f"{key}-shards", cache / f"{key}-src"
     (src / "train").mkdir(parents=True)
     shards.mkdir()
     (shards / "manifest.json").write_text('{"image_size": 64}')
     (tmp_path / "out").mkdir()
     phase = gpu_check.Phase("bench", tmp_path / "out", "x", True)
     done = []
-    with open(cache / "tin-20x6.lock", "w") as held:
+    with open(cache / f"{key}.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # another run making the set
+        held.write("4242\n")
+        held.flush()
         reader = threading.Thread(target=lambda: done.append(gpu_check._sample_set(phase, cache, "tin", 20, 6)))
         reader.start()
         reader.join(timeout=2)
@@ -350,4 +464,32 @@ def test_a_sample_set_is_made_by_one_run_at_a_time_and_reused_saying_so(tmp_path
     reader.join(timeout=30)
     phase.finish()
     assert done == [(shards, src)] and phase.parts == []  # nothing made again
-    assert f"[bench] tin: reusing {shards} (packed by an earlier run)" in (tmp_path / "out" / "bench.log").read_text()
+    log = (tmp_path / "out" / "bench.log").read_text()
+    assert f"[bench] tin: waiting for another run (pid 4242) that holds {cache / key}.lock" in log, log
+    assert f"[bench] tin: reusing {shards} (packed by an earlier run)" in log
+
+
+# issue 44, item 2 (review: two runs' outputs)
+def test_an_output_folder_is_the_runs_own_or_refused_while_another_run_writes_it(tmp_path, monkeypatch, capsys):
+    """A smoke run's default output is a new folder of its own in the git-ignored runs/gpu-check/;
+    a real label's is docs/bench/LABEL/ (to be committed), which a second run at the same time
+    refuses in one line."""
+    gpu_check = _gpu_check_module()
+    monkeypatch.delenv("OUT", raising=False)
+    monkeypatch.delenv("GPU_CHECK_RUNS", raising=False)
+    smoke = gpu_check._output_folder("cpu", smoke=True)
+    assert smoke.parent == ROOT / "runs" / "gpu-check" and re.fullmatch(rf"cpu-\d{{8}}-\d{{6}}-{os.getpid()}", smoke.name)
+    r = subprocess.run(["git", "check-ignore", "-q", "--no-index", str(smoke / "quick.json")], cwd=ROOT)
+    assert r.returncode == 0, f"{smoke} is not ignored by git"
+    assert gpu_check._output_folder("h200", smoke=False) == ROOT / "docs" / "bench" / "h200"
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setenv("OUT", str(out))
+    held = gpu_check._lock_output(out)  # another run writing there
+    try:
+        assert gpu_check.main(["h200", "env"]) == 2
+    finally:
+        os.close(held)
+    assert capsys.readouterr().err.strip() == (f"gpu_check: another run is writing {out} now: wait for it to end, or "
+                                               "choose another folder (OUT=DIR)")
+    assert list(out.iterdir()) == []  # nothing written

@@ -22,6 +22,18 @@ KINDS = {
 }
 
 
+def kind_first(argv: list[str]) -> list[str]:
+    """`vae-dist bench --tiny step ...` as `vae-dist bench step --tiny ...`: the options given
+    before the kind go after it, where each kind's own parser reads them (and names any that
+    kind does not take)."""
+    if argv[:1] != ["bench"] or not argv[1:2] or not argv[1].startswith("-") or argv[1] in ("-h", "--help"):
+        return argv
+    kind = next((i for i, word in enumerate(argv) if word in KINDS), None)
+    if kind is None:
+        return argv
+    return ["bench", argv[kind], *argv[1:kind], *argv[kind + 1:]]
+
+
 def add_bench_args(parser, formatter_class=None) -> None:
     """`vae-dist bench KIND [options]`: each kind its own parser, so `bench KIND --help` lists
     the options that kind reads (and the ones every kind shares), each with its own default."""
