@@ -29,9 +29,10 @@ set -uo pipefail
 t0_given=${GPU_CHECK_T0:-}
 export GPU_CHECK_T0=${GPU_CHECK_T0:-$(date +%s.%N)}
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-# what the phases import (their parts run vae_dist, accelerate and pytest); DALI, webdataset and
-# wandb are optional: the phases say when they are missing
-NEEDED="torch torchvision accelerate numpy PIL yaml matplotlib safetensors skimage tqdm pytest"
+# what the phases import (their parts run vae_dist, accelerate and pytest): no more than the GPU
+# machine's python3 has (tqdm only on a terminal); DALI, webdataset and wandb are optional: the
+# phases say when they are missing
+NEEDED="torch torchvision accelerate numpy PIL yaml matplotlib safetensors skimage pytest"
 lacks() {  # lacks PYTHON: the needed modules it cannot import, by name ("" when it has them all)
   "$1" -c "import importlib.util as u, sys; print(' '.join(m for m in sys.argv[1:] if u.find_spec(m) is None))" \
     $NEEDED 2>/dev/null || echo "(it does not run)"

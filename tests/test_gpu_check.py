@@ -296,7 +296,7 @@ def test_the_interpreter_is_python_then_the_projects_venv_and_one_without_torch_
     r = _check(tmp_path, "cpu", "env", env={"PYTHON": str(no_torch)}, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == (
         f"gpu_check: PYTHON={no_torch} lacks torch torchvision accelerate numpy PIL yaml matplotlib safetensors "
-        "skimage tqdm pytest: choose an interpreter that has them, or unset PYTHON to use the project's .venv "
+        "skimage pytest: choose an interpreter that has them, or unset PYTHON to use the project's .venv "
         "(launch/env.sh builds it)"), r.stderr
     assert not (tmp_path / "out").exists()
 
@@ -336,7 +336,7 @@ def test_a_venv_that_lacks_torch_is_built_again_and_a_failed_build_is_one_line_a
     assert "gpu_check: .venv lacks torch" in r.stdout and "building it again" in r.stdout, r.stdout
     assert r.stderr.strip().splitlines()[-1] == ("gpu_check: launch/env.sh could not build .venv (above): set PYTHON= "
                                                  "to an interpreter that has torch torchvision accelerate numpy PIL "
-                                                 "yaml matplotlib safetensors skimage tqdm pytest"), r.stderr
+                                                 "yaml matplotlib safetensors skimage pytest"), r.stderr
     assert list((repo / ".venv").glob(".installed-*")) == [] and not (tmp_path / "out").exists()
 
 

@@ -33,8 +33,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from vae_dist.data import available_cores
 from vae_dist.data.images import to_shard_jpeg
 from vae_dist.data.shards import MANIFEST, ShardWriter, shard_name, write_json_atomic
@@ -323,7 +321,10 @@ class Progress:
     def __init__(self, total: int, desc: str, every: float = 30.0):
         self.total, self.desc, self.every, self.done = total, desc, every, 0
         self.t0 = self.last = time.perf_counter()
-        self.bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True) if sys.stderr.isatty() else None
+        self.bar = None
+        if sys.stderr.isatty():  # imported here: a log (the GPU check, a SLURM job) needs no tqdm
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -334,7 +335,8 @@ class Progress:
         if now - self.last >= self.every and self.done < self.total:
             self.last = now
             rate = self.done / (now - self.t0)
-            eta = tqdm.format_interval((self.total - self.done) / rate)
+            left = round((self.total - self.done) / rate)
+            eta = f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}" if left >= 3600 else f"{left // 60:02d}:{left % 60:02d}"
             print(f"{self.desc}: {self.done}/{self.total} ({self.done / self.total:.0%}), {rate:.0f} img/s, "
                   f"ETA {eta}", file=sys.stderr, flush=True)
 
