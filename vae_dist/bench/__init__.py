@@ -17,8 +17,8 @@ KINDS = {
     "step": "the training step alone on synthetic batches: eager/compiled, fp32/bf16, channels_last, batch sizes",
     "e2e": "real training steps from shards (the Trainer) beside the seed's own loop",
     "comm": "DDP's gradient all-reduce with N processes: compute vs exposed all-reduce, for each DDP knob "
-            "(the default, --world 2,4 at the seed's size, took 18 minutes on a busy 2-core CPU, --world 2 "
-            "alone 6.5; a line says as each part starts and ends)",
+            "(the default, --world 2,4 at the seed's size, took 12 minutes on an idle 2-core CPU, --world 2 "
+            "alone 3.6; a line says as each part starts and ends)",
 }
 
 
@@ -91,7 +91,7 @@ def _add_kind_args(p, kind: str) -> None:
     if on == "comm":
         p.add_argument("--world", default=None, metavar="LIST",
                        help="comma list of process counts, one accelerate launch each (default: 2,4: "
-                            "18 minutes on a busy 2-core CPU, where --world 2 alone took 6.5)")
+                            "12 minutes on an idle 2-core CPU, where --world 2 alone took 3.6)")
     if on in ("data", "e2e"):
         p.add_argument("--threads", type=int, default=None, help="decode threads = loader workers (default: all cores)")
     elif on == "comm":
