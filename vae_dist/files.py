@@ -52,8 +52,12 @@ def replace_durable(src: Path, dst: Path) -> None:
 def write_atomic(path: Path, data: bytes) -> None:
     """`data` at `path` whole or not at all: written durably under a temporary name, then renamed."""
     tmp = Path(path).with_name(Path(path).name + ".partial")
-    write_bytes_durable(tmp, data)
-    replace_durable(tmp, path)
+    try:
+        write_bytes_durable(tmp, data)
+        replace_durable(tmp, path)
+    except BaseException:  # a full disk, a SIGTERM (Terminated) as it was written: no half file left beside it
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def output_dir(path: str | Path, what: str) -> Path:

@@ -148,7 +148,6 @@ def _stage(src: FileTree, listing, src_path, staging: Path, out_dir: Path, opts:
             raise
         raise _disk_full(out_dir, staging) from None
     except Terminated:
-        (out_dir / (SWAP_RECORD + ".partial")).unlink(missing_ok=True)  # where the signal came as it was written
         raise Terminated(f"pack stopped by SIGTERM: its staging folder is removed, {out_dir} holds what it "
                          "held before") from None
 
@@ -220,7 +219,6 @@ def _disk_full(out_dir: Path, staging: Path) -> UserError:
     """The one line of a pack that ran out of space, once its staging folder is removed."""
     written = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file()) if staging.is_dir() else 0
     shutil.rmtree(staging, ignore_errors=True)
-    (out_dir / (SWAP_RECORD + ".partial")).unlink(missing_ok=True)  # where the record found the disk full
     free = shutil.disk_usage(out_dir).free
     kept = f"the previous shards in {out_dir} are untouched" if previous_pack_files(out_dir) - {SWAP_RECORD} \
         else f"nothing of it is left in {out_dir}"
