@@ -51,11 +51,12 @@ else
       rm -f .venv/.installed-*
     fi
   fi
-  if [ -z "$PY" ] && [ ! -x .venv/bin/python ] && [ -z "$(lacks python3)" ]; then
+  sys_missing=$( [ -x .venv/bin/python ] || lacks python3 )  # python3 counts only where there is no .venv
+  if [ -z "$PY" ] && [ ! -x .venv/bin/python ] && [ -z "$sys_missing" ]; then
     PY=python3  # the GPU machine's own (no venv, no registry there)
   fi
   if [ -z "$PY" ]; then
-    [ -x .venv/bin/python ] || echo "gpu_check: python3 lacks $(lacks python3) and there is no .venv: building the project's environment (launch/env.sh, once; PYTHON=... chooses an interpreter instead)"
+    [ -x .venv/bin/python ] || echo "gpu_check: python3 lacks $sys_missing and there is no .venv: building the project's environment (launch/env.sh, once; PYTHON=... chooses an interpreter instead)"
     built=$(date +%s)
     # a child shell: env.sh's set -e holds there (on the left of || in this one it would not, and a
     # failed pip would still stamp .venv as built)

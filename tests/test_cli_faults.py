@@ -25,11 +25,6 @@ def trained(shards, tmp_path_factory) -> Path:
     return run
 
 
-def _copy_run(trained: Path, to: Path) -> Path:
-    shutil.copytree(trained, to)
-    return to
-
-
 def _main(capsys, *argv) -> tuple[int, str, list[str]]:
     """The command in this process: its exit code, stdout and stderr's lines."""
     from vae_dist.cli import main
@@ -112,7 +107,7 @@ def test_checkpoint_torch_files_that_are_not_plain_tensors_are_refused_in_one_li
         ("rng_rank0.pt", {"cpu": torch.zeros(3)}, "does not load (RNG state must be a torch.ByteTensor)"),
     ]
     for i, (name, content, words) in enumerate(cases):
-        run = _copy_run(trained, tmp_path / f"run{i}")
+        run = shutil.copytree(trained, tmp_path / f"run{i}")
         ckpt = latest_checkpoint(run)
         if isinstance(content, bytes):
             (ckpt / name).write_bytes(content)
@@ -174,7 +169,7 @@ _REMOVED = object()  # an edit that deletes the key
     ([], "must hold a JSON object of keys, got []"),
 ])
 def test_an_edited_trainer_state_is_one_line_naming_the_key(shards, trained, tmp_path, edit, words):
-    run = _copy_run(trained, tmp_path / "run")
+    run = shutil.copytree(trained, tmp_path / "run")
     ckpt = latest_checkpoint(run)
     if isinstance(edit, dict):
         state = json.loads((ckpt / STATE).read_text())

@@ -53,7 +53,7 @@ def _outputs(words: list[str]) -> list[str]:
     if "vae-dist" in words:
         args = words[words.index("vae-dist") + 1:]
         positional = [w for i, w in enumerate(args) if not w.startswith("-") and not
-                      (i and args[i - 1].startswith("--") and "=" not in args[i - 1] and args[i - 1] in _OUT_OPTIONS)]
+                      (i and args[i - 1] in _OUT_OPTIONS)]
         if positional and positional[0] in _OUT_POSITION and len(positional) > _OUT_POSITION[positional[0]]:
             outputs.append(positional[_OUT_POSITION[positional[0]]])
     for i, word in enumerate(words):

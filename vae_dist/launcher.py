@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import sys
 
+from vae_dist.errors import first_line
+
 
 def main() -> int:
     from accelerate.commands.launch import main as accelerate_launch
@@ -35,8 +37,7 @@ def main() -> int:
               file=sys.stderr)
         return 128 + int(e.sigval)
     except ValueError as e:  # accelerate's checks of the launch options, before any rank starts
-        first = str(e).strip().splitlines()
-        print(f"vae-dist: error: accelerate launch: {first[0] if first else type(e).__name__}", file=sys.stderr)
+        print(f"vae-dist: error: accelerate launch: {first_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -138,9 +138,10 @@ class RunFolderLock:
             return None
         folder = self.path.parent
         folder_id, lock_id = self._ids
-        if _file_id(folder) is None:
+        now_id = _file_id(folder)
+        if now_id is None:
             return f"run folder {folder} was deleted while training"
-        if _file_id(folder) != folder_id:
+        if now_id != folder_id:
             return f"run folder {folder} was replaced by another folder while training"
         if _file_id(self.path) != lock_id:
             return f"the lock {self.path} of this run was removed or replaced: another run may be writing {folder}"

@@ -17,7 +17,7 @@ The loop pays a Python integer increment per step; the store is touched by the t
 one write a second while the rank moves.
 Timed from the first step of each start on: that step compiles (or captures) the step, the
 same work on every rank, which can take minutes on a GPU. The process group's own timeout is
-set a minute longer (distributed.make_accelerator), a backstop for the first step.
+set a minute longer when the watchdog starts (RankWatchdog.start), a backstop for the first step.
 """
 
 from __future__ import annotations

@@ -151,7 +151,7 @@ def _worker(out: str, options: dict) -> None:
 
     sizes = SIZES_MIB[:2] if options["tiny"] else SIZES_MIB
     progress(f"all-reduce alone, {sizes[0]:g} to {sizes[-1]:g} MiB ({backend}) ...")
-    sweep = _allreduce_sweep(acc, options)
+    sweep = _allreduce_sweep(acc, options, sizes)
     fit = _fit(sweep)
     progress("all-reduce alone: done")
     rows, compute = [], {}
@@ -190,13 +190,13 @@ def _timed_ms(run, warmup: int, repeats: int, device) -> tuple[float, list[float
     return statistics.median(times), times
 
 
-def _allreduce_sweep(acc, options) -> list[dict]:
+def _allreduce_sweep(acc, options, sizes) -> list[dict]:
     import torch.distributed as dist
 
     n = acc.num_processes
     repeats = 3 if options["tiny"] else max(options["repeats"], 10)
     rows = []
-    for mib in SIZES_MIB[:2] if options["tiny"] else SIZES_MIB:
+    for mib in sizes:
         x = torch.ones(int(mib * 2**20) // 4, device=acc.device)
         ms, times = _timed_ms(lambda x=x: dist.all_reduce(x), 2, repeats, acc.device)
         algbw = x.numel() * 4 / (ms / 1e3) / 1e9
