@@ -173,14 +173,16 @@ OBJECTIVE_UNITS = {"sum": "sum of squares / image (+ β·KL, nats)",
 
 
 def _run_recon(metrics_path: Path) -> str | None:
-    """loss.recon of the run whose metrics.jsonl this is (its config.yaml beside it), None where unknown."""
-    import yaml
+    """loss.recon of the run whose metrics.jsonl this is (its config.yaml beside it, read as every
+    config file is), None where unknown: no file, not a config, or no such key."""
+    from vae_dist.config import load_yaml
+    from vae_dist.errors import ConfigError
 
     try:
-        recon = yaml.safe_load((Path(metrics_path).parent / "config.yaml").read_text())["loss"]["recon"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        recon = load_yaml(Path(metrics_path).parent / "config.yaml").get("loss.recon")
+    except ConfigError:
         return None
-    return recon if recon in OBJECTIVE_UNITS else None
+    return recon if isinstance(recon, str) and recon in OBJECTIVE_UNITS else None
 
 
 def loss_curves_figure(train: dict[int, dict], val: dict[int, dict], recon: str | None = None):
