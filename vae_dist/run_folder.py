@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import secrets
@@ -309,16 +308,22 @@ def choose_start(run_dir: Path, resume: str, overwrite: bool, model: VAEConfig, 
     `other_data_ok` (train.resume_other_data)."""
     run_dir = Path(run_dir)
     start = Start(notes=_remove_partial_checkpoints(run_dir))
-    check_data = functools.partial(_refuse_other_data, data=data, other_data_ok=other_data_ok, notes=start.notes)
+
+    def resume_from(path: Path, explicit: bool) -> Start:
+        """The start from checkpoint `path`, once it holds this run's architecture and data; the
+        checkpoints beyond it (damaged newer ones) and the metrics rows after it are set aside."""
+        _refuse_other_architecture(path, model, explicit=explicit)
+        _refuse_other_data(path, data=data, other_data_ok=other_data_ok, notes=start.notes)
+        start.checkpoint = path
+        start.set_aside = _set_aside_beyond(run_dir, path)
+        return start
+
     job = own_slurm_job(run_dir)
     if job is not None:
         newest = ckpt.newest_verified_checkpoint(run_dir, on_skip=_skip_warning)
         if newest is not None:
-            _refuse_other_architecture(newest, model, explicit=False)
-            check_data(newest)
-            start.checkpoint = newest
+            resume_from(newest, explicit=False)
             start.notes.append(f"SLURM job {job} was requeued: it continues its own run")
-            start.set_aside = _set_aside_beyond(run_dir, newest)
             return start
     if overwrite and _old_run_files(run_dir):
         start.moved_to = _move_aside(run_dir)
@@ -329,18 +334,11 @@ def choose_start(run_dir: Path, resume: str, overwrite: bool, model: VAEConfig, 
         problem = ckpt.verify_checkpoint(path)
         if problem:
             raise UserError(f"train.resume: checkpoint {path} does not verify: {problem}")
-        _refuse_other_architecture(path, model, explicit=True)
-        check_data(path)
-        start.checkpoint = path
-        start.set_aside = _set_aside_beyond(run_dir, path)
-        return start
+        return resume_from(path, explicit=True)
     if resume == "auto":
-        start.checkpoint = ckpt.newest_verified_checkpoint(run_dir, on_skip=_skip_warning)
-        if start.checkpoint is not None:
-            _refuse_other_architecture(start.checkpoint, model, explicit=False)
-            check_data(start.checkpoint)
-            start.set_aside = _set_aside_beyond(run_dir, start.checkpoint)  # damaged newer ones, rows after it
-            return start
+        newest = ckpt.newest_verified_checkpoint(run_dir, on_skip=_skip_warning)
+        if newest is not None:
+            return resume_from(newest, explicit=False)
     old = _old_run_files(run_dir)
     if old:
         over = f"train.overwrite=true (moves the old run to {run_dir.name}.old-TIMESTAMP)"
