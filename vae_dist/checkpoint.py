@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -351,24 +352,15 @@ def load_checkpoint(accelerator, path: Path, model: VAE, optimizer) -> dict:
     return state
 
 
-class _UnsafeFile(Exception):
-    """A checkpoint file that the weights_only unpickler refuses: something else than the
-    tensors, numbers and containers vae-dist writes (a pickled object, a damaged stream)."""
-
-
 def _read_torch_file(file: Path):
     """A checkpoint's torch file, unpickled with weights_only: a file that holds anything but
-    tensors and plain data is refused by torch (nothing in it runs) and reported here as
-    _UnsafeFile, without torch's advice to load it with weights_only=False."""
-    import pickle
+    tensors and plain data (a pickled object, a damaged stream) is refused by torch, nothing in
+    it runs, with a pickle.UnpicklingError that _restore reports without torch's advice."""
     import warnings
 
-    try:
-        with warnings.catch_warnings():  # e.g. on a pickle protocol torch.save never writes: the error says it
-            warnings.simplefilter("ignore")
-            return torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise _UnsafeFile(_torch_reason(e)) from None
+    with warnings.catch_warnings():  # e.g. on a pickle protocol torch.save never writes: the error says it
+        warnings.simplefilter("ignore")
+        return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def _torch_reason(e: BaseException) -> str:
@@ -391,8 +383,8 @@ def _restore(file: Path, load, key: str | None = None) -> str | None:
     says why it could not: the file (and key) named, never torch's advice."""
     try:
         load()
-    except _UnsafeFile as e:
-        return f"checkpoint file {file} cannot be read safely ({e}): not a vae-dist checkpoint file"
+    except pickle.UnpicklingError as e:  # the weights_only unpickler's refusal (_read_torch_file)
+        return f"checkpoint file {file} cannot be read safely ({_torch_reason(e)}): not a vae-dist checkpoint file"
     except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError, EOFError) as e:
         name = f"{file} (key '{key}')" if key else str(file)
         return f"checkpoint file {name} does not load ({_torch_reason(e)}): damaged, or not a vae-dist checkpoint"
