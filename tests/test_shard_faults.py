@@ -14,22 +14,20 @@ from vae_dist.data.shards import ShardSet, ShardWriter
 from vae_dist.data.verify import verify
 from vae_dist.errors import DataError
 
-from .conftest import TINY_MODEL, run_cli, with_loader
-
-COMMON = [*TINY_MODEL, "--train.batch_size=16", "--data.num_threads=1", "--log.wandb_mode=disabled",
-          "--log.log_every=2", "--log.image_every=1000", "--train.eval_every=0", "--train.max_steps=4"]
+from .conftest import with_loader
+from .test_faults import _one_line
+from .test_faults import _train as _train_run
 
 
 def _train(shards: Path, run: Path, loader: str):
-    return run_cli("train", f"--data.shards={shards}", f"--train.out_dir={run}", f"--data.loader={loader}", *COMMON)
+    return _train_run(shards, run, f"--data.loader={loader}", "--train.max_steps=4")
 
 
 def _error_line(r) -> str:
     """The run's one stderr line (exit 2, no traceback), without the `vae-dist: error: ` prefix."""
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout[-2000:] + r.stderr[-3000:]
-    assert len(lines) == 1 and lines[0].startswith("vae-dist: error: "), lines
-    return lines[0].removeprefix("vae-dist: error: ")
+    line = _one_line(r)
+    assert line.startswith("vae-dist: error: "), line
+    return line.removeprefix("vae-dist: error: ")
 
 
 def _verify(capsys, out: Path) -> tuple[str, str]:
