@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from vae_dist.errors import UserError
-from vae_dist.files import writing
+from vae_dist.files import write_atomic, writing
 
 
 def sync(device: torch.device) -> None:
@@ -177,11 +177,14 @@ def write_partial(what: str, shards: str | None, results: list[dict], json_path:
     if json_path:
         report = {"device": device_name(), "env": environment(), "benchmark": what, "shards": shards,
                   "results": results, "partial": True}
-        with writing(json_path, "bench --json file"):
-            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(json_path).with_name(Path(json_path).name + ".partial")
-            tmp.write_text(json.dumps(report, indent=1))
-            os.replace(tmp, json_path)
+        _write_json(json_path, report)
+
+
+def _write_json(json_path: str, report: dict) -> None:
+    """The report at `json_path`, whole or not at all (a reader never sees half a file)."""
+    with writing(json_path, "bench --json file"):
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(json_path), json.dumps(report, indent=1).encode())
 
 
 def write_report(what: str, shards: str | None, results: list[dict], json_path: str | None, plot_path: str | None,
@@ -191,9 +194,7 @@ def write_report(what: str, shards: str | None, results: list[dict], json_path: 
               **(extra or {})}
     print_table(what, results, extra)
     if json_path:
-        with writing(json_path, "bench --json file"):
-            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(json_path).write_text(json.dumps(report, indent=1))
+        _write_json(json_path, report)
         print(f"results: {json_path}")
     if plot_path:
         with writing(plot_path, "bench --plot file"):
