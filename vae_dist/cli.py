@@ -28,7 +28,14 @@ def _pack(args) -> int:
     opts = PackOptions(shard_size=args.shard_size, workers=args.workers, seed=args.seed, splits=splits,
                        image_size=args.image_size, quality=args.quality, keep_source=not args.reencode,
                        layout=args.layout, val_fraction=args.val_fraction)
-    manifest = pack(args.src, args.out, opts)
+    from vae_dist.data.remote import is_url
+
+    if is_url(args.out):  # packed under --staging, then uploaded, manifest.json last
+        from vae_dist.data.pack import pack_to_url
+
+        manifest = pack_to_url(args.src, args.out, opts, staging=args.staging)
+    else:
+        manifest = pack(args.src, args.out, opts)
     print(summary(manifest))
     print(f"shards and manifest.json in {args.out}")
     return 0
@@ -199,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "with the reason.")
     s.add_argument("src", metavar="SRC", help="a Tiny ImageNet folder, a folder of class folders or of images, "
                    "or a .zip of one")
-    s.add_argument("out", metavar="OUT", help="shard folder to write (packing again replaces its shards whole)")
+    s.add_argument("out", metavar="OUT", help="shard folder to write (packing again replaces its shards whole), or an "
+                   "s3://bucket/prefix/ URL: packed locally, then uploaded, manifest.json last")
     s.add_argument("--shard-size", type=int, default=5000, help="samples per tar")
     s.add_argument("--workers", type=int, default=0, help="decode processes (0: all cores)")
     s.add_argument("--seed", type=int, default=0, help="seed of the global shuffle")
@@ -213,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
     s.add_argument("--reencode", action="store_true", help="re-encode every image, even RGB JPEGs already at "
                    "--image-size")
+    s.add_argument("--staging", metavar="DIR", help="where a pack to a URL is written before the upload "
+                   "(default: $TMPDIR; it needs the shards' size free)")
     s.set_defaults(run=_pack)
 
     s = _command(sub, "verify", "check every shard against manifest.json (sha256, counts, complete samples)")

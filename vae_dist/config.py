@@ -25,7 +25,7 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotun
 
 @dataclass
 class DataConfig:
-    shards: str = "shards"  # folder holding manifest.json and the shards
+    shards: str = "shards"  # folder holding manifest.json and the shards, or an https:// or s3:// URL of one
     loader: Literal["auto", "dali", "webdataset"] = "auto"  # the data loader; auto: DALI when importable, else webdataset
     decode: Literal["auto", "gpu", "cpu"] = "auto"  # DALI decode device; auto: gpu when CUDA
     num_threads: int | None = None  # DALI CPU threads / PyTorch loader workers per process; auto: cores / local processes
@@ -36,6 +36,10 @@ class DataConfig:
     flip: bool = True  # random horizontal flip on train
     cache: Literal["auto", "none", "ram", "gpu"] = "auto"  # decode train+val once (uint8); auto: into the GPU if they fit
     cache_budget: float = 0.5  # data.cache=auto caches when the decoded splits fit in this share of free memory
+    shard_cache: str | None = None  # where shards read from a URL are kept; auto: ~/.cache/vae-dist/shards/<URL's hash>/
+    shard_cache_gb: float = 50.0  # the shard cache's bound on disk; a URL's set larger than it streams in shard order
+    shard_prefetch: int = 4  # shards fetched ahead of use from a URL, on background threads
+    fetch_retries: int = 5  # tries per request to a URL (backoff 0.5 s doubling), then one line naming it
     verify: bool = False  # before training: `vae-dist verify` (every sha256; ~10 s for Tiny ImageNet); sizes are always checked
 
 
@@ -363,6 +367,9 @@ def validate(cfg: Config) -> None:
         ("data.hw_decoder_load", d.hw_decoder_load, 0 <= d.hw_decoder_load <= 1, "in [0, 1]"),
         ("data.prefetch", d.prefetch, d.prefetch > 0, "positive"),
         ("data.shuffle_buffer", d.shuffle_buffer, d.shuffle_buffer > 0, "positive"),
+        ("data.shard_cache_gb", d.shard_cache_gb, d.shard_cache_gb > 0, "positive"),
+        ("data.shard_prefetch", d.shard_prefetch, d.shard_prefetch > 0, "positive"),
+        ("data.fetch_retries", d.fetch_retries, d.fetch_retries > 0, "positive"),
         ("optim.lr", optim.lr, optim.lr > 0, "positive"),
         ("optim.eps", optim.eps, optim.eps > 0, "positive"),
         ("optim.weight_decay", optim.weight_decay, optim.weight_decay >= 0, "0 or more"),

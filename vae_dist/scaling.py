@@ -126,18 +126,31 @@ def table(profile: dict, gpu: Gpu, cluster: Cluster, *, wire_bytes: int, accum: 
     return lines
 
 
-def epochs_table(profile: dict, gpu: Gpu, cluster: Cluster, images: int, epochs: int = 20) -> list[str]:
-    """Time to `epochs` epochs of `images` (training steps only: no compile, no data cache)."""
-    lines = ["| GPUs | per-GPU batch | global batch | steps per epoch | img/s | time to 20 epochs |",
-             "|---|---|---|---|---|---|"]
+# bytes a training image costs on the wire when shards stream from a URL: a sample's share of
+# its tar (the 64x64 JPEG, ~2.1 KB at pack's quality 95, plus ~1.8 KB of tar headers, padding
+# and the 4-byte label's 512-byte block), measured on the GPU check's packed sample set
+SHARD_BYTES_PER_IMAGE = 3900
+
+
+def epochs_table(profile: dict, gpu: Gpu, cluster: Cluster, images: int, epochs: int = 20,
+                 bytes_per_image: int = SHARD_BYTES_PER_IMAGE) -> list[str]:
+    """Time to `epochs` epochs of `images` (training steps only: no compile, no data cache), and
+    the shard bandwidth each node needs to stream them at that speed (img/s per node x bytes per
+    image): what a link to object storage must carry when the set does not fit the shard cache."""
+    lines = ["| GPUs | per-GPU batch | global batch | steps per epoch | img/s | time to 20 epochs | "
+             "data per node, streamed |",
+             "|---|---|---|---|---|---|---|"]
     for g in GPU_COUNTS:
         for b in BATCHES:
             if b * g > images // 4:  # fewer than 4 steps an epoch: not a training run
                 continue
             r = step_time(batch=b, gpus=g, gpu=gpu, cluster=cluster, wire_bytes=2, **_model(profile))
             steps = images // (b * g)
+            nodes = -(-g // cluster.gpus_per_node)
+            per_node = r["img_per_s"] / nodes * bytes_per_image
             lines.append(f"| {g} | {b} | {b * g:,} | {steps:,} | {r['img_per_s'] / 1e3:,.0f}k | "
-                         f"{steps * epochs * r['step_s']:.1f} s |")
+                         f"{steps * epochs * r['step_s']:.1f} s | {per_node / 1e9:.2f} GB/s "
+                         f"({per_node * 8 / 1e9:.0f} Gb/s) |")
     return lines
 
 

@@ -400,3 +400,43 @@ def summary(manifest: dict) -> str:
                      f"(listing took {manifest.get('list_seconds', 0):.1f} s)")
     return "\n".join(lines)
 
+
+
+# -- OUT at a URL: pack here, then upload ------------------------------------------------------
+def pack_to_url(src_path: str | Path, url: str, opts: PackOptions | None = None, staging: str | None = None,
+                retries: int = 5) -> dict:
+    """`vae-dist pack SRC s3://bucket/prefix/`: packs into a local folder (under `staging`, else
+    $TMPDIR), then uploads it. The bucket is asked first, so refused credentials or a wrong
+    endpoint are one line before the hours a pack can take, not after."""
+    import tempfile
+
+    from vae_dist.data.remote import open_remote
+
+    remote = open_remote(url, retries=retries)
+    remote.exists(MANIFEST)  # reachable, and the credentials are accepted
+    local = Path(tempfile.mkdtemp(prefix="vae-dist-pack-", dir=staging))
+    try:
+        manifest = pack(src_path, local, opts)
+        upload_set(local, remote, manifest)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    return manifest
+
+
+def upload_set(folder: Path, remote, manifest: dict) -> None:
+    """Uploads a packed folder: an old manifest.json at the URL goes first, then every shard and
+    index (multipart, retried: the Remote's), the new manifest.json last. A reader of the URL so
+    sees the old set whole, no set (one line: no manifest.json there), or the new set whole;
+    never a manifest naming shards not yet there. Progress: one line a shard on stderr."""
+    files = [name for info in manifest["splits"].values() for shard in info["shards"]
+             for name in (shard["file"], shard["index"])]
+    total = sum((folder / name).stat().st_size for name in files)
+    remote.delete(MANIFEST)
+    sent, t0 = 0, time.perf_counter()
+    for n, name in enumerate(files, start=1):
+        remote.upload(folder / name, name)
+        sent += (folder / name).stat().st_size
+        rate = sent / max(time.perf_counter() - t0, 1e-9) / 1e6
+        print(f"uploaded {n}/{len(files)} files, {_size(sent)} of {_size(total)} ({rate:.1f} MB/s) to {remote.url}",
+              file=sys.stderr, flush=True)
+    remote.upload(folder / MANIFEST, MANIFEST)
