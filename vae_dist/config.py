@@ -30,7 +30,7 @@ class DataConfig:
     decode: Literal["auto", "gpu", "cpu"] = "auto"  # DALI decode device; auto: gpu when CUDA
     num_threads: int | None = None  # DALI CPU threads / PyTorch loader workers per process; auto: cores / local processes
     prefetch: int = 2  # DALI prefetch queue depth
-    shuffle_buffer: int = 4096  # webdataset loader's shuffle buffer (DALI and the cache permute the whole split)
+    shuffle_buffer: int = 4096  # webdataset loader's shuffle buffer, shuffle=global (DALI and the cache permute the whole split)
     shuffle: Literal["auto", "global", "shards"] = "auto"  # train order: global or shards (blocks per rank); auto: global locally
     shuffle_block: int = 16  # shuffle=shards: shards shuffled together (class-sorted: batch-mix TV 0.99 at 1, 0.87 at 16)
     hw_decoder_load: float = 0.65  # DALI mixed decode: share of images sent to the GPU's hardware JPEG decoder
