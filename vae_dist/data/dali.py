@@ -8,7 +8,7 @@ pipeline could not give together:
   rebuilt, and nothing leaked, per epoch (DALI leaks ~0.5 MiB of host memory per build);
 - a global shuffle: each epoch is a permutation of the whole split (the same on every rank,
   each rank its slice `perm[rank::world]`), as in the GPU cache, instead of a tar order plus
-  a shuffle buffer;
+  a shuffle buffer (or, with data.shuffle=shards, blocks of shards per rank: partition.py);
 - exact resume: the order and the flips are functions of (seed, epoch, rank) alone, so a
   run resumed at batch k of an epoch sees the very batches an unbroken run would have.
 """
@@ -90,15 +90,17 @@ shard_pipeline = pipeline_def(enable_conditionals=False)(_pipeline) if HAVE_DALI
 class DaliLoader:
     """Batches (images uint8 NCHW, labels int64) of one split for one rank.
 
-    train=True: a new global permutation every epoch, flipped, exactly `steps_per_epoch` full
-    batches on every rank (the smallest rank part decides, so no rank waits in a collective).
+    train=True: a new order every epoch (`shuffle`: a global permutation, or blocks of shards), flipped,
+    exactly `steps_per_epoch` full batches on every rank (the smallest rank part decides, so no rank
+    waits in a collective).
     train=False: every sample of the rank's contiguous part once, in shard order, the last
     batch partial. `limit`: only the split's first `limit` samples (the same ones for any world).
     """
 
     def __init__(self, paths, index_paths, count, batch_size, *, rank=0, world=1, train=True,
                  gpu_id: int | None = None, num_threads=4, prefetch=2, seed=0, flip=True,
-                 image_size=64, hw_decoder_load=0.65, limit: int | None = None, fancy_upsampling: bool = True):
+                 image_size=64, hw_decoder_load=0.65, limit: int | None = None, fancy_upsampling: bool = True,
+                 shuffle: str = "global", shuffle_block: int = 1):
         if not HAVE_DALI:
             raise DataError("NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
         self.index = ShardIndex(paths, index_paths)
@@ -110,6 +112,9 @@ class DaliLoader:
         self.gpu_id, self.num_threads, self.prefetch = gpu_id, num_threads, prefetch
         self.seed, self.flip, self.image_size = seed, flip and train, image_size
         self.hw_decoder_load, self.fancy_upsampling = hw_decoder_load, fancy_upsampling
+        # the train order (partition.epoch_order): 'global', or 'shards' in blocks of `shuffle_block` shards
+        self.shuffle, self.shuffle_block = shuffle, shuffle_block
+        self.shard_counts = np.bincount(self.index.tar[:self.count].astype(np.int64), minlength=len(self.index.tar_paths))
         self.steps_per_epoch = steps_per_epoch(self.count, batch_size, rank, world, train)
         self._it = None
         self._position = None  # (epoch, batch) the pipeline delivers next
@@ -121,7 +126,8 @@ class DaliLoader:
         pipe = shard_pipeline(
             _BatchStream(self.index, functools.partial(epoch_order, count=self.count, rank=self.rank,
                                                        world=self.world, train=self.train, seed=self.seed,
-                                                       flip=self.flip),
+                                                       flip=self.flip, shuffle=self.shuffle,
+                                                       counts=self.shard_counts, block=self.shuffle_block),
                          self.batch_size, self.steps_per_epoch, epoch, batch, self._fed), decode, self.image_size,
             self.hw_decoder_load, self.fancy_upsampling, batch_size=self.batch_size, num_threads=self.num_threads,
             device_id=self.gpu_id,  # None: a CPU-only pipeline

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from vae_dist.data import available_cores, dali
-from vae_dist.data.partition import epoch_order, steps_per_epoch
+from vae_dist.data.partition import epoch_order, resolve_shuffle, steps_per_epoch
 from vae_dist.data.shards import ShardSet
 from vae_dist.data.tar_decode import decode_split_on_cpus
 from vae_dist.data.torch_loaders import WebDatasetLoader, have_webdataset
@@ -54,6 +54,12 @@ def resolve_decode(decode: str, device: torch.device) -> str:
     return decode
 
 
+def train_shuffle(shards: ShardSet, data_cfg) -> tuple[str, str]:
+    """(the train order, 'global' or 'shards', why) for data.shuffle over this shard set: a local
+    folder keeps the global permutation under `auto` (every rank reads it from disk at no cost)."""
+    return resolve_shuffle(data_cfg.shuffle, data_bytes=0, cache_bytes=None, remote=False)
+
+
 def build_loader(shards: ShardSet, data_cfg, split: str, batch_size: int, *, rank: int, world: int,
                  device: torch.device, train: bool, seed: int, limit: int | None = None):
     """The streaming loader for `split` as configured (DALI or webdataset); `limit`: only the
@@ -61,6 +67,7 @@ def build_loader(shards: ShardSet, data_cfg, split: str, batch_size: int, *, ran
     files = shards.files(split)
     kind = resolve_loader_kind(data_cfg.loader)
     threads = data_cfg.num_threads if data_cfg.num_threads is not None else default_threads()
+    order = {"shuffle": train_shuffle(shards, data_cfg)[0], "shuffle_block": data_cfg.shuffle_block}
     if kind == "dali":
         gpu_id = device.index if device.index is not None else 0
         loader = dali.DaliLoader(
@@ -68,12 +75,12 @@ def build_loader(shards: ShardSet, data_cfg, split: str, batch_size: int, *, ran
             gpu_id=gpu_id if resolve_decode(data_cfg.decode, device) == "gpu" else None,
             num_threads=threads, prefetch=data_cfg.prefetch, seed=seed, flip=data_cfg.flip,
             image_size=shards.image_size, hw_decoder_load=data_cfg.hw_decoder_load, limit=limit,
-            fancy_upsampling=data_cfg.fancy_upsampling,
+            fancy_upsampling=data_cfg.fancy_upsampling, **order,
         )
         return _OnDevice(loader, device)
     return WebDatasetLoader(files.tars, files.counts, batch_size, rank=rank, world=world, train=train,
                             num_workers=threads, seed=seed, flip=data_cfg.flip,
-                            buffer=data_cfg.shuffle_buffer, device=device, limit=limit)
+                            buffer=data_cfg.shuffle_buffer, device=device, limit=limit, **order)
 
 
 class _OnDevice:
@@ -96,20 +103,23 @@ class _OnDevice:
 class CachedLoader:
     """The whole split decoded once into (device) memory as uint8; an epoch is a shuffled
     gather plus a flip on the device. Tiny ImageNet's train split is 100k x 12 KiB = 1.2 GB.
-    Every rank holds all of it, so each epoch is a fresh global permutation."""
+    Every rank holds all of it, so each epoch is a fresh global permutation, or (shuffle='shards',
+    `counts` samples per shard) the streaming loaders' blocks of shards, for the same order as theirs."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, rank=0, world=1,
-                 train=True, seed=0, flip=True):
+                 train=True, seed=0, flip=True, shuffle="global", shuffle_block=1, counts=None):
         self.images, self.labels = images, labels
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.train, self.seed, self.flip = train, seed, flip and train
+        self.shuffle, self.shuffle_block, self.counts = shuffle, shuffle_block, counts
         self.steps_per_epoch = steps_per_epoch(images.shape[0], batch_size, rank, world, train)
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         device = self.images.device
         # the same order and flips as the DALI loader, drawn for the whole epoch on the host and
         # moved once: a resumed epoch (skip > 0) gathers and flips the same images
-        ids, flips = epoch_order(epoch, self.images.shape[0], self.rank, self.world, self.train, self.seed, self.flip)
+        ids, flips = epoch_order(epoch, self.images.shape[0], self.rank, self.world, self.train, self.seed, self.flip,
+                                 shuffle=self.shuffle, counts=self.counts, block=self.shuffle_block)
         perm = torch.from_numpy(ids).to(device)
         flips = torch.from_numpy(flips).to(device) if self.flip else None
         for step in range(skip, self.steps_per_epoch):
@@ -186,11 +196,13 @@ def build_train_and_val(shards: ShardSet, data_cfg, batch_size: int, *, rank: in
                                   seed=seed, limit=limit)
                      for split, train, limit, size in splits)
     target = device if cache == "gpu" else torch.device("cpu")
+    order = {"shuffle": train_shuffle(shards, data_cfg)[0], "shuffle_block": data_cfg.shuffle_block,
+             "counts": shards.files("train").counts}  # val is read in order: the order is train's
     loaders = []
     for split, train, limit, size in splits:
         images, labels = decode_split(shards, data_cfg, split, target)
         loaders.append(_OnDevice(CachedLoader(images[:limit], labels[:limit], size, rank=rank, world=world,
-                                              train=train, seed=seed, flip=data_cfg.flip), device))
+                                              train=train, seed=seed, flip=data_cfg.flip, **order), device))
     return tuple(loaders)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vae_dist.data.partition import epoch_order, epoch_seed, rank_seed, steps_per_epoch
+from vae_dist.data.partition import epoch_order, epoch_seed, rank_seed, shard_of, shards_in_use, steps_per_epoch
 from vae_dist.data.shards import damaged_sample, decode_failure, decode_label, decode_rgb
 from vae_dist.errors import DataError
 
@@ -29,7 +29,8 @@ def _starts(sizes) -> np.ndarray:
 
 
 def epoch_plan(counts: list[int], batch_size: int, steps: int, epoch: int, rank: int, world: int, train: bool,
-               seed: int, flip: bool, window: int) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
+               seed: int, flip: bool, window: int, shuffle: str = "global",
+               block: int = 1) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
     """(sample ids per batch, flips per batch, the epoch's shard order) of one rank, decided
     before a byte is read, from (seed, epoch, rank) alone, so a resumed epoch is the same epoch.
 
@@ -37,19 +38,24 @@ def epoch_plan(counts: list[int], batch_size: int, steps: int, epoch: int, rank:
     cache (every sample every epoch but the remainder cut to whole batches, which moves between
     epochs; a new mix of ranks each epoch), cut to `steps` batches. A stream reads the shards
     in order, so these samples are taken in the epoch's shard order and shuffled within
-    windows of `window` samples (the shuffle buffer, made exact). val: the rank's contiguous
-    part in shard order, the last batch partial."""
+    windows of `window` samples (the shuffle buffer, made exact). shuffle='shards': the rank's
+    samples in the DALI loader's very order (blocks of `block` shards, shuffled within), and the
+    rank reads only the shards they lie in, in order of first use (no shuffle buffer: the block
+    is one). val: the rank's contiguous part in shard order, the last batch partial."""
     count = sum(counts)
     shards = list(range(len(counts)))
-    ids, flips = epoch_order(epoch, count, rank, world, train, seed, flip)
-    if train:
+    ids, flips = epoch_order(epoch, count, rank, world, train, seed, flip, shuffle=shuffle, counts=counts, block=block)
+    if train and shuffle == "shards":
+        ids, flips = ids[:steps * batch_size], flips[:steps * batch_size]
+        shards = shards_in_use(ids, counts)
+    elif train:
         random.Random(epoch_seed(seed, epoch)).shuffle(shards)
         ids, flips = ids[:steps * batch_size], flips[:steps * batch_size]
         first = _starts(counts)  # each shard's first sample id
-        shard_of = np.repeat(np.arange(len(counts)), counts)
+        shard = shard_of(counts)[ids]
         read_at = np.empty(len(counts), dtype=np.int64)  # where each shard starts in this epoch's stream
         read_at[shards] = _starts(np.asarray(counts)[shards])
-        order = np.argsort(read_at[shard_of[ids]] + ids - first[shard_of[ids]], kind="stable")
+        order = np.argsort(read_at[shard] + ids - first[shard], kind="stable")
         rng = np.random.default_rng(rank_seed(seed, epoch, rank))
         for lo in range(0, len(order), window):
             rng.shuffle(order[lo:lo + window])
@@ -91,8 +97,10 @@ class _ShardBatches(IterableDataset):
         pending = {b: [None] * len(self.batches[b]) for b in mine}
         missing = {b: len(self.batches[b]) for b in mine}
         first = _starts(self.counts).tolist()
-        shard_at = {self.paths[s]: s for s in self.shard_order}
-        urls = [self.paths[s] for s in self.shard_order]
+        # only the shards this worker's batches lie in (a resumed epoch, a rank's blocks of shards)
+        needed = set(shard_of(self.counts)[np.concatenate([self.batches[b] for b in mine])].tolist())
+        shard_at = {self.paths[s]: s for s in self.shard_order if s in needed}
+        urls = list(shard_at)
         ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
         url, position, ready, turn = None, 0, {}, 0
         for sample in ds:
@@ -158,7 +166,7 @@ class WebDatasetLoader:
     `counts`: samples per tar; `limit`: only the first `limit` samples (val's train.eval_images)."""
 
     def __init__(self, paths, counts, batch_size, *, rank=0, world=1, train=True, num_workers=4,
-                 seed=0, flip=True, buffer=4096, device="cpu", limit=None):
+                 seed=0, flip=True, buffer=4096, device="cpu", limit=None, shuffle="global", shuffle_block=1):
         if not have_webdataset():
             raise DataError("data.loader=webdataset but the webdataset package is not installed (pip install webdataset)")
         counts = _cut(list(counts), limit)
@@ -167,11 +175,13 @@ class WebDatasetLoader:
         self.rank, self.world, self.train = rank, world, train
         self.num_workers, self.seed, self.flip = num_workers, seed, flip and train
         self.buffer, self.device = buffer, torch.device(device)
+        self.shuffle, self.shuffle_block = shuffle, shuffle_block  # the train order: partition.epoch_order
         self.steps_per_epoch = steps_per_epoch(sum(self.counts), batch_size, rank, world, train)
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches, flips, shards = epoch_plan(self.counts, self.batch_size, self.steps_per_epoch, epoch, self.rank,
-                                            self.world, self.train, self.seed, self.flip, self.buffer)
+                                            self.world, self.train, self.seed, self.flip, self.buffer,
+                                            self.shuffle, self.shuffle_block)
         ds = _ShardBatches(self.paths, self.counts, batches, flips, shards, skip)
         # a generator of its own: starting the workers draws their base seed from it, not from
         # the global torch RNG (the reparameterization noise that checkpoints save and restore)
