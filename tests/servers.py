@@ -38,6 +38,11 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
 
 
+class _Server(ThreadingHTTPServer):
+    allow_reuse_address = True  # start() again on the port stop() left (its connections in TIME_WAIT)
+    daemon_threads = True
+
+
 class FaultyHTTPServer:
     """Serves `root` at http://127.0.0.1:PORT/. Fault controls: `fail_next(n)`, `cut_next(name)`,
     `throttle(bytes_per_s)`; `stop()` and `start()` again on the same port. `requests` counts the
@@ -104,9 +109,7 @@ class FaultyHTTPServer:
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up or the server stopped
                     pass
 
-        ThreadingHTTPServer.allow_reuse_address = True
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._httpd.daemon_threads = True
+        self._httpd = _Server(("127.0.0.1", self.port), Handler)
         threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def stop(self) -> None:
