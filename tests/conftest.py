@@ -182,3 +182,66 @@ def library_warnings(stderr: str) -> list[str]:
     import re
 
     return [line for line in stderr.splitlines() if re.search(r"\b\w*Warning: ", line)]
+
+
+# -- servers on the loopback for shards at a URL (tests/servers.py) --------------------------
+
+
+@pytest.fixture
+def http_server(tmp_path_factory):
+    """A FaultyHTTPServer serving `http_server.root` (a new empty folder, not in tmp_path) at
+    `http_server.url`; fault controls: fail_next(n), cut_next(name), throttle(bytes_per_s), stop()/start()."""
+    from .servers import FaultyHTTPServer
+
+    server = FaultyHTTPServer(tmp_path_factory.mktemp("served"))
+    yield server
+    server.stop()
+
+
+def _moto(check_credentials: bool):
+    if not have("moto"):
+        pytest.skip("moto is not installed (pip install 'vae-dist[dev]')")
+    from .servers import MotoServer
+
+    return MotoServer(check_credentials=check_credentials)
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """moto's S3 API server on the loopback, started once per session (~1 s)."""
+    server = _moto(check_credentials=False)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def moto_checking_credentials():
+    """A second moto server that refuses keys it does not know (INITIAL_NO_AUTH_ACTION_COUNT=0)."""
+    server = _moto(check_credentials=True)
+    yield server
+    server.close()
+
+
+def aws_env(monkeypatch, endpoint: str) -> dict:
+    """The standard AWS variables of a test pointed at `endpoint` (boto3 reads them itself), the
+    user's own (~/.aws, AWS_PROFILE) kept out; processes the test starts inherit them."""
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test-key-id", "AWS_SECRET_ACCESS_KEY": "test-secret-do-not-print",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+@pytest.fixture
+def s3(moto_server, monkeypatch):
+    """A new, empty bucket on `moto_server` with the test's AWS variables set: `s3.url(prefix)`
+    is its s3:// folder URL, `s3.put(key, data)` and `s3.put_folder(folder, prefix)` fill it,
+    `s3.client` is a boto3 client of it."""
+    import uuid
+
+    from .servers import S3Bucket
+
+    aws_env(monkeypatch, moto_server.endpoint)
+    return S3Bucket(f"vae-dist-{uuid.uuid4().hex[:12]}")
