@@ -132,6 +132,11 @@ class Remote:
                         f"expected {expected}, twice (a transfer cut short, or the object at the source differs "
                         f"from the manifest: pack or index it again)")
 
+    def delete(self, name: str) -> None:
+        """Member `name` removed (gone already is fine): pack takes an old manifest.json away first."""
+        raise DataError(f"cannot write to an http(s) URL ({self.describe(name)}): upload to s3://, "
+                        "or copy the folder to the server by its own means")
+
     def upload(self, src: Path, name: str) -> None:
         """Local file `src` to member `name`."""
         raise DataError(f"cannot write to an http(s) URL ({self.describe(name)}): upload to s3://, "
@@ -367,6 +372,9 @@ class S3Remote(Remote):
 
     def _head(self, name: str) -> None:
         self._client().head_object(Bucket=self.bucket, Key=self._key(name))
+
+    def delete(self, name: str) -> None:
+        self._retrying(name, lambda: self._client().delete_object(Bucket=self.bucket, Key=self._key(name)))
 
     def upload(self, src: Path, name: str) -> None:
         from boto3.s3.transfer import TransferConfig
