@@ -140,7 +140,7 @@ def decode_split(shards: ShardSet, data_cfg, split: str, device: torch.device) -
         files = shards.files(split)
         threads = data_cfg.num_threads if data_cfg.num_threads is not None else default_threads()
         images, labels = decode_split_on_cpus(files.tars, files.idxs, count, shards.image_size, workers=threads,
-                                              labels=files.labels, resize=shards.resize)
+                                              label_paths=files.labels, resize=shards.resize)
         return images.to(device), labels.to(device)
     loader = build_loader(shards, data_cfg, split, min(256, max(1, count)), rank=0, world=1, device=device,
                           train=False, seed=0)

@@ -50,21 +50,22 @@ def pool_workers(shards: int, workers: int | None = None) -> int:
     return max(1, min(cores, shards))
 
 
-def decode_split_on_cpus(tars, idxs, count: int, image_size: int, workers: int | None = None, labels=None,
-                         resize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_split_on_cpus(tars, idxs, count: int, image_size: int, workers: int | None = None,
+                         label_paths=None, resize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of a split as uint8 (N, 3, S, S) and its labels (int64), both on the host,
     in shard order. One process decodes in place; more fork workers (cheap: torch is loaded,
     and they touch no CUDA), each returning one shard's arrays."""
     images = torch.empty(count, 3, image_size, image_size, dtype=torch.uint8)
     labels = torch.empty(count, dtype=torch.long)
     n = pool_workers(len(tars), workers)
-    labels = list(labels) if labels else [None] * len(tars)
+    label_paths = list(label_paths) if label_paths else [None] * len(tars)  # an indexed set's side files
     if n == 1:
-        parts = (decode_shard(t, i, image_size, y, resize) for t, i, y in zip(tars, idxs, labels))
+        parts = (decode_shard(t, i, image_size, y, resize) for t, i, y in zip(tars, idxs, label_paths))
         return _gather(parts, images, labels, count)
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     with ProcessPoolExecutor(max_workers=n, mp_context=context) as pool:
-        parts = pool.map(decode_shard, tars, idxs, [image_size] * len(tars), labels, [resize] * len(tars))
+        parts = pool.map(decode_shard, tars, idxs, [image_size] * len(tars), label_paths,
+                         [resize] * len(tars))
         return _gather(parts, images, labels, count)
 
 
