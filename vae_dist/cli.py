@@ -41,6 +41,17 @@ def _pack(args) -> int:
     return 0
 
 
+def _index(args) -> int:
+    from vae_dist.data.index import IndexOptions, index_shards, summary
+
+    opts = IndexOptions(image_size=args.image_size, label=args.label, val_shards=args.val_shards,
+                        val_fraction=args.val_fraction, seed=args.seed)
+    manifest = index_shards(args.shards, args.out, opts)
+    print(summary(manifest))
+    print(f"manifest.json and .idx files in {args.out or args.shards}: train with --data.shards={args.out or args.shards}")
+    return 0
+
+
 def _verify(args) -> int:
     from vae_dist.data.verify import verify
     from vae_dist.errors import DataError, counted
@@ -224,6 +235,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--staging", metavar="DIR", help="where a pack to a URL is written before the upload "
                    "(default: $TMPDIR; it needs the shards' size free)")
     s.set_defaults(run=_pack)
+
+    s = _command(sub, "index", "WebDataset tars another tool wrote (img2dataset's) -> manifest.json + .idx, "
+                 "no repacking",
+                 description="Each tar's samples are its members grouped by key; the image is the jpg, jpeg, png or\n"
+                             "webp member (a sample without one is skipped and counted). Images may be of any size:\n"
+                             "each is resized (shorter side to --image-size) and centre-cropped at decode.\n"
+                             "Labels (--label): auto = cls where any sample has a .cls member, else none; cls = the\n"
+                             ".cls member's text; json:KEY = that key of the .json member; none = -1 for all.\n"
+                             "Integers are the labels; other values are class names, numbered in sorted order.\n"
+                             "The .idx and .labels files and manifest.json go beside the tars, or into --out DIR\n"
+                             "(a read-only source): that manifest records where the tars are (shard_base).")
+    s.add_argument("shards", metavar="SHARDS", help="folder of WebDataset .tar files (e.g. img2dataset's output)")
+    s.add_argument("--out", metavar="DIR", default=None, help="folder for the index (default: SHARDS itself)")
+    s.add_argument("--image-size", type=int, default=64, help="height and width the images are resized and "
+                   "cropped to, a multiple of 16 from 16 to 512")
+    s.add_argument("--label", default="auto", metavar="RULE", help="where labels come from: auto, cls, json:KEY "
+                   "or none (see above)")
+    s.add_argument("--val-shards", type=int, default=None, metavar="N", help="hold out the last N tars whole as val")
+    s.add_argument("--val-fraction", type=float, default=None, metavar="F",
+                   help="hold out this share of the samples as val, chosen by --seed (default: 0.05 when "
+                        "--val-shards is not given)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the --val-fraction draw")
+    s.set_defaults(run=_index)
 
     s = _command(sub, "verify", "check every shard against manifest.json (sha256, counts, complete samples)")
     s.add_argument("dir", metavar="DIR", help="shard folder (holds manifest.json)")

@@ -63,7 +63,7 @@ class _BatchStream:
                 self._flips[rows].astype(np.int32).reshape(-1, 1))
 
 
-def _pipeline(stream, decode, image_size, hw_decoder_load, fancy_upsampling=True):
+def _pipeline(stream, decode, image_size, hw_decoder_load, fancy_upsampling=True, resize=False):
     jpegs, labels, mirror = fn.external_source(source=stream, num_outputs=3, batch=True,
                                                dtype=[types.UINT8, types.INT32, types.INT32])
     extra = {"hw_decoder_load": hw_decoder_load} if decode == "mixed" else {}
@@ -74,7 +74,11 @@ def _pipeline(stream, decode, image_size, hw_decoder_load, fancy_upsampling=True
     images = fn.decoders.image(jpegs, device=decode, output_type=types.RGB, jpeg_fancy_upsampling=fancy_upsampling,
                                **extra)
     # pack made every image SxS; the crop (padding if ever smaller) only guarantees a dense
-    # batch without paying for a resize of images that are already the right size.
+    # batch without paying for a resize of images that are already the right size. An indexed
+    # set's images vary (resize=True): the shorter side to S first, on the decode's device, then
+    # the same crop takes the centre.
+    if resize:
+        images = fn.resize(images, resize_shorter=image_size, antialias=True)
     images = fn.crop_mirror_normalize(
         images, crop=(image_size, image_size), out_of_bounds_policy="pad", mirror=mirror,
         dtype=types.UINT8, output_layout="CHW",
@@ -100,10 +104,10 @@ class DaliLoader:
     def __init__(self, paths, index_paths, count, batch_size, *, rank=0, world=1, train=True,
                  gpu_id: int | None = None, num_threads=4, prefetch=2, seed=0, flip=True,
                  image_size=64, hw_decoder_load=0.65, limit: int | None = None, fancy_upsampling: bool = True,
-                 shuffle: str = "global", shuffle_block: int = 1):
+                 shuffle: str = "global", shuffle_block: int = 1, label_paths=None, resize: bool = False):
         if not HAVE_DALI:
             raise DataError("NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
-        self.index = ShardIndex(paths, index_paths)
+        self.index = ShardIndex(paths, index_paths, label_paths)  # label_paths: an indexed set's side files
         if len(self.index) != count:
             raise DataError(f"the .idx files of {paths[0]}... list {len(self.index)} samples, manifest says {count}")
         # limit: the first `limit` samples only (val's train.eval_images), divided among the ranks
@@ -111,7 +115,7 @@ class DaliLoader:
         self.rank, self.world, self.train = rank, world, train
         self.gpu_id, self.num_threads, self.prefetch = gpu_id, num_threads, prefetch
         self.seed, self.flip, self.image_size = seed, flip and train, image_size
-        self.hw_decoder_load, self.fancy_upsampling = hw_decoder_load, fancy_upsampling
+        self.hw_decoder_load, self.fancy_upsampling, self.resize = hw_decoder_load, fancy_upsampling, resize
         # the train order (partition.epoch_order): 'global', or 'shards' in blocks of `shuffle_block` shards
         self.shuffle, self.shuffle_block = shuffle, shuffle_block
         self.shard_counts = np.bincount(self.index.tar[:self.count].astype(np.int64), minlength=len(self.index.tar_paths))
@@ -129,7 +133,7 @@ class DaliLoader:
                                                        flip=self.flip, shuffle=self.shuffle,
                                                        counts=self.shard_counts, block=self.shuffle_block),
                          self.batch_size, self.steps_per_epoch, epoch, batch, self._fed), decode, self.image_size,
-            self.hw_decoder_load, self.fancy_upsampling, batch_size=self.batch_size, num_threads=self.num_threads,
+            self.hw_decoder_load, self.fancy_upsampling, self.resize, batch_size=self.batch_size, num_threads=self.num_threads,
             device_id=self.gpu_id,  # None: a CPU-only pipeline
             prefetch_queue_depth=self.prefetch, seed=rank_seed(self.seed, epoch, self.rank),
         )
@@ -180,6 +184,6 @@ class DaliLoader:
         self.close()
         for ids in self._fed:
             for sample_id in ids.tolist():
-                reason = undecodable(bytes(self.index.jpegs(np.array([sample_id]))[0]))
+                reason = undecodable(bytes(self.index.jpegs(np.array([sample_id]))[0]), self.index.ext(sample_id))
                 if reason is not None:
                     raise damaged_sample(*self.index.where(sample_id), reason) from None

@@ -75,12 +75,13 @@ def build_loader(shards: ShardSet, data_cfg, split: str, batch_size: int, *, ran
             gpu_id=gpu_id if resolve_decode(data_cfg.decode, device) == "gpu" else None,
             num_threads=threads, prefetch=data_cfg.prefetch, seed=seed, flip=data_cfg.flip,
             image_size=shards.image_size, hw_decoder_load=data_cfg.hw_decoder_load, limit=limit,
-            fancy_upsampling=data_cfg.fancy_upsampling, **order,
+            fancy_upsampling=data_cfg.fancy_upsampling, label_paths=files.labels, resize=shards.resize, **order,
         )
         return _OnDevice(loader, device)
     return WebDatasetLoader(files.tars, files.counts, batch_size, rank=rank, world=world, train=train,
                             num_workers=threads, seed=seed, flip=data_cfg.flip,
-                            buffer=data_cfg.shuffle_buffer, device=device, limit=limit, **order)
+                            buffer=data_cfg.shuffle_buffer, device=device, limit=limit, idxs=files.idxs,
+                            label_paths=files.labels, image_size=shards.image_size, resize=shards.resize, **order)
 
 
 class _OnDevice:
@@ -148,7 +149,8 @@ def decode_split(shards: ShardSet, data_cfg, split: str, device: torch.device) -
     if cache_fill(data_cfg) == "cpu-pool":
         files = shards.files(split)
         threads = data_cfg.num_threads if data_cfg.num_threads is not None else default_threads()
-        images, labels = decode_split_on_cpus(files.tars, files.idxs, count, shards.image_size, workers=threads)
+        images, labels = decode_split_on_cpus(files.tars, files.idxs, count, shards.image_size, workers=threads,
+                                              label_paths=files.labels, resize=shards.resize)
         return images.to(device), labels.to(device)
     loader = build_loader(shards, data_cfg, split, min(256, max(1, count)), rank=0, world=1, device=device,
                           train=False, seed=0)

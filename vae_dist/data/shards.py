@@ -4,6 +4,12 @@ One sample = `<key>.jpg` (RGB JPEG, SxS) + `<key>.label` (the class id as 4 byte
 little-endian int32, which DALI reads with dtypes=INT32). The `.idx` file is the format
 DALI's wds2idx writes (v1.2), produced here from the offsets we write. `ShardSet` is a shard
 folder as a run reads it, once: the manifest's facts and each split's files.
+
+Sets that `vae-dist index` describes (tars other tools wrote, e.g. img2dataset's) differ in
+three ways, all read here: the image member is any of IMAGE_EXTS, of any size (the manifest
+says `"resize": true`: every image is resized and centre-cropped to SxS at decode); the labels
+live in a side file per shard and split (int32 little-endian, one per `.idx` line) or are -1;
+and an `.idx` may list a subset of its tar (a val fraction: one tar, a train and a val .idx).
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from vae_dist.files import sha256_file, write_atomic
 
 MANIFEST = "manifest.json"
 EXTENSIONS = ("jpg", "label")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the image member of a sample, by extension (index.py)
+FORMAT_INDEXED = "vae-dist-index/1"  # manifest.json's "format" of a set `vae-dist index` described
 # what a sample key may hold: a dot would split the WebDataset key, a space the .idx line
 _KEY_CHARS = "A-Za-z0-9_-"
 _SAFE_KEY = re.compile(f"^[{_KEY_CHARS}]+$")
@@ -40,6 +48,18 @@ def safe_key(text: str) -> str:
 
 def is_safe_key(key: str) -> bool:
     return bool(_SAFE_KEY.match(key))
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """(key, ext) of a tar member: the key ends at the first dot of the base name, as WebDataset
+    and DALI's wds2idx split it."""
+    dot = name.find(".", name.rfind("/") + 1)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
+
+
+def image_ext(parts) -> str | None:
+    """The image component of a sample's components (an .idx line's, or a WebDataset sample's keys)."""
+    return next((ext for ext in IMAGE_EXTS if ext in parts), None)
 
 
 def parse_index_line(line: str) -> dict[str, tuple[int, int]]:
@@ -85,11 +105,34 @@ def decode_failure(error: RuntimeError) -> str:
     return (found.group(1) if found else text.splitlines()[0] if text else "not a JPEG")[:120]
 
 
-def undecodable(jpeg: bytes) -> str | None:
-    """Why a sample's JPEG does not decode (None: it does)."""
+def decode_any(data, ext: str = "jpg"):
+    """A sample's image member as uint8 (3, H, W): JPEG by `decode_rgb`, png and webp by
+    torchvision's decode_image (the members `vae-dist index` accepts)."""
+    if ext in ("jpg", "jpeg"):
+        return decode_rgb(data)
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
+
+    if len(data) == 0:
+        raise RuntimeError("an empty image")
+    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def fit_square(image, size: int):
+    """uint8 (3, H, W) -> (3, size, size): the shorter side resized to `size` (antialiased), then
+    the centre cropped; what DALI's fn.resize(resize_shorter) + centre crop do for a set of mixed sizes."""
+    from torchvision.transforms.v2 import functional as F
+
+    if image.shape[-2:] != (size, size):
+        image = F.center_crop(F.resize(image, size, antialias=True), [size, size])
+    return image
+
+
+def undecodable(jpeg: bytes, ext: str = "jpg") -> str | None:
+    """Why a sample's image does not decode (None: it does)."""
     try:
         with _quiet_stderr():  # libjpeg prints its warnings there; the reason is in the error
-            decode_rgb(jpeg)
+            decode_any(jpeg, ext)
     except RuntimeError as e:
         return decode_failure(e)
     return None
@@ -226,6 +269,10 @@ def _check_shape(manifest) -> None:
            "a list of class names", required=False)
     _field(manifest, "words", "words", lambda v: isinstance(v, dict) and all(isinstance(t, str) for t in v.values()),
            "an object of class name -> text", required=False)
+    # a set `vae-dist index` described: images of any size, and maybe tars in another folder
+    _field(manifest, "resize", "resize", lambda v: isinstance(v, bool), "true or false", required=False)
+    _field(manifest, "shard_base", "shard_base", lambda v: isinstance(v, str) and v != "",
+           "the folder of the tars (a path, absolute or relative to the manifest's folder)", required=False)
     splits = _field(manifest, "splits", "splits", lambda v: isinstance(v, dict), "an object of split -> its shards")
     for split, info in splits.items():
         name = f"splits.{split}"
@@ -243,6 +290,9 @@ def _check_shape(manifest) -> None:
             for digest in ("sha256", "index_sha256"):  # index_sha256: packs since issue 43
                 _field(shard, digest, f"{at}.{digest}", lambda v: isinstance(v, str), "a sha256 in hex",
                        required=digest == "sha256")
+            # an indexed set's labels: a side file beside the .idx (where a member held them)
+            if _field(shard, "labels", f"{at}.labels", _in_folder, _IN_FOLDER, required=False) is not None:
+                _field(shard, "labels_sha256", f"{at}.labels_sha256", lambda v: isinstance(v, str), "a sha256 in hex")
 
 
 @dataclass(frozen=True)
@@ -253,6 +303,8 @@ class SplitFiles:
     idxs: tuple[str, ...]
     counts: tuple[int, ...]  # samples per shard
     count: int
+    # per shard, its side file of labels (an indexed set's) or None (labels in `.label` members, or -1)
+    labels: tuple[str | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -266,6 +318,8 @@ class ShardSet:
     image_size: int
     class_names: tuple[str, ...]  # readable names in label order (words.txt text, else the wnid)
     counts: dict[str, int]  # images per split, for the splits the manifest holds
+    # an indexed set's images vary in size: each is resized and centre-cropped to SxS at decode
+    resize: bool = False
     _files: dict[str, SplitFiles] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -275,12 +329,18 @@ class ShardSet:
             words = manifest.get("words", {})
             return cls(root=str(root), manifest=manifest, image_size=int(manifest["image_size"]),
                        class_names=tuple(words.get(w, w) for w in manifest.get("classes", [])),
-                       counts={name: int(info["count"]) for name, info in manifest.get("splits", {}).items()})
+                       counts={name: int(info["count"]) for name, info in manifest.get("splits", {}).items()},
+                       resize=bool(manifest.get("resize", False)))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise DataError(f"corrupt {Path(root) / MANIFEST}: no valid {e} (pack the shards again)") from None
 
     def count(self, split: str) -> int:
         return self.counts.get(split, 0)
+
+    @property
+    def tar_dir(self) -> Path:
+        """Where the tars are: the shard folder, or an indexed set's `shard_base` (relative to it)."""
+        return tar_dir(self.root, self.manifest)
 
     def identity(self) -> dict:
         """What a checkpoint records of the data it was trained on: the folder, and a digest of
@@ -305,21 +365,34 @@ class ShardSet:
         info = self.manifest.get("splits", {}).get(split)
         if info is None or not info.get("shards"):
             raise DataError(f"split '{split}' is not in {Path(self.root) / MANIFEST}")
-        tars, idxs = [], []
+        tars, idxs, labels = [], [], []
         for shard in info["shards"]:
-            tar, idx = Path(self.root) / shard["file"], Path(self.root) / shard["index"]
+            tar, idx = self.tar_dir / shard["file"], Path(self.root) / shard["index"]
             if not tar.is_file() or not idx.is_file():
                 raise DataError(f"missing shard {tar.name if not tar.is_file() else idx.name} in {self.root}")
             if tar.stat().st_size != shard["bytes"]:
                 raise DataError(f"corrupt shard {tar}: {tar.stat().st_size} bytes, manifest says {shard['bytes']}")
             self._check_index(idx, shard)
+            labels.append(self._check_labels(shard))
             tars.append(str(tar))
             idxs.append(str(idx))
         counts = tuple(s["count"] for s in info["shards"])
         if sum(counts) != info["count"]:
             raise DataError(f"corrupt {Path(self.root) / MANIFEST}: the {split} shards' counts add up to {sum(counts)}, "
                             f"splits.{split}.count says {info['count']} (pack the shards again)")
-        return SplitFiles(tuple(tars), tuple(idxs), counts, info["count"])
+        return SplitFiles(tuple(tars), tuple(idxs), counts, info["count"], tuple(labels))
+
+    def _check_labels(self, shard: dict) -> str | None:
+        """An indexed shard's side file of labels, checked whole (4 bytes a sample: cheap)."""
+        if "labels" not in shard:
+            return None
+        path = Path(self.root) / shard["labels"]
+        if not path.is_file():
+            raise DataError(f"missing shard labels {path.name} in {self.root} (`vae-dist index` writes them)")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != shard["labels_sha256"]:
+            raise DataError(f"corrupt shard labels {path}: its sha256 is not the one {MANIFEST} records: "
+                            f"`vae-dist index` again writes them anew")
+        return str(path)
 
     def _check_index(self, idx: Path, shard: dict) -> None:
         """The shard's `.idx` against the manifest: its digest where pack recorded one, and its
@@ -337,6 +410,42 @@ class ShardSet:
                             f"checks every shard, and packing again replaces them")
 
 
+def tar_dir(root: str | Path, manifest: dict) -> Path:
+    """The folder of a set's tars: its own, or `shard_base` (absolute, or relative to `root`)."""
+    return Path(root) / manifest.get("shard_base", ".")
+
+
+def is_indexed(manifest: dict) -> bool:
+    """A set `vae-dist index` described (tars another tool wrote), not one `pack` wrote."""
+    return manifest.get("format") == FORMAT_INDEXED
+
+
+def read_labels(path: str | Path | None, count: int) -> np.ndarray:
+    """A side file's labels (int32 little-endian, one per .idx line), or -1 for each where there is none."""
+    if path is None:
+        return np.full(count, -1, dtype=np.int32)
+    labels = np.fromfile(path, dtype="<i4").astype(np.int32)
+    if len(labels) != count:
+        raise DataError(f"corrupt shard labels {path}: {len(labels)} labels for {count} samples "
+                        f"(`vae-dist index` again writes them anew)")
+    return labels
+
+
+def index_keys(idx: str | Path) -> list[tuple[str, str, bool]]:
+    """(key, image ext, whether a `.label` member holds its label) of each sample an `.idx` lists,
+    in its order: how the webdataset loader finds a streamed sample's id by its key (an .idx may
+    list a subset of its tar)."""
+    out = []
+    for n, line in enumerate(Path(idx).read_text().splitlines()[1:], start=2):
+        fields = line.split()
+        ext = image_ext(fields[0::4])
+        if ext is None or len(fields) % 4:
+            raise DataError(f"{idx} line {n} lists no image member ({line[:80]!r}): `vae-dist verify "
+                            f"{Path(idx).parent}` checks every line")
+        out.append((split_name(fields[3])[0], ext, "label" in fields[0::4]))
+    return out
+
+
 def _check_bounds(idx, line: int, parts: dict[str, tuple[int, int]], tar_bytes: int) -> None:
     """One `.idx` line's components lie inside the tar and the label is 4 bytes: a damaged index
     is one line here, not a failure deep inside DALI (`vae-dist verify` checks every member)."""
@@ -345,18 +454,22 @@ def _check_bounds(idx, line: int, parts: dict[str, tuple[int, int]], tar_bytes: 
             raise DataError(f"corrupt shard index {idx}: line {line} puts its {ext} at bytes {offset}-{offset + size}, "
                             f"past the end of its tar ({tar_bytes} bytes): `vae-dist verify {Path(idx).parent}` "
                             f"checks every line, packing again replaces it")
-    if parts["label"][1] != 4:
+    if "label" in parts and parts["label"][1] != 4:
         raise DataError(f"corrupt shard index {idx}: line {line} gives its label {parts['label'][1]} bytes, a label is 4: "
                         f"`vae-dist verify {Path(idx).parent}` checks every line, packing again replaces it")
 
 
 class ShardIndex:
-    """Where each sample's JPEG lies (tar, offset, size), read from the `.idx` files, and its label."""
+    """Where each sample's image lies (tar, offset, size), read from the `.idx` files, and its label.
 
-    def __init__(self, tar_paths, idx_paths):
+    The image is the line's jpg (or jpeg, png, webp) component; the label its `.label` member's,
+    else the shard's side file's (`label_paths`, an indexed set's), else -1."""
+
+    def __init__(self, tar_paths, idx_paths, label_paths=None):
         self.tar_paths, self.idx_paths = list(tar_paths), list(idx_paths)
+        label_paths = list(label_paths) if label_paths else [None] * len(self.tar_paths)
         self.maps, self.arrays = [], []  # the mmaps, and a uint8 view of each (slicing a view is cheap)
-        tars, offsets, sizes, labels = [], [], [], []
+        tars, offsets, sizes, labels, exts = [], [], [], [], []
         for t, (tar, idx) in enumerate(zip(tar_paths, idx_paths)):
             with open(tar, "rb") as f:
                 self.maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
@@ -368,16 +481,27 @@ class ShardIndex:
                 except ValueError:
                     raise DataError(f"{idx} line {n} does not parse ({line[:80]!r}; a sample key with a space?): "
                                     f"pack the data again with `vae-dist pack`") from None
-                if "jpg" not in parts or "label" not in parts:
-                    raise DataError(f"{idx}: a sample without jpg or label ({line[:80]})")
+                ext = image_ext(parts)
+                if ext is None:
+                    raise DataError(f"{idx}: a sample without an image ({line[:80]})")
                 _check_bounds(idx, n, parts, len(self.maps[t]))
-                (jpg_at, jpg_size), (label_at, label_size) = parts["jpg"], parts["label"]
+                at, size = parts[ext]
                 tars.append(t)
-                offsets.append(jpg_at)
-                sizes.append(jpg_size)
-                labels.append(decode_label(self.maps[t][label_at:label_at + label_size]))
+                offsets.append(at)
+                sizes.append(size)
+                exts.append(IMAGE_EXTS.index(ext))
+                if "label" in parts:
+                    label_at, label_size = parts["label"]
+                    labels.append(decode_label(self.maps[t][label_at:label_at + label_size]))
+                else:
+                    labels.append(None)  # from the side file, or -1
+            if label_paths[t] is not None:  # an indexed shard's: one per line, -1 where no member held one
+                labels[len(labels) - len(lines):] = read_labels(label_paths[t], len(lines)).tolist()
+        labels = [-1 if label is None else label for label in labels]  # no label anywhere: -1
         self.tar, self.offset, self.end = np.array(tars), np.array(offsets), np.array(offsets) + np.array(sizes)
         self.labels = np.array(labels, dtype=np.int32)
+        self.exts = np.array(exts, dtype=np.uint8)  # each sample's image extension, as IMAGE_EXTS[i]
+
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -387,7 +511,10 @@ class ShardIndex:
         t = int(self.tar[sample_id])
         line = int(sample_id - np.searchsorted(self.tar, t))  # its line in the tar's .idx, after the header
         name = Path(self.idx_paths[t]).read_text().splitlines()[1 + line].split()[3]
-        return self.tar_paths[t], name.rpartition(".")[0]
+        return self.tar_paths[t], split_name(name)[0]
+
+    def ext(self, sample_id: int) -> str:
+        return IMAGE_EXTS[int(self.exts[sample_id])]
 
     def close(self) -> None:
         """Unmaps the tars (a view still held keeps its map open until it is dropped)."""

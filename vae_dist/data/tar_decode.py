@@ -17,19 +17,23 @@ import numpy as np
 import torch
 
 from vae_dist.data import available_cores
-from vae_dist.data.shards import ShardIndex, damaged_sample, decode_failure, decode_rgb
+from vae_dist.data.shards import ShardIndex, damaged_sample, decode_any, decode_failure, fit_square
 from vae_dist.errors import DataError
 
 
-def decode_shard(tar: str, idx: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 (n, 3, S, S), labels int32 (n,)) of one shard, in its order."""
-    index = ShardIndex([tar], [idx])
+def decode_shard(tar: str, idx: str, image_size: int, labels: str | None = None, resize: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (n, 3, S, S), labels int32 (n,)) of one shard, in its order. `labels`: an
+    indexed shard's side file; `resize`: its images vary in size (resized and centre-cropped)."""
+    index = ShardIndex([tar], [idx], [labels])
     images = np.empty((len(index), 3, image_size, image_size), dtype=np.uint8)
     for i, jpeg in enumerate(index.jpegs(np.arange(len(index)))):
         try:
-            x = decode_rgb(jpeg)
+            x = decode_any(jpeg, index.ext(i))
         except RuntimeError as e:
             raise damaged_sample(*index.where(i), decode_failure(e)) from None
+        if resize:
+            x = fit_square(x, image_size)
         if tuple(x.shape) != (3, image_size, image_size):
             tar_path, key = index.where(i)
             raise DataError(f"sample {key} in {tar_path} is {x.shape[2]}x{x.shape[1]}, the manifest says "
@@ -46,20 +50,22 @@ def pool_workers(shards: int, workers: int | None = None) -> int:
     return max(1, min(cores, shards))
 
 
-def decode_split_on_cpus(tars, idxs, count: int, image_size: int, workers: int | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_split_on_cpus(tars, idxs, count: int, image_size: int, workers: int | None = None,
+                         label_paths=None, resize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of a split as uint8 (N, 3, S, S) and its labels (int64), both on the host,
     in shard order. One process decodes in place; more fork workers (cheap: torch is loaded,
     and they touch no CUDA), each returning one shard's arrays."""
     images = torch.empty(count, 3, image_size, image_size, dtype=torch.uint8)
     labels = torch.empty(count, dtype=torch.long)
     n = pool_workers(len(tars), workers)
+    label_paths = list(label_paths) if label_paths else [None] * len(tars)  # an indexed set's side files
     if n == 1:
-        parts = (decode_shard(t, i, image_size) for t, i in zip(tars, idxs))
+        parts = (decode_shard(t, i, image_size, y, resize) for t, i, y in zip(tars, idxs, label_paths))
         return _gather(parts, images, labels, count)
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     with ProcessPoolExecutor(max_workers=n, mp_context=context) as pool:
-        parts = pool.map(decode_shard, tars, idxs, [image_size] * len(tars))
+        parts = pool.map(decode_shard, tars, idxs, [image_size] * len(tars), label_paths,
+                         [resize] * len(tars))
         return _gather(parts, images, labels, count)
 
 

@@ -19,7 +19,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vae_dist.data.partition import epoch_order, epoch_seed, rank_seed, shard_of, shards_in_use, steps_per_epoch
-from vae_dist.data.shards import damaged_sample, decode_failure, decode_label, decode_rgb
+from vae_dist.data.shards import (
+    damaged_sample,
+    decode_any,
+    decode_failure,
+    decode_label,
+    fit_square,
+    index_keys,
+    read_labels,
+)
 from vae_dist.errors import DataError
 
 
@@ -72,9 +80,13 @@ class _ShardBatches(IterableDataset):
     reads the stream (cheap), keeps the JPEG bytes of its own pending batches only, decodes a
     batch once its last sample has been read and stops reading when it has them all."""
 
-    def __init__(self, paths, counts, batches, flips, shard_order, skip):
+    def __init__(self, paths, counts, batches, flips, shard_order, skip, samples=None, image_size=None):
         self.paths, self.counts, self.batches, self.flips = paths, counts, batches, flips
         self.shard_order, self.skip = shard_order, skip
+        # per shard, its .idx's samples by key: {key: (position, image ext, label)}, the label None
+        # where a `.label` member holds it; None: by position in the tar (no .idx files given);
+        # image_size: resize to it at decode
+        self.samples, self.image_size = samples, image_size
 
     def __iter__(self):
         """The worker's batches; a DataError crosses to the main process as a `Refused` item,
@@ -106,18 +118,26 @@ class _ShardBatches(IterableDataset):
         for sample in ds:
             if sample["__url__"] != url:
                 url, position = sample["__url__"], 0
-            # every sample read, used or not: a member that is no file (a link) is skipped by
-            # webdataset, and the sample it belonged to comes without it
-            _check_complete(sample)
-            sample_id = first[shard_at[url]] + position
-            position += 1
+            if self.samples is None:
+                # every sample read, used or not: a member that is no file (a link) is skipped by
+                # webdataset, and the sample it belonged to comes without it
+                _check_complete(sample)
+                sample_id, ext, label = first[shard_at[url]] + position, "jpg", None
+                position += 1
+            else:  # by key: an .idx may list a subset of its tar (a val fraction), or skip samples
+                found = self.samples[shard_at[url]].get(sample["__key__"])
+                if found is None or found[0] >= self.counts[shard_at[url]]:
+                    continue
+                sample_id, ext, label = first[shard_at[url]] + found[0], found[1], found[2]
+                _check_complete(sample, ext, label is None)  # (the .idx lists a label member)
             if sample_id not in slot_of:
                 continue
             b, k = slot_of.pop(sample_id)
-            pending[b][k] = (sample["jpg"], decode_label(sample["label"]), sample["__key__"], url)
+            label = decode_label(sample["label"]) if label is None else label
+            pending[b][k] = (sample[ext], label, sample["__key__"], url, ext)
             missing[b] -= 1
             if missing[b] == 0:
-                ready[b] = _decode(pending.pop(b), self.flips[b])
+                ready[b] = _decode(pending.pop(b), self.flips[b], self.image_size)
             while turn < len(mine) and mine[turn] in ready:
                 yield ready.pop(mine[turn])
                 turn += 1
@@ -127,8 +147,8 @@ class _ShardBatches(IterableDataset):
             raise DataError(f"the shards hold fewer samples than manifest.json lists ({len(slot_of)} not found)")
 
 
-def _check_complete(sample: dict) -> None:
-    lacks = [ext for ext in ("jpg", "label") if ext not in sample]
+def _check_complete(sample: dict, image: str = "jpg", label: bool = True) -> None:
+    lacks = [ext for ext in (image, "label") if ext not in sample and (ext != "label" or label)]
     if lacks:
         tar = sample["__url__"]
         raise DataError(f"sample {sample.get('__key__')} in {tar} lacks {' and '.join(lacks)} (a link or other member "
@@ -145,13 +165,16 @@ class Refused:
         self.message = message
 
 
-def _decode(items, flips):
+def _decode(items, flips, resize_to=None):
+    """A batch's images decoded (and resized to `resize_to`, an indexed set's image size), flipped."""
     images = []
-    for (jpeg, _, key, url), flip in zip(items, flips):
+    for (data, _, key, url, ext), flip in zip(items, flips):
         try:
-            img = decode_rgb(jpeg)
+            img = decode_any(data, ext)
         except RuntimeError as e:  # its reason is in the error: no second decode
             raise damaged_sample(url, key, decode_failure(e)) from None
+        if resize_to is not None:
+            img = fit_square(img, resize_to)
         images.append(img.flip(-1) if flip else img)
     return torch.stack(images), torch.tensor([item[1] for item in items])
 
@@ -166,7 +189,8 @@ class WebDatasetLoader:
     `counts`: samples per tar; `limit`: only the first `limit` samples (val's train.eval_images)."""
 
     def __init__(self, paths, counts, batch_size, *, rank=0, world=1, train=True, num_workers=4,
-                 seed=0, flip=True, buffer=4096, device="cpu", limit=None, shuffle="global", shuffle_block=1):
+                 seed=0, flip=True, buffer=4096, device="cpu", limit=None, shuffle="global", shuffle_block=1,
+                 idxs=None, label_paths=None, image_size=None, resize=False):
         if not have_webdataset():
             raise DataError("data.loader=webdataset but the webdataset package is not installed (pip install webdataset)")
         counts = _cut(list(counts), limit)
@@ -177,12 +201,15 @@ class WebDatasetLoader:
         self.buffer, self.device = buffer, torch.device(device)
         self.shuffle, self.shuffle_block = shuffle, shuffle_block  # the train order: partition.epoch_order
         self.steps_per_epoch = steps_per_epoch(sum(self.counts), batch_size, rank, world, train)
+        # each streamed sample's id found by its key in the .idx files (they may list a subset of a tar)
+        self.samples = _samples_by_key(idxs[:used], list(label_paths or [None] * used)[:used]) if idxs else None
+        self.resize_to = image_size if resize else None
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches, flips, shards = epoch_plan(self.counts, self.batch_size, self.steps_per_epoch, epoch, self.rank,
                                             self.world, self.train, self.seed, self.flip, self.buffer,
                                             self.shuffle, self.shuffle_block)
-        ds = _ShardBatches(self.paths, self.counts, batches, flips, shards, skip)
+        ds = _ShardBatches(self.paths, self.counts, batches, flips, shards, skip, self.samples, self.resize_to)
         # a generator of its own: starting the workers draws their base seed from it, not from
         # the global torch RNG (the reparameterization noise that checkpoints save and restore)
         loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
@@ -195,6 +222,19 @@ class WebDatasetLoader:
 
     def close(self) -> None:
         pass  # each epoch's DataLoader workers end with its iterator
+
+
+def _samples_by_key(idxs, label_paths) -> list[dict]:
+    """Per shard {key: (its line in the .idx, image ext, label)}: the webdataset loader's map from a
+    streamed sample to its id. The label: the side file's, else None where the line lists a
+    `.label` member (read from the sample), else -1."""
+    out = []
+    for idx, labels in zip(idxs, label_paths):
+        keys = index_keys(idx)
+        values = read_labels(labels, len(keys)).tolist() if labels is not None else [-1] * len(keys)
+        out.append({key: (n, ext, None if labels is None and member else values[n])
+                    for n, (key, ext, member) in enumerate(keys)})
+    return out
 
 
 def _cut(counts: list[int], limit: int | None) -> list[int]:

@@ -4,6 +4,11 @@ Checks what a loader's start-up check cannot afford: the sha256 of each tar, eve
 complete and unique, every `.idx` line against the tar's members (each sample's key, each
 component's offset and size), and the manifest's own shape (at load: `load_manifest`). Its
 measured cost: the README, data.verify.
+
+A set `vae-dist index` described (tars another tool wrote) is checked for what that promises:
+each `.idx` line names a sample of its tar (in tar order, a subset where the val split took a
+fraction) with an image member, its components where the tar holds them; the side file of
+labels whole; the tars' other members are not ours to judge.
 """
 
 from __future__ import annotations
@@ -12,7 +17,16 @@ import hashlib
 import tarfile
 from pathlib import Path
 
-from vae_dist.data.shards import EXTENSIONS, is_safe_key, load_manifest, parse_index_line
+from vae_dist.data.shards import (
+    EXTENSIONS,
+    image_ext,
+    is_indexed,
+    is_safe_key,
+    load_manifest,
+    parse_index_line,
+    split_name,
+    tar_dir,
+)
 from vae_dist.files import sha256_file
 
 
@@ -22,10 +36,13 @@ def verify(shard_dir: str | Path, manifest: dict | None = None) -> list[str]:
     shard_dir = Path(shard_dir)
     manifest = load_manifest(shard_dir) if manifest is None else manifest
     problems = []
+    tars = tar_dir(shard_dir, manifest)
+    scanned: dict[str, tuple] = {}  # an indexed tar read once for its train and its val .idx
     for split, info in manifest.get("splits", {}).items():
         total = 0
         for shard in info.get("shards", []):
-            problems += _verify_shard(shard_dir, shard)
+            problems += (_verify_indexed_shard(shard_dir, tars, shard, scanned) if is_indexed(manifest)
+                         else _verify_shard(shard_dir, shard))
             total += shard.get("count", 0)
         if total != info.get("count"):
             problems.append(f"{split}: shard counts add up to {total}, manifest says {info.get('count')}")
@@ -72,6 +89,93 @@ def _verify_shard(shard_dir: Path, shard: dict) -> list[str]:
         problems.append(f"{shard['index']}: missing")
     else:
         problems += _verify_index(idx_path, shard, members)
+    return problems
+
+
+def _verify_indexed_shard(shard_dir: Path, tars: Path, shard: dict, scanned: dict) -> list[str]:
+    tar_path = tars / shard["file"]
+    if not tar_path.is_file():
+        return [f"{shard['file']}: missing (in {tars})"]
+    if shard["file"] not in scanned:
+        scanned[shard["file"]] = _scan(tar_path, shard)
+    samples, problems = scanned[shard["file"]]
+    problems = list(problems)  # the tar's own problems, said for each of its .idx files
+    idx_path = shard_dir / shard["index"]
+    if not idx_path.is_file():
+        return problems + [f"{shard['index']}: missing"]
+    data = idx_path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != shard.get("index_sha256", hashlib.sha256(data).hexdigest()):
+        problems.append(f"{shard['index']}: sha256 mismatch (edited or damaged)")
+    lines = data.decode(errors="replace").splitlines()
+    header = lines[0].split() if lines else []
+    if header != ["v1.2", str(shard["count"])] or len(lines) - 1 != shard["count"]:
+        problems.append(f"{shard['index']}: does not index {shard['count']} samples")
+    order = {key: n for n, key in enumerate(samples)}
+    last, seen = -1, set()
+    for n, line in enumerate(lines[1:], start=2):
+        why = _indexed_line_differs(line, samples, order, last, seen)
+        if why:
+            problems.append(f"{shard['index']}: line {n} {why}: the index does not match its tar")
+            break
+        key = split_name(line.split()[3])[0]
+        last = order[key]
+        seen.add(key)
+    problems += _verify_labels(shard_dir, shard)
+    return problems
+
+
+def _scan(tar_path: Path, shard: dict) -> tuple[dict, list[str]]:
+    """({key: {ext: (offset, size, name)}} of a tar's file members, in tar order; its problems)."""
+    problems = []
+    if sha256_file(tar_path) != shard["sha256"]:
+        problems.append(f"{shard['file']}: sha256 mismatch (corrupt, truncated or changed since it was indexed)")
+    samples: dict[str, dict[str, tuple[int, int, str]]] = {}
+    try:
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                if member.isreg():
+                    key, ext = split_name(member.name)
+                    samples.setdefault(key, {})[ext] = (member.offset_data, member.size, member.name)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        problems.append(f"{shard['file']}: unreadable tar ({e})")
+    return samples, problems
+
+
+def _indexed_line_differs(line: str, samples: dict, order: dict, last: int, seen: set) -> str | None:
+    try:
+        parts = parse_index_line(line)
+    except ValueError:
+        return "does not parse as 'ext offset size name' per component"
+    if image_ext(parts) is None:
+        return "lists no image member (jpg, jpeg, png or webp)"
+    key = split_name(line.split()[3])[0]
+    if key not in samples:
+        return f"lists sample {key}, which the tar does not hold"
+    if key in seen:
+        return f"lists sample {key} twice"
+    if order[key] < last:
+        return f"lists sample {key} out of the tar's order"
+    why = _line_differs(line, samples[key])
+    if why is None and set(parts) - set(samples[key]):
+        return f"lists a component of {key} the tar does not hold"
+    if why is None and samples[key][image_ext(parts)][1] == 0:
+        return f"gives sample {key} an empty image"
+    return why
+
+
+def _verify_labels(shard_dir: Path, shard: dict) -> list[str]:
+    if "labels" not in shard:
+        return []
+    path = shard_dir / shard["labels"]
+    if not path.is_file():
+        return [f"{shard['labels']}: missing"]
+    data = path.read_bytes()
+    problems = []
+    if hashlib.sha256(data).hexdigest() != shard["labels_sha256"]:
+        problems.append(f"{shard['labels']}: sha256 mismatch (edited or damaged)")
+    if len(data) != 4 * shard["count"]:
+        problems.append(f"{shard['labels']}: {len(data)} bytes, {shard['count']} labels of 4 bytes are "
+                        f"{4 * shard['count']}")
     return problems
 
 
