@@ -31,8 +31,10 @@ from vae_dist.data.loaders import (
     fit_model_to_shards,
     resolve_decode,
     resolve_loader_kind,
+    train_shuffle,
     verify_shards,
 )
+from vae_dist.data.fetch import FetchOptions
 from vae_dist.data.partition import check_batch_fits
 from vae_dist.data.shards import ShardSet
 from vae_dist.distributed import check_comm_hook, check_ddp_knobs, make_accelerator, print_once, rank_zero_decides
@@ -62,7 +64,7 @@ class Trainer:
         self.device, self.world, self.rank = acc.device, acc.num_processes, acc.process_index
         self.run_dir = Path(cfg.train.out_dir)
         self.lock = lock or RunFolderLock(self.run_dir)  # rank 0's, held by `train`: it tells a lost folder
-        self.shards = shards or ShardSet.open(cfg.data.shards)  # the only read of manifest.json
+        self.shards = shards or ShardSet.open(cfg.data.shards, FetchOptions.of(cfg.data))  # the only read of manifest.json
         self.data_identity = self.shards.identity()  # what each checkpoint records it was trained on
         # a forward sees a micro-batch; an optimizer step takes grad_accum_steps of them per process
         self.micro_batch, self.accum_steps = per_process_batch(cfg.train, self.world), cfg.train.grad_accum_steps
@@ -278,7 +280,8 @@ class Trainer:
             "batch_per_process": self.micro_batch, "grad_accum_steps": self.accum_steps,
             "global_batch": self.batch_size * self.world, **self.describe_ddp(),
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-            "loader": loader, **fill, "start_step": self.state.step, "data": self.data_choice, "resumes": self.state.resumes,
+            "loader": loader, **fill, "order": train_shuffle(self.shards, self.cfg.data)[0],
+            "start_step": self.state.step, "data": self.data_choice, "resumes": self.state.resumes,
             "data_digest": self.data_identity["digest"],
         }
 
@@ -333,7 +336,7 @@ def train(cfg: Config) -> int:
     try:
         # rank 0 reads the shard folder before the run folder is touched, and every rank gets that
         # same ShardSet: one read of manifest.json per run, and a bad folder is one line
-        shards = rank_zero_decides(accelerator, lambda: ShardSet.open(cfg.data.shards))
+        shards = rank_zero_decides(accelerator, lambda: ShardSet.open(cfg.data.shards, FetchOptions.of(cfg.data)))
         adopt_shard_size(cfg.model, shards)  # every rank alike; a set value is checked in refuse_early
         rank_zero_decides(accelerator, lambda: refuse_early(cfg, shards, accelerator))
         check_comm_hook(accelerator, cfg.train.ddp_comm_hook)  # collective: every rank probes the backend

@@ -41,11 +41,17 @@ class _BatchStream:
     reference to its loader, so a dropped loader frees its pipeline (and DALI's threads) at once."""
 
     def __init__(self, index: ShardIndex, order, batch_size: int, steps: int, epoch: int, batch: int,
-                 fed: collections.deque):
+                 fed: collections.deque, feed=None):
         self.index, self.order, self.batch_size, self.steps = index, order, batch_size, steps
         self.epoch, self.batch = epoch, batch
-        self._ids, self._flips = order(epoch)
         self.fed = fed  # the sample ids of the last batches handed to DALI: where a decode error lies
+        self.feed = feed  # tars at a URL, streamed: fetched ahead, unmapped behind (fetch.StreamFeed)
+        self._start_epoch(epoch, batch)
+
+    def _start_epoch(self, epoch: int, batch: int) -> None:
+        self._ids, self._flips = self.order(epoch)
+        if self.feed is not None:
+            self.feed.start(self._ids[:self.steps * self.batch_size], self.batch_size, batch)
 
     def __iter__(self):
         return self
@@ -53,10 +59,14 @@ class _BatchStream:
     def __next__(self):
         if self.batch >= self.steps:
             self.epoch, self.batch = self.epoch + 1, 0
-            self._ids, self._flips = self.order(self.epoch)
+            self._start_epoch(self.epoch, 0)
         rows = slice(self.batch * self.batch_size, (self.batch + 1) * self.batch_size)
-        self.batch += 1
         ids = self._ids[rows]
+        if self.feed is not None:  # DALI copied the batches before this one: their tars may go
+            self.index.release(self.feed.done_before(self.batch))
+            for t, path in self.feed.shards_of(ids):
+                self.index.open([t], path_of=lambda _, path=path: path)
+        self.batch += 1
         self.fed.append(ids)
         # labels and flags as one dense (n, 1) array each; the JPEGs as views into the tars
         return (self.index.jpegs(ids), self.index.labels[ids].reshape(-1, 1),
@@ -104,10 +114,14 @@ class DaliLoader:
     def __init__(self, paths, index_paths, count, batch_size, *, rank=0, world=1, train=True,
                  gpu_id: int | None = None, num_threads=4, prefetch=2, seed=0, flip=True,
                  image_size=64, hw_decoder_load=0.65, limit: int | None = None, fancy_upsampling: bool = True,
-                 shuffle: str = "global", shuffle_block: int = 1, label_paths=None, resize: bool = False):
+                 shuffle: str = "global", shuffle_block: int = 1, label_paths=None, resize: bool = False,
+                 fetch=None, fetch_ahead: int = 4):
         if not HAVE_DALI:
             raise DataError("NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
-        self.index = ShardIndex(paths, index_paths, label_paths)  # label_paths: an indexed set's side files
+        # label_paths: an indexed set's side files; fetch: the tars stream from a URL (fetch.TarFetch)
+        self.index = ShardIndex(paths, index_paths, label_paths, fetch=fetch)
+        self.fetch, self.fetch_ahead = fetch, fetch_ahead
+        self._feed = None
         if len(self.index) != count:
             raise DataError(f"the .idx files of {paths[0]}... list {len(self.index)} samples, manifest says {count}")
         # limit: the first `limit` samples only (val's train.eval_images), divided among the ranks
@@ -127,12 +141,18 @@ class DaliLoader:
 
     def _build(self, epoch: int, batch: int):
         decode = "mixed" if self.gpu_id is not None else "cpu"
+        if self.fetch is not None:
+            from vae_dist.data.fetch import StreamFeed
+            from vae_dist.data.partition import shard_of
+
+            self._feed = StreamFeed(self.fetch, self.fetch_ahead, shard_of(self.shard_counts))
         pipe = shard_pipeline(
             _BatchStream(self.index, functools.partial(epoch_order, count=self.count, rank=self.rank,
                                                        world=self.world, train=self.train, seed=self.seed,
                                                        flip=self.flip, shuffle=self.shuffle,
                                                        counts=self.shard_counts, block=self.shuffle_block),
-                         self.batch_size, self.steps_per_epoch, epoch, batch, self._fed), decode, self.image_size,
+                         self.batch_size, self.steps_per_epoch, epoch, batch, self._fed, self._feed), decode,
+            self.image_size,
             self.hw_decoder_load, self.fancy_upsampling, self.resize, batch_size=self.batch_size, num_threads=self.num_threads,
             device_id=self.gpu_id,  # None: a CPU-only pipeline
             prefetch_queue_depth=self.prefetch, seed=rank_seed(self.seed, epoch, self.rank),
@@ -156,7 +176,13 @@ class DaliLoader:
         if self._it is not None:
             for pipe in getattr(self._it, "_pipes", []):
                 pipe._shutdown()
-        self._it = self._position = None
+        if self._feed is not None:
+            self._feed.close()
+        self._it = self._position = self._feed = None
+
+    def fetch_stats(self) -> dict | None:
+        """The link's stats of a loader streaming from a URL (fetch.StreamFeed), else None."""
+        return self._feed.stats() if self._feed is not None else None
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yields the epoch's batches after the first `skip` (a resumed run's position)."""

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from vae_dist.data import available_cores, dali
+from vae_dist.data.fetch import stderr_line
 from vae_dist.data.partition import epoch_order, resolve_shuffle, steps_per_epoch
 from vae_dist.data.shards import ShardSet
 from vae_dist.data.tar_decode import decode_split_on_cpus
@@ -56,8 +57,25 @@ def resolve_decode(decode: str, device: torch.device) -> str:
 
 def train_shuffle(shards: ShardSet, data_cfg) -> tuple[str, str]:
     """(the train order, 'global' or 'shards', why) for data.shuffle over this shard set: a local
-    folder keeps the global permutation under `auto` (every rank reads it from disk at no cost)."""
-    return resolve_shuffle(data_cfg.shuffle, data_bytes=0, cache_bytes=None, remote=False)
+    folder, and a set at a URL that fits the shard cache, keep the global permutation under
+    `auto` (every rank reads every shard from local disk at no cost); a larger one streams in
+    blocks of shards, so a rank fetches only its own."""
+    cache = shards.fetch_options.cache_bytes if shards.is_remote else None
+    return resolve_shuffle(data_cfg.shuffle, data_bytes=shards.shard_bytes(), cache_bytes=cache,
+                           remote=shards.is_remote)
+
+
+def remote_tars(shards: ShardSet, files) -> object | None:
+    """How a loader reads a split's tars at a URL: None where they are local files (a local
+    set, or one at a URL that fits the shard cache: all fetched now, once per process, and
+    read as local files from then on); else the split's TarFetch, through which the loader
+    fetches each shard as its plan reaches it (streaming)."""
+    if files.fetch is None:
+        return None
+    if shards.fits_shard_cache():
+        shards.fetch_everything(say=stderr_line)
+        return None
+    return files.fetch
 
 
 def build_loader(shards: ShardSet, data_cfg, split: str, batch_size: int, *, rank: int, world: int,
@@ -68,6 +86,7 @@ def build_loader(shards: ShardSet, data_cfg, split: str, batch_size: int, *, ran
     kind = resolve_loader_kind(data_cfg.loader)
     threads = data_cfg.num_threads if data_cfg.num_threads is not None else default_threads()
     order = {"shuffle": train_shuffle(shards, data_cfg)[0], "shuffle_block": data_cfg.shuffle_block}
+    fetch = remote_tars(shards, files)
     if kind == "dali":
         gpu_id = device.index if device.index is not None else 0
         loader = dali.DaliLoader(
@@ -76,12 +95,14 @@ def build_loader(shards: ShardSet, data_cfg, split: str, batch_size: int, *, ran
             num_threads=threads, prefetch=data_cfg.prefetch, seed=seed, flip=data_cfg.flip,
             image_size=shards.image_size, hw_decoder_load=data_cfg.hw_decoder_load, limit=limit,
             fancy_upsampling=data_cfg.fancy_upsampling, label_paths=files.labels, resize=shards.resize, **order,
+            fetch=fetch, fetch_ahead=shards.fetch_options.prefetch if fetch else 0,
         )
         return _OnDevice(loader, device)
     return WebDatasetLoader(files.tars, files.counts, batch_size, rank=rank, world=world, train=train,
                             num_workers=threads, seed=seed, flip=data_cfg.flip,
                             buffer=data_cfg.shuffle_buffer, device=device, limit=limit, idxs=files.idxs,
-                            label_paths=files.labels, image_size=shards.image_size, resize=shards.resize, **order)
+                            label_paths=files.labels, image_size=shards.image_size, resize=shards.resize, **order,
+                            fetch=fetch, fetch_ahead=shards.fetch_options.prefetch if fetch else 0)
 
 
 class _OnDevice:
@@ -99,6 +120,9 @@ class _OnDevice:
 
     def close(self) -> None:
         self.loader.close()
+
+    def fetch_stats(self) -> dict | None:
+        return self.loader.fetch_stats()
 
 
 class CachedLoader:
@@ -150,7 +174,8 @@ def decode_split(shards: ShardSet, data_cfg, split: str, device: torch.device) -
         files = shards.files(split)
         threads = data_cfg.num_threads if data_cfg.num_threads is not None else default_threads()
         images, labels = decode_split_on_cpus(files.tars, files.idxs, count, shards.image_size, workers=threads,
-                                              label_paths=files.labels, resize=shards.resize)
+                                              label_paths=files.labels, resize=shards.resize,
+                                              fetch=remote_tars(shards, files))
         return images.to(device), labels.to(device)
     loader = build_loader(shards, data_cfg, split, min(256, max(1, count)), rank=0, world=1, device=device,
                           train=False, seed=0)
@@ -245,6 +270,8 @@ def verify_shards(shards: ShardSet) -> str:
     complete); the first problem is a one-line error. Returns the line that reports success."""
     import time
 
+    if shards.is_remote:  # nothing local to check: each tar's sha256 is checked as it arrives
+        return f"data.verify: the shards at {shards.root} are checked as they arrive (each tar's sha256)"
     t0 = time.perf_counter()
     problems = verify(shards.root, shards.manifest)
     if problems:

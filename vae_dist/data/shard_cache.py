@@ -82,7 +82,7 @@ class Hold:
 
     def close(self) -> None:
         if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor releases its flock
+            _release(self.fd)  # closing the descriptor releases its flock
             self.fd = None
 
 
@@ -142,7 +142,7 @@ class ShardCache:
         lock = _Lock(self._lock_path(local), fcntl.LOCK_SH)
         fd = lock.acquire()
         if not local.exists():
-            os.close(fd)
+            _release(fd)
             return None
         return Hold(fd)
 
@@ -183,7 +183,7 @@ class ShardCache:
             except FileNotFoundError:
                 total -= size
             finally:
-                os.close(fd)
+                _release(fd)
         self._count(evicted=deleted)
         return deleted
 
@@ -223,10 +223,11 @@ class _Lock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise DataError(f"cannot write {self.path}: {e.strerror or e}") from None
+        _LOCK_FDS.add(fd)
         try:
             fcntl.flock(fd, self.mode)
         except BaseException:
-            os.close(fd)
+            _release(fd)
             raise
         return fd
 
@@ -235,7 +236,31 @@ class _Lock:
         return self
 
     def __exit__(self, *exc):
-        os.close(self.fd)
+        _release(self.fd)
+
+
+# The lock descriptors this process has open. A flock belongs to the open file, which a fork
+# shares: a DataLoader worker forked while a prefetch thread holds a shard's lock would hold it
+# too, for its whole life, and this process would wait on its own lock. The child closes its
+# copies at once (never LOCK_UN, which would release the parent's lock).
+_LOCK_FDS: set[int] = set()
+
+
+def _release(fd: int) -> None:
+    _LOCK_FDS.discard(fd)
+    os.close(fd)
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_LOCK_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 class Prefetcher:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vae_dist.data.fetch import FetchOptions, TarFetch, fetch_all, tar_url
+from vae_dist.data.remote import is_url
 from vae_dist.errors import DataError
 from vae_dist.files import sha256_file, write_atomic
 
@@ -204,19 +206,31 @@ def write_json_atomic(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=1).encode())
 
 
-def load_manifest(shard_dir: str | Path) -> dict:
+def load_manifest(shard_dir: str | Path, remote=None) -> dict:
     """manifest.json as read and checked for shape: the one place every command (verify, train,
-    eval, viz, encode, bench) reads it, so a damaged or hand-edited one is refused alike."""
+    eval, viz, encode, bench) reads it, so a damaged or hand-edited one is refused alike.
+    `remote`: the folder is at a URL (data.remote.Remote), read from there."""
+    if remote is not None:
+        return parse_manifest(remote.read(MANIFEST), remote.describe(MANIFEST))
     path = Path(shard_dir) / MANIFEST
     if not Path(shard_dir).is_dir():
         raise DataError(f"shard folder not found: {shard_dir}")
     if not path.is_file():
         raise DataError(f"no {MANIFEST} in {shard_dir} (make shards with `vae-dist pack`)")
     try:
-        manifest = json.loads(path.read_text())
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"unreadable {path}: {e}") from None
+    return parse_manifest(data, path)
+
+
+def parse_manifest(data: bytes, path) -> dict:
+    """manifest.json's bytes as a checked manifest; `path`: where they were read, for the messages."""
+    try:
+        manifest = json.loads(data.decode())
     except json.JSONDecodeError as e:
         raise DataError(f"corrupt {path}: {e}") from None
-    except (UnicodeDecodeError, OSError) as e:
+    except UnicodeDecodeError as e:
         raise DataError(f"unreadable {path}: {e}") from None
     try:
         _check_shape(manifest)
@@ -305,6 +319,9 @@ class SplitFiles:
     count: int
     # per shard, its side file of labels (an indexed set's) or None (labels in `.label` members, or -1)
     labels: tuple[str | None, ...] = ()
+    # tars at a URL: `tars` are where the shard cache keeps them, and fetch(t) puts shard t there
+    # (verified) and returns its path; None: local tars, there already
+    fetch: TarFetch | None = None
 
 
 @dataclass(frozen=True)
@@ -320,22 +337,76 @@ class ShardSet:
     counts: dict[str, int]  # images per split, for the splits the manifest holds
     # an indexed set's images vary in size: each is resized and centre-cropped to SxS at decode
     resize: bool = False
+    # the shard cache's settings where the set (or its tars) is at a URL; None: all local
+    fetch_options: FetchOptions | None = None
     _files: dict[str, SplitFiles] = field(default_factory=dict, compare=False, repr=False)
+    _caches: dict = field(default_factory=dict, compare=False, repr=False)  # this process's ShardCaches, by URL
+
+    def __getstate__(self):
+        # what another rank gets: the manifest's facts; it checks and caches files itself
+        return {**self.__dict__, "_files": {}, "_caches": {}}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
 
     @classmethod
-    def open(cls, root: str | Path) -> ShardSet:
-        manifest = load_manifest(root)
+    def open(cls, root: str | Path, fetch: FetchOptions | None = None) -> ShardSet:
+        """The shard set at `root`, a folder or an http(s):// or s3:// URL; `fetch`: how shards at
+        a URL are cached and fetched (data.shard_cache, ...; the defaults where None)."""
+        root = str(root)
+        fetch = fetch or FetchOptions()
+        manifest = load_manifest(root, fetch.remote(root) if is_url(root) else None)
+        where = f"{root.rstrip('/')}/{MANIFEST}" if is_url(root) else Path(root) / MANIFEST
         try:
             words = manifest.get("words", {})
-            return cls(root=str(root), manifest=manifest, image_size=int(manifest["image_size"]),
+            return cls(root=root, manifest=manifest, image_size=int(manifest["image_size"]),
                        class_names=tuple(words.get(w, w) for w in manifest.get("classes", [])),
                        counts={name: int(info["count"]) for name, info in manifest.get("splits", {}).items()},
-                       resize=bool(manifest.get("resize", False)))
+                       resize=bool(manifest.get("resize", False)),
+                       fetch_options=fetch if is_url(root) or tar_url(root, manifest) else None)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise DataError(f"corrupt {Path(root) / MANIFEST}: no valid {e} (pack the shards again)") from None
+            raise DataError(f"corrupt {where}: no valid {e} (pack the shards again)") from None
 
     def count(self, split: str) -> int:
         return self.counts.get(split, 0)
+
+    @property
+    def is_remote(self) -> bool:
+        """The tars are at a URL (read through the shard cache)."""
+        return self.fetch_options is not None and tar_url(self.root, self.manifest) is not None
+
+    def shard_bytes(self) -> int:
+        """The bytes of every tar of every split: what a shard cache must hold to keep them all."""
+        return sum(s["bytes"] for info in self.manifest.get("splits", {}).values() for s in info.get("shards", []))
+
+    def fits_shard_cache(self) -> bool:
+        return not self.is_remote or self.shard_bytes() <= self.fetch_options.cache_bytes
+
+    def fetch_everything(self, splits=("train", "val"), say=None) -> dict | None:
+        """Where the tars are at a URL and all fit the shard cache: every one of `splits` into
+        it now (once per process; a later call, or another rank on the node, finds them there).
+        Returns the link's stats, or None where nothing was to fetch."""
+        if not self.is_remote or "fetched" in self._caches:
+            return None
+        fetches = [self.files(s).fetch for s in splits if self.count(s)]
+        stats = fetch_all(fetches, self.fetch_options.prefetch, say=say)
+        self._caches["fetched"] = stats
+        return stats
+
+    def _cache(self, url: str):
+        if url not in self._caches:
+            self._caches[url] = self.fetch_options.cache_for(self.fetch_options.remote(url))
+        return self._caches[url]
+
+    def _small_file(self, name: str, sha256: str | None) -> Path:
+        """A manifest-listed small file (.idx, labels) as a local path: in the folder, or for a
+        set at a URL, fetched (verified by its sha256) into the shard cache."""
+        if not is_url(self.root):
+            return Path(self.root) / name
+        if sha256 is None:
+            raise DataError(f"{self.root.rstrip('/')}/{MANIFEST} records no sha256 of {name}, which reading it from "
+                            f"a URL needs: pack the set again (packs since issue 43 record it)")
+        return Path(self._cache(self.root).path(name, None, sha256))
 
     @property
     def tar_dir(self) -> Path:
@@ -350,7 +421,8 @@ class ShardSet:
         splits = {name: [[s.get("sha256"), s.get("count")] for s in info.get("shards", [])]
                   for name, info in sorted(self.manifest.get("splits", {}).items())}
         text = json.dumps({"image_size": self.image_size, "splits": splits}, sort_keys=True)
-        return {"shards": str(Path(self.root).resolve()), "digest": hashlib.sha256(text.encode()).hexdigest()[:16]}
+        where = self.root if is_url(self.root) else str(Path(self.root).resolve())
+        return {"shards": where, "digest": hashlib.sha256(text.encode()).hexdigest()[:16]}
 
     def files(self, split: str) -> SplitFiles:
         """The split's tars and indexes, after a cheap presence/size check, made once per split.
@@ -364,29 +436,38 @@ class ShardSet:
     def _check(self, split: str) -> SplitFiles:
         info = self.manifest.get("splits", {}).get(split)
         if info is None or not info.get("shards"):
-            raise DataError(f"split '{split}' is not in {Path(self.root) / MANIFEST}")
+            raise DataError(f"split '{split}' is not in {self._manifest_path()}")
+        url = tar_url(self.root, self.manifest) if self.fetch_options is not None else None
+        fetch = TarFetch(self._cache(url), info["shards"]) if url else None
         tars, idxs, labels = [], [], []
-        for shard in info["shards"]:
-            tar, idx = self.tar_dir / shard["file"], Path(self.root) / shard["index"]
-            if not tar.is_file() or not idx.is_file():
-                raise DataError(f"missing shard {tar.name if not tar.is_file() else idx.name} in {self.root}")
-            if tar.stat().st_size != shard["bytes"]:
-                raise DataError(f"corrupt shard {tar}: {tar.stat().st_size} bytes, manifest says {shard['bytes']}")
+        for t, shard in enumerate(info["shards"]):
+            idx = self._small_file(shard["index"], shard.get("index_sha256"))
+            if fetch is not None:  # checked on arrival, against the manifest's size and sha256
+                tar = Path(fetch.local_path(t))
+            else:
+                tar = self.tar_dir / shard["file"]
+                if not tar.is_file() or not idx.is_file():
+                    raise DataError(f"missing shard {tar.name if not tar.is_file() else idx.name} in {self.root}")
+                if tar.stat().st_size != shard["bytes"]:
+                    raise DataError(f"corrupt shard {tar}: {tar.stat().st_size} bytes, manifest says {shard['bytes']}")
             self._check_index(idx, shard)
             labels.append(self._check_labels(shard))
             tars.append(str(tar))
             idxs.append(str(idx))
         counts = tuple(s["count"] for s in info["shards"])
         if sum(counts) != info["count"]:
-            raise DataError(f"corrupt {Path(self.root) / MANIFEST}: the {split} shards' counts add up to {sum(counts)}, "
+            raise DataError(f"corrupt {self._manifest_path()}: the {split} shards' counts add up to {sum(counts)}, "
                             f"splits.{split}.count says {info['count']} (pack the shards again)")
-        return SplitFiles(tuple(tars), tuple(idxs), counts, info["count"], tuple(labels))
+        return SplitFiles(tuple(tars), tuple(idxs), counts, info["count"], tuple(labels), fetch)
+
+    def _manifest_path(self) -> str:
+        return f"{self.root.rstrip('/')}/{MANIFEST}" if is_url(self.root) else str(Path(self.root) / MANIFEST)
 
     def _check_labels(self, shard: dict) -> str | None:
         """An indexed shard's side file of labels, checked whole (4 bytes a sample: cheap)."""
         if "labels" not in shard:
             return None
-        path = Path(self.root) / shard["labels"]
+        path = self._small_file(shard["labels"], shard["labels_sha256"])
         if not path.is_file():
             raise DataError(f"missing shard labels {path.name} in {self.root} (`vae-dist index` writes them)")
         if hashlib.sha256(path.read_bytes()).hexdigest() != shard["labels_sha256"]:
@@ -463,38 +544,52 @@ class ShardIndex:
     """Where each sample's image lies (tar, offset, size), read from the `.idx` files, and its label.
 
     The image is the line's jpg (or jpeg, png, webp) component; the label its `.label` member's,
-    else the shard's side file's (`label_paths`, an indexed set's), else -1."""
+    else the shard's side file's (`label_paths`, an indexed set's), else -1.
 
-    def __init__(self, tar_paths, idx_paths, label_paths=None):
+    `fetch` (SplitFiles.fetch: tars at a URL): a tar is fetched into the shard cache and mapped
+    only when a batch first needs it (`open`), and its `.label` members read then; `release`
+    unmaps one a stream has left behind, so the cache may evict it and its disk is given back."""
+
+    def __init__(self, tar_paths, idx_paths, label_paths=None, fetch=None):
         self.tar_paths, self.idx_paths = list(tar_paths), list(idx_paths)
+        self.fetch = fetch
         label_paths = list(label_paths) if label_paths else [None] * len(self.tar_paths)
-        self.maps, self.arrays = [], []  # the mmaps, and a uint8 view of each (slicing a view is cheap)
+        n = len(self.tar_paths)
+        self.maps, self.arrays = [None] * n, [None] * n  # the mmaps, and a uint8 view of each (slicing a view is cheap)
+        self._label_members: dict[int, tuple[list[int], list[int]]] = {}  # a tar not mapped yet: its labels to read
         tars, offsets, sizes, labels, exts = [], [], [], [], []
-        for t, (tar, idx) in enumerate(zip(tar_paths, idx_paths)):
-            with open(tar, "rb") as f:
-                self.maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-            self.arrays.append(np.frombuffer(self.maps[-1], dtype=np.uint8))
+        for t, idx in enumerate(self.idx_paths):
+            if fetch is None:
+                self._map(t)
+            tar_bytes = len(self.maps[t]) if fetch is None else fetch.items[t][1]  # the manifest's, checked on arrival
             lines = Path(idx).read_text().splitlines()[1:]
-            for n, line in enumerate(lines, start=2):
+            pending = ([], [])
+            for n_line, line in enumerate(lines, start=2):
                 try:
                     parts = parse_index_line(line)
                 except ValueError:
-                    raise DataError(f"{idx} line {n} does not parse ({line[:80]!r}; a sample key with a space?): "
+                    raise DataError(f"{idx} line {n_line} does not parse ({line[:80]!r}; a sample key with a space?): "
                                     f"pack the data again with `vae-dist pack`") from None
                 ext = image_ext(parts)
                 if ext is None:
                     raise DataError(f"{idx}: a sample without an image ({line[:80]})")
-                _check_bounds(idx, n, parts, len(self.maps[t]))
+                _check_bounds(idx, n_line, parts, tar_bytes)
                 at, size = parts[ext]
                 tars.append(t)
                 offsets.append(at)
                 sizes.append(size)
                 exts.append(IMAGE_EXTS.index(ext))
-                if "label" in parts:
+                if "label" in parts and fetch is None:
                     label_at, label_size = parts["label"]
                     labels.append(decode_label(self.maps[t][label_at:label_at + label_size]))
+                elif "label" in parts:  # read from the tar once it is here
+                    pending[0].append(len(labels))
+                    pending[1].append(parts["label"][0])
+                    labels.append(-1)
                 else:
                     labels.append(None)  # from the side file, or -1
+            if pending[0]:
+                self._label_members[t] = pending
             if label_paths[t] is not None:  # an indexed shard's: one per line, -1 where no member held one
                 labels[len(labels) - len(lines):] = read_labels(label_paths[t], len(lines)).tolist()
         labels = [-1 if label is None else label for label in labels]  # no label anywhere: -1
@@ -502,6 +597,32 @@ class ShardIndex:
         self.labels = np.array(labels, dtype=np.int32)
         self.exts = np.array(exts, dtype=np.uint8)  # each sample's image extension, as IMAGE_EXTS[i]
 
+    def _map(self, t: int, path: str | None = None) -> None:
+        with open(path or self.tar_paths[t], "rb") as f:
+            self.maps[t] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.arrays[t] = np.frombuffer(self.maps[t], dtype=np.uint8)
+        rows, offsets = self._label_members.pop(t, ((), ()))
+        for row, at in zip(rows, offsets):
+            self.labels[row] = decode_label(self.maps[t][at:at + 4])
+
+    def open(self, shards, path_of=None) -> None:
+        """Maps the tars `shards` (ids) that are not mapped yet; `path_of(t)`: the local path of
+        tar t, once fetched (a prefetcher's), else fetched here through the cache."""
+        for t in shards:
+            if self.maps[t] is None:
+                self._map(t, (path_of or self.fetch)(t))
+
+    def release(self, shards) -> None:
+        """Unmaps the tars `shards` (ids): the stream is past them. A view still held (a batch
+        DALI has not copied yet) keeps its map open until it is dropped."""
+        for t in shards:
+            if self.maps[t] is not None:
+                self.arrays[t] = None
+                try:
+                    self.maps[t].close()
+                except BufferError:
+                    pass
+                self.maps[t] = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -518,15 +639,11 @@ class ShardIndex:
 
     def close(self) -> None:
         """Unmaps the tars (a view still held keeps its map open until it is dropped)."""
-        self.arrays = []
-        for m in self.maps:
-            try:
-                m.close()
-            except BufferError:
-                pass
-        self.maps = []
+        self.release(range(len(self.maps)))
 
     def jpegs(self, ids: np.ndarray) -> list[np.ndarray]:
+        if self.fetch is not None:
+            self.open(dict.fromkeys(self.tar[ids].tolist()))
         arrays = self.arrays
         return [arrays[t][a:b] for t, a, b in zip(self.tar[ids].tolist(), self.offset[ids].tolist(),
                                                    self.end[ids].tolist())]

@@ -21,11 +21,12 @@ from vae_dist.data.shards import ShardIndex, damaged_sample, decode_any, decode_
 from vae_dist.errors import DataError
 
 
-def decode_shard(tar: str, idx: str, image_size: int, labels: str | None = None, resize: bool = False
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def decode_shard(tar: str, idx: str, image_size: int, labels: str | None = None, resize: bool = False,
+                 fetch=None, t: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (n, 3, S, S), labels int32 (n,)) of one shard, in its order. `labels`: an
-    indexed shard's side file; `resize`: its images vary in size (resized and centre-cropped)."""
-    index = ShardIndex([tar], [idx], [labels])
+    indexed shard's side file; `resize`: its images vary in size (resized and centre-cropped);
+    `fetch`: the tars are at a URL, and this is shard `t` of them (fetched into the cache first)."""
+    index = ShardIndex([fetch(t) if fetch is not None else tar], [idx], [labels])
     images = np.empty((len(index), 3, image_size, image_size), dtype=np.uint8)
     for i, jpeg in enumerate(index.jpegs(np.arange(len(index)))):
         try:
@@ -51,21 +52,23 @@ def pool_workers(shards: int, workers: int | None = None) -> int:
 
 
 def decode_split_on_cpus(tars, idxs, count: int, image_size: int, workers: int | None = None,
-                         label_paths=None, resize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                         label_paths=None, resize: bool = False, fetch=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of a split as uint8 (N, 3, S, S) and its labels (int64), both on the host,
     in shard order. One process decodes in place; more fork workers (cheap: torch is loaded,
-    and they touch no CUDA), each returning one shard's arrays."""
+    and they touch no CUDA), each returning one shard's arrays. `fetch`: the tars stream from a
+    URL (each fetched through the shard cache, which evicts the oldest to stay in its bound)."""
     images = torch.empty(count, 3, image_size, image_size, dtype=torch.uint8)
     labels = torch.empty(count, dtype=torch.long)
     n = pool_workers(len(tars), workers)
     label_paths = list(label_paths) if label_paths else [None] * len(tars)  # an indexed set's side files
     if n == 1:
-        parts = (decode_shard(t, i, image_size, y, resize) for t, i, y in zip(tars, idxs, label_paths))
+        parts = (decode_shard(t, i, image_size, y, resize, fetch, k)
+                 for k, (t, i, y) in enumerate(zip(tars, idxs, label_paths)))
         return _gather(parts, images, labels, count)
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     with ProcessPoolExecutor(max_workers=n, mp_context=context) as pool:
         parts = pool.map(decode_shard, tars, idxs, [image_size] * len(tars), label_paths,
-                         [resize] * len(tars))
+                         [resize] * len(tars), [fetch] * len(tars), range(len(tars)))
         return _gather(parts, images, labels, count)
 
 

@@ -80,9 +80,12 @@ class _ShardBatches(IterableDataset):
     reads the stream (cheap), keeps the JPEG bytes of its own pending batches only, decodes a
     batch once its last sample has been read and stops reading when it has them all."""
 
-    def __init__(self, paths, counts, batches, flips, shard_order, skip, samples=None, image_size=None):
+    def __init__(self, paths, counts, batches, flips, shard_order, skip, samples=None, image_size=None, fetch=None):
         self.paths, self.counts, self.batches, self.flips = paths, counts, batches, flips
         self.shard_order, self.skip = shard_order, skip
+        # tars at a URL (fetch.TarFetch): each is fetched into the shard cache as the worker
+        # reaches it (where the loader's prefetcher has not already), `paths` being where it lands
+        self.fetch = fetch
         # per shard, its .idx's samples by key: {key: (position, image ext, label)}, the label None
         # where a `.label` member holds it; None: by position in the tar (no .idx files given);
         # image_size: resize to it at decode
@@ -112,8 +115,15 @@ class _ShardBatches(IterableDataset):
         # only the shards this worker's batches lie in (a resumed epoch, a rank's blocks of shards)
         needed = set(shard_of(self.counts)[np.concatenate([self.batches[b] for b in mine])].tolist())
         shard_at = {self.paths[s]: s for s in self.shard_order if s in needed}
-        urls = list(shard_at)
-        ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
+
+        def stream():  # shard by shard, so a tar at a URL is fetched only when the worker reaches it
+            for path, s in shard_at.items():
+                if self.fetch is not None:
+                    self.fetch(s)
+                yield from wds.WebDataset([path], shardshuffle=False, nodesplitter=None, workersplitter=None,
+                                          empty_check=False)
+
+        ds = stream()
         url, position, ready, turn = None, 0, {}, 0
         for sample in ds:
             if sample["__url__"] != url:
@@ -190,7 +200,7 @@ class WebDatasetLoader:
 
     def __init__(self, paths, counts, batch_size, *, rank=0, world=1, train=True, num_workers=4,
                  seed=0, flip=True, buffer=4096, device="cpu", limit=None, shuffle="global", shuffle_block=1,
-                 idxs=None, label_paths=None, image_size=None, resize=False):
+                 idxs=None, label_paths=None, image_size=None, resize=False, fetch=None, fetch_ahead=4):
         if not have_webdataset():
             raise DataError("data.loader=webdataset but the webdataset package is not installed (pip install webdataset)")
         counts = _cut(list(counts), limit)
@@ -204,24 +214,45 @@ class WebDatasetLoader:
         # each streamed sample's id found by its key in the .idx files (they may list a subset of a tar)
         self.samples = _samples_by_key(idxs[:used], list(label_paths or [None] * used)[:used]) if idxs else None
         self.resize_to = image_size if resize else None
+        self.fetch, self.fetch_ahead, self._feed = fetch, fetch_ahead, None
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches, flips, shards = epoch_plan(self.counts, self.batch_size, self.steps_per_epoch, epoch, self.rank,
                                             self.world, self.train, self.seed, self.flip, self.buffer,
                                             self.shuffle, self.shuffle_block)
-        ds = _ShardBatches(self.paths, self.counts, batches, flips, shards, skip, self.samples, self.resize_to)
+        ds = _ShardBatches(self.paths, self.counts, batches, flips, shards, skip, self.samples, self.resize_to,
+                           self.fetch)
+        feed = self._stream_feed(batches, skip)
         # a generator of its own: starting the workers draws their base seed from it, not from
         # the global torch RNG (the reparameterization noise that checkpoints save and restore)
         loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                             pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(epoch))
-        for batch in loader:
+        for b, batch in enumerate(loader, start=skip):
             if isinstance(batch, Refused):
                 raise DataError(batch.message)
+            if feed is not None:  # the workers fetch what they reach; this moves the prefetch window on
+                feed.shards_of(batches[b])
             images, labels = batch
             yield images.to(self.device, non_blocking=True), labels.long().to(self.device, non_blocking=True)
 
+    def _stream_feed(self, batches, skip: int):
+        """Tars at a URL: a prefetcher over the epoch's plan (from batch `skip`), made once."""
+        if self.fetch is None or not batches:
+            return None
+        if self._feed is None:
+            from vae_dist.data.fetch import StreamFeed
+
+            self._feed = StreamFeed(self.fetch, self.fetch_ahead, shard_of(self.counts))
+        self._feed.start(np.concatenate(batches), self.batch_size, skip)
+        return self._feed
+
+    def fetch_stats(self) -> dict | None:
+        return self._feed.stats() if self._feed is not None else None
+
     def close(self) -> None:
-        pass  # each epoch's DataLoader workers end with its iterator
+        if self._feed is not None:  # each epoch's DataLoader workers end with its iterator
+            self._feed.close()
+            self._feed = None
 
 
 def _samples_by_key(idxs, label_paths) -> list[dict]:
