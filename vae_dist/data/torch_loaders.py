@@ -26,6 +26,7 @@ from vae_dist.data.shards import (
     decode_label,
     fit_square,
     index_keys,
+    preload_resize,
     read_labels,
 )
 from vae_dist.errors import DataError
@@ -195,6 +196,8 @@ class WebDatasetLoader:
         # each streamed sample's id found by its key in the .idx files (they may list a subset of a tar)
         self.samples = _samples_by_key(idxs[:used], list(label_paths or [None] * used)[:used]) if idxs else None
         self.resize_to = image_size if resize else None
+        if resize:
+            preload_resize()
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches, flips, shards = epoch_plan(self.counts, self.batch_size, self.steps_per_epoch, epoch, self.rank,
