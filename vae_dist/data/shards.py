@@ -120,6 +120,12 @@ def decode_any(data, ext: str = "jpg"):
     return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
+def preload_resize() -> None:
+    """Imports what `fit_square` uses (~1 s), in a process about to fork its decode workers: each
+    would otherwise import it again, and the webdataset loader's workers start every epoch."""
+    import torchvision.transforms.v2.functional  # noqa: F401
+
+
 def fit_square(image, size: int):
     """uint8 (3, H, W) -> (3, size, size): the shorter side resized to `size` (antialiased), then
     the centre cropped; what DALI's fn.resize(resize_shorter) + centre crop do for a set of mixed sizes."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from vae_dist.data import available_cores
-from vae_dist.data.shards import ShardIndex, damaged_sample, decode_any, decode_failure, fit_square
+from vae_dist.data.shards import ShardIndex, damaged_sample, decode_any, decode_failure, fit_square, preload_resize
 from vae_dist.errors import DataError
 
 
@@ -61,6 +61,8 @@ def decode_split_on_cpus(tars, idxs, count: int, image_size: int, workers: int |
     labels = torch.empty(count, dtype=torch.long)
     n = pool_workers(len(tars), workers)
     label_paths = list(label_paths) if label_paths else [None] * len(tars)  # an indexed set's side files
+    if resize:
+        preload_resize()
     if n == 1:
         parts = (decode_shard(t, i, image_size, y, resize, fetch, k)
                  for k, (t, i, y) in enumerate(zip(tars, idxs, label_paths)))

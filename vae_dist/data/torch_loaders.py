@@ -26,6 +26,7 @@ from vae_dist.data.shards import (
     decode_label,
     fit_square,
     index_keys,
+    preload_resize,
     read_labels,
 )
 from vae_dist.errors import DataError
@@ -215,6 +216,8 @@ class WebDatasetLoader:
         self.samples = _samples_by_key(idxs[:used], list(label_paths or [None] * used)[:used]) if idxs else None
         self.resize_to = image_size if resize else None
         self.fetch, self.fetch_ahead, self._feed = fetch, fetch_ahead, None
+        if resize:
+            preload_resize()
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches, flips, shards = epoch_plan(self.counts, self.batch_size, self.steps_per_epoch, epoch, self.rank,
