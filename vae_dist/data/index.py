@@ -20,6 +20,7 @@ default is a fraction of 0.05, as pack's. The index (`SHARD.SPLIT.idx`, `SHARD.S
 manifest.json) goes beside the tars, or into `--out DIR` when the source cannot be written:
 that manifest's `shard_base` says where the tars are. The manifest says `"resize": true`: the
 images vary in size, and every loader resizes (shorter side to S) and centre-crops them at decode.
+The tars may be at a URL (s3://, http(s)://): vae_dist.data.index_url fetches each once.
 """
 
 from __future__ import annotations
