@@ -1,6 +1,7 @@
 """Real servers on the loopback for the remote-shard tests (tests/conftest.py makes fixtures of them).
 
-`FaultyHTTPServer`: the standard library's threading HTTP server serving a folder (GET, HEAD),
+`FaultyHTTPServer`: the standard library's threading HTTP server serving a folder (GET, HEAD; a
+folder URL answers http.server's own HTML listing of it, an autoindex),
 with the faults a link has: the next N answers are 500, the next transfer of a file is cut short
 (the headers announce the whole length, half the bytes come, the connection closes), a throttle
 to B bytes/s, and stop()/start() again on the same port (a server gone mid-epoch).
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -64,7 +65,7 @@ class FaultyHTTPServer:
     def start(self) -> None:
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(SimpleHTTPRequestHandler):  # for its list_directory: GET and HEAD are ours
             def do_HEAD(self):
                 self._answer(body=False)
 
@@ -88,6 +89,13 @@ class FaultyHTTPServer:
                 path = (server.root / name).resolve()
                 if fail:
                     return self.send_error(500, "Internal Server Error (injected)")
+                if name.endswith("/") or not name:
+                    if not path.is_dir() or (server.root.resolve() not in path.parents and path != server.root.resolve()):
+                        return self.send_error(404, "Not Found")
+                    listing = self.list_directory(str(path))  # the standard library's autoindex page
+                    if listing is not None and body:
+                        self.wfile.write(listing.read())
+                    return
                 if not path.is_file() or server.root.resolve() not in path.parents:
                     return self.send_error(404, "Not Found")
                 data = path.read_bytes()

@@ -281,3 +281,132 @@ def test_index_leaves_a_packed_folder_alone(shards, tmp_path):
     before = (packed / "manifest.json").read_bytes()
     _one_line(run_cli("index", str(packed)), "is not one `vae-dist index` wrote", "--out DIR")
     assert (packed / "manifest.json").read_bytes() == before
+
+
+# -- issue 45: index by URL ------------------------------------------------------------------
+_RECORD = ("file", "index", "count", "bytes", "sha256", "index_sha256", "labels", "labels_sha256")
+
+
+def _records(manifest: dict) -> dict:
+    """Each split's shard records as a reader checks them (the index's own digests included)."""
+    return {split: [{k: s.get(k) for k in _RECORD} for s in info["shards"]] for split, info in manifest["splits"].items()}
+
+
+@pytest.fixture
+def local_reference(foreign, tmp_path):
+    """The foreign set indexed as a local folder (into --out, the source left as it is): what an
+    index by URL must equal, record for record and byte for byte."""
+    out = tmp_path / "local-index"
+    manifest = index_shards(foreign[0], out, IndexOptions(image_size=SIZE, val_shards=1))
+    return out, manifest
+
+
+# issue 45: index by URL: an HTTP set by brace notation and by the server's autoindex, into --out
+def test_index_by_url_over_http_brace_notation_and_autoindex(foreign, local_reference, http_server, tmp_path):
+    shutil.copytree(foreign[0], http_server.root / "set")
+    folder = http_server.url + "set/"
+    ref_dir, ref = local_reference
+    for n, source in enumerate((folder + "{00000..00002}.tar", folder)):
+        out = tmp_path / f"index{n}"
+        r = run_cli("index", source, "--out", str(out), "--val-shards", "1", "--image-size", str(SIZE))
+        assert r.returncode == 0, r.stderr
+        assert f"tars read from {folder}\n" in r.stdout and f"train with --data.shards={out}" in r.stdout, r.stdout
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["shard_base"] == folder and manifest["source"] == source
+        assert _records(manifest) == _records(ref)  # each tar's name, bytes, sha256, count: as a local index's
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref_dir.iterdir())
+        assert all((out / p.name).read_bytes() == p.read_bytes() for p in ref_dir.glob("*.idx"))
+    assert {name: http_server.requests.get(f"set/0000{t}.tar") for t, name in enumerate("abc")} == \
+        {"a": 2, "b": 2, "c": 2}  # each tar read once per index
+    assert http_server.requests["set/"] == 1  # the autoindex page, once; the pattern lists nothing
+    shard_set = ShardSet.open(out)  # a local index whose tars are at a URL opens (the loaders fetch them)
+    assert shard_set.count("train") == 24 and shard_set.count("val") == 12
+    assert verify(out) == []  # verify downloads each tar, checks it, deletes it
+    assert http_server.requests["set/00001.tar"] == 3
+    r = run_cli("verify", str(out))
+    assert r.returncode == 0 and "all shards match manifest.json" in r.stdout, r.stdout + r.stderr
+
+
+def _keys_under(s3, prefix: str) -> set[str]:
+    listed = s3.client.list_objects_v2(Bucket=s3.name, Prefix=prefix)
+    return {item["Key"][len(prefix):] for item in listed.get("Contents", [])}
+
+
+# issue 45: index by URL: an S3 set indexed beside its tars (manifest.json uploaded last) and into --out
+def test_index_by_url_on_s3_beside_and_into_out(foreign, local_reference, s3, tmp_path, monkeypatch):
+    from vae_dist.data.remote import S3Remote
+
+    url = s3.put_folder(foreign[0], "set")
+    _, ref = local_reference
+    writes = []  # the order the real uploads and deletes reach the bucket in
+    upload, delete = S3Remote.upload, S3Remote.delete
+    monkeypatch.setattr(S3Remote, "upload", lambda self, src, name: (writes.append(("put", name)), upload(self, src, name)))
+    monkeypatch.setattr(S3Remote, "delete", lambda self, name: (writes.append(("delete", name)), delete(self, name)))
+    r = run_cli("index", url, "--val-shards", "1", "--image-size", str(SIZE))
+    assert r.returncode == 0, r.stderr
+    assert f"train with --data.shards={url}" in r.stdout, r.stdout
+    manifest = json.loads(s3.client.get_object(Bucket=s3.name, Key="set/manifest.json")["Body"].read())
+    assert "shard_base" not in manifest and manifest["source"] == url and _records(manifest) == _records(ref)
+    index_files = {f"0000{t}.{split}.{kind}" for t, split in ((0, "train"), (1, "train"), (2, "val"))
+                   for kind in ("idx", "labels")}
+    writes = [w for w in writes if not w[1].startswith(".vae-dist-index-probe")]  # the write probe, gone again
+    assert writes[0] == ("delete", "manifest.json") and writes[-1] == ("put", "manifest.json")
+    assert {name for kind, name in writes[1:-1]} == index_files and all(kind == "put" for kind, _ in writes[1:-1])
+    originals = {p.name for p in foreign[0].iterdir()}
+    assert _keys_under(s3, "set/") == originals | index_files | {"manifest.json"}  # no probe left behind
+    # indexed again beside with another val split: the old split's files go, the tars stay
+    r = run_cli("index", url, "--val-fraction", "0.25", "--image-size", str(SIZE))
+    assert r.returncode == 0, r.stderr
+    again = json.loads(s3.client.get_object(Bucket=s3.name, Key="set/manifest.json")["Body"].read())
+    files = {s[k] for info in again["splits"].values() for s in info["shards"] for k in ("index", "labels")}
+    assert "00002.val.idx" in files and "00002.train.idx" in files
+    assert _keys_under(s3, "set/") == originals | files | {"manifest.json"}
+    out = tmp_path / "index"
+    r = run_cli("index", url, "--out", str(out), "--val-shards", "1", "--image-size", str(SIZE))
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shard_base"] == url and _records(manifest) == _records(ref)
+    assert verify(out) == []
+
+
+# issue 45: index by URL: the WebDataset brace notation expands as webdataset's braceexpand does
+def test_brace_notation_expands_as_webdatasets():
+    import braceexpand
+
+    from vae_dist.data.index_url import expand_braces, split_source
+
+    for pattern in ("{00000..00012}.tar", "{0..3}.tar", "{a,b}-{000..002}.tar", "{7..5}.tar", "{09..11}.tar", "x.tar"):
+        assert expand_braces(pattern) == list(braceexpand.braceexpand(pattern)), pattern
+    assert split_source("s3://b/set/{0..1}.tar") == ("s3://b/set/", ["0.tar", "1.tar"])
+    assert split_source(" https://h/set ") == ("https://h/set/", None)
+
+
+# issue 45: index by URL: no tars, no listing, a read-only HTTP source, a missing tar, a packed
+# S3 set: one line each; 500 answers during the downloads are survived
+def test_index_by_url_faults(foreign, local_reference, http_server, s3, tmp_path):
+    shutil.copytree(foreign[0], http_server.root / "set")
+    (http_server.root / "empty").mkdir()
+    (http_server.root / "empty" / "00000.parquet").write_bytes(b"PAR1")
+    folder, out = http_server.url + "set/", str(tmp_path / "out")
+    _one_line(run_cli("index", http_server.url + "empty/", "--out", out), f"no .tar files at {http_server.url}empty/",
+              "brace notation")
+    _one_line(run_cli("index", http_server.url + "nowhere/", "--out", out), "no listing of this folder (HTTP 404)",
+              "{00000..00009}.tar")
+    _one_line(run_cli("index", folder), f"{folder} is read-only", "give --out DIR")
+    _one_line(run_cli("index", folder + "{00000..00003}.tar", "--out", out), f"{folder}00003.tar: no such object")
+    _one_line(run_cli("index", http_server.url + "{a,b}/00000.tar", "--out", out), "braces only in the tar names")
+    _one_line(run_cli("index", s3.url("nothing"), "--out", out), f"no .tar files at {s3.url('nothing')}")
+    assert not (tmp_path / "out" / "manifest.json").exists()  # nothing written by a run that failed
+    packed = s3.put_folder(foreign[0], "packed")
+    s3.put("packed/manifest.json", json.dumps({"image_size": 64, "splits": {}}).encode())
+    _one_line(run_cli("index", packed), "manifest.json is not one `vae-dist index` wrote", "--out DIR")
+    http_server.fail_next(100)
+    _one_line(run_cli("index", folder + "{00000..00002}.tar", "--out", out, "--retries", "2"),
+              f"{folder}0000", "unreachable after 2 tries", "HTTP 500")
+    http_server.fail_next(0)
+    before = http_server.requests.get("set/00000.tar", 0)
+    http_server.fail_next(2)  # two 500s in the first tar's download: retried after a backoff
+    manifest = index_shards(folder + "{00000..00002}.tar", out, IndexOptions(image_size=SIZE, val_shards=1),
+                            backoff=0.01, jobs=1)
+    assert _records(manifest) == _records(local_reference[1])
+    assert http_server.requests["set/00000.tar"] - before == 3

@@ -46,9 +46,12 @@ def _index(args) -> int:
 
     opts = IndexOptions(image_size=args.image_size, label=args.label, val_shards=args.val_shards,
                         val_fraction=args.val_fraction, seed=args.seed)
-    manifest = index_shards(args.shards, args.out, opts)
+    manifest = index_shards(args.shards, args.out, opts, retries=args.retries, jobs=args.jobs)
     print(summary(manifest))
-    print(f"manifest.json and .idx files in {args.out or args.shards}: train with --data.shards={args.out or args.shards}")
+    from vae_dist.data.index_url import source_folder
+
+    where = args.out or source_folder(args.shards)
+    print(f"manifest.json and .idx files in {where}: train with --data.shards={where}")
     return 0
 
 
@@ -245,9 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
                              ".cls member's text; json:KEY = that key of the .json member; none = -1 for all.\n"
                              "Integers are the labels; other values are class names, numbered in sorted order.\n"
                              "The .idx and .labels files and manifest.json go beside the tars, or into --out DIR\n"
-                             "(a read-only source): that manifest records where the tars are (shard_base).")
-    s.add_argument("shards", metavar="SHARDS", help="folder of WebDataset .tar files (e.g. img2dataset's output)")
-    s.add_argument("--out", metavar="DIR", default=None, help="folder for the index (default: SHARDS itself)")
+                             "(a read-only source): that manifest records where the tars are (shard_base).\n"
+                             "SHARDS may be a URL: s3://bucket/prefix/ (its .tar objects), an http(s) folder URL\n"
+                             "whose server lists it (an autoindex), or either with the tars named in WebDataset's\n"
+                             "brace notation, e.g. https://host/set/{00000..00009}.tar. Each tar is downloaded,\n"
+                             "scanned and deleted (--jobs at a time). Without --out the index is uploaded beside the\n"
+                             "tars (s3:// only: manifest.json last); an http(s) source needs --out.")
+    s.add_argument("shards", metavar="SHARDS", help="folder of WebDataset .tar files (e.g. img2dataset's output), "
+                   "or their URL (see above)")
+    s.add_argument("--out", metavar="DIR", default=None, help="local folder for the index (default: beside the tars)")
     s.add_argument("--image-size", type=int, default=64, help="height and width the images are resized and "
                    "cropped to, a multiple of 16 from 16 to 512")
     s.add_argument("--label", default="auto", metavar="RULE", help="where labels come from: auto, cls, json:KEY "
@@ -257,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hold out this share of the samples as val, chosen by --seed (default: 0.05 when "
                         "--val-shards is not given)")
     s.add_argument("--seed", type=int, default=0, help="seed of the --val-fraction draw")
+    s.add_argument("--retries", type=int, default=5, metavar="N", help="a URL source: tries per request "
+                   "(backoff 0.5 s, doubling) before one line names the URL")
+    s.add_argument("--jobs", type=int, default=4, metavar="N", help="a URL source: tars downloaded and scanned "
+                   "at a time (each deleted when scanned: N tars on local disk at most)")
     s.set_defaults(run=_index)
 
     s = _command(sub, "verify", "check every shard against manifest.json (sha256, counts, complete samples)")

@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 
 from vae_dist.checkpoint import WEIGHTS, save_weights
 from vae_dist.config import Config, batch_setting, dump_yaml, per_process_batch, vae_config
+from vae_dist.data.fetch import FetchOptions
 from vae_dist.data.loaders import (
     adopt_shard_size,
     build_train_and_val,
@@ -34,7 +35,6 @@ from vae_dist.data.loaders import (
     train_shuffle,
     verify_shards,
 )
-from vae_dist.data.fetch import FetchOptions
 from vae_dist.data.partition import check_batch_fits
 from vae_dist.data.shards import ShardSet
 from vae_dist.distributed import check_comm_hook, check_ddp_knobs, make_accelerator, print_once, rank_zero_decides

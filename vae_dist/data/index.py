@@ -20,6 +20,7 @@ default is a fraction of 0.05, as pack's. The index (`SHARD.SPLIT.idx`, `SHARD.S
 manifest.json) goes beside the tars, or into `--out DIR` when the source cannot be written:
 that manifest's `shard_base` says where the tars are. The manifest says `"resize": true`: the
 images vary in size, and every loader resizes (shorter side to S) and centre-crops them at decode.
+The tars may be at a URL (s3://, http(s)://): vae_dist.data.index_url fetches each once.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import sys
 import tarfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -234,7 +236,7 @@ def _writable(folder: Path) -> bool:
         return False
 
 
-def _check_out(src: Path, out: Path | None) -> Path:
+def check_out(src: Path | None, out: Path | None) -> Path:
     """The folder the index goes to: `out`, else the source's own (which must be writable); a
     manifest.json there that `pack` wrote is not replaced."""
     if out is None:
@@ -288,34 +290,68 @@ class _Progress:
             self.bar.close()
 
 
-def index_shards(src: str | Path, out: str | Path | None = None, opts: IndexOptions | None = None) -> dict:
+def index_shards(src: str | Path, out: str | Path | None = None, opts: IndexOptions | None = None, *,
+                 retries: int = 5, backoff: float = 0.5, jobs: int = 4) -> dict:
     """Describes the tars in the folder `src` (manifest.json, `.idx` and label files, in `out` or
-    beside them); returns the manifest. Nothing of the tars is changed."""
+    beside them); returns the manifest. Nothing of the tars is changed. `src` may be a URL
+    (index_url: `retries` and `backoff` are its requests', `jobs` the tars fetched at a time)."""
+    from vae_dist.data.remote import is_url
+
+    if is_url(str(src)):
+        from vae_dist.data.index_url import index_url
+
+        return index_url(str(src), out, opts, retries=retries, backoff=backoff, jobs=jobs)
     opts = opts or IndexOptions()
     check_options(opts)
     src = Path(src)
     tars = list_tars(src)
-    target = _check_out(src, Path(out) if out is not None else None)
+    target = check_out(src, Path(out) if out is not None else None)
     t0 = time.perf_counter()
+    scans, damaged = scan_all([tar.name for tar in tars], lambda name: scan_tar(src / name))
+    shard_base = _shard_base(src, target) if target.resolve() != src.resolve() else None
+    return write_index(target, scans, damaged, opts, source=str(src.resolve()), shard_base=shard_base, t0=t0)
+
+
+def scan_all(names: list[str], scan_one, jobs: int = 1) -> tuple[list[TarScan], list[dict]]:
+    """(scan_one(name) of each tar that reads, in `names`' order; {"file", "reason"} of each that
+    does not: a damaged tar is skipped, said on stderr and recorded, not the end of the run).
+    `jobs` > 1: that many on threads at once (a URL's tars: fetched while others are scanned)."""
+
+    def attempt(name: str) -> TarScan | str:
+        try:
+            return scan_one(name)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            return f"unreadable tar ({str(e) or type(e).__name__})"
+
     scans, damaged = [], []
-    progress = _Progress(len(tars))
+    progress = _Progress(len(names))
+    pool = ThreadPoolExecutor(jobs) if jobs > 1 else None
     try:
-        for tar in tars:
-            try:
-                scans.append(scan_tar(tar))
-                progress.update(scans[-1])
-            except (tarfile.TarError, OSError, EOFError) as e:
-                damaged.append({"file": tar.name, "reason": f"unreadable tar ({str(e) or type(e).__name__})"})
-                print(f"index: skipped {tar.name}: {damaged[-1]['reason']}", file=sys.stderr, flush=True)
+        for name, scan in zip(names, pool.map(attempt, names) if pool else map(attempt, names)):
+            if isinstance(scan, str):
+                damaged.append({"file": name, "reason": scan})
+                print(f"index: skipped {name}: {scan}", file=sys.stderr, flush=True)
                 progress.update(None)
+            else:
+                scans.append(scan)
+                progress.update(scan)
     finally:
+        if pool is not None:  # a failure (one line) stops the tars not yet begun; those under way end
+            pool.shutdown(wait=True, cancel_futures=True)
         progress.close()
+    return scans, damaged
+
+
+def write_index(target: Path, scans: list[TarScan], damaged: list[dict], opts: IndexOptions, *, source: str,
+                shard_base: str | None, t0: float) -> dict:
+    """The index of the scanned tars in the folder `target`: each tar's .idx and label files per
+    split, then manifest.json (`shard_base`: where the tars are, where not beside it); returns it."""
     skipped: Counter = Counter()
     kept = [[s for s in scan.samples if _usable(s, skipped)] for scan in scans]
     scans, kept = [s for s, k in zip(scans, kept) if k], [k for k in kept if k]  # a tar with no image: no shard
     if not kept:
-        raise DataError(f"no usable samples in {src}: " + (f"{counted(len(damaged), 'damaged tar')}, " if damaged
-                                                            else "") + _skipped_text(skipped, "no samples"))
+        raise DataError(f"no usable samples in {source}: " + (f"{counted(len(damaged), 'damaged tar')}, " if damaged
+                                                               else "") + _skipped_text(skipped, "no samples"))
     rule, labels, classes = resolve_labels([s for k in kept for s in k], opts.label)
     labels = np.split(labels, np.cumsum([len(k) for k in kept])[:-1])
     val = val_mask([len(k) for k in kept], opts)
@@ -331,8 +367,8 @@ def index_shards(src: str | Path, out: str | Path | None = None, opts: IndexOpti
         "format": FORMAT_INDEXED,
         "image_size": opts.image_size,
         "resize": True,
-        **({"shard_base": _shard_base(src, target)} if target.resolve() != src.resolve() else {}),
-        "source": str(src.resolve()),
+        **({"shard_base": shard_base} if shard_base is not None else {}),
+        "source": source,
         "label": rule,
         **({"classes": classes} if classes else {}),
         "val": ({"shards": opts.val_shards} if opts.val_shards is not None else
@@ -420,8 +456,11 @@ def summary(manifest: dict) -> str:
                  + (f"; {counted(len(manifest['skipped_tars']), 'damaged tar')}: "
                     + ", ".join(d["file"] for d in manifest["skipped_tars"]) if manifest.get("skipped_tars") else ""))
     if "shard_base" in manifest:
-        lines.append(f"tars read from {manifest['shard_base']} (shard_base, relative to the index folder)"
-                     if not os.path.isabs(manifest["shard_base"]) else f"tars read from {manifest['shard_base']}")
+        from vae_dist.data.remote import is_url
+
+        base = manifest["shard_base"]
+        lines.append(f"tars read from {base}" + ("" if os.path.isabs(base) or is_url(base) else
+                                                 " (shard_base, relative to the index folder)"))
     lines.append(f"indexed in {manifest['index_seconds']:.1f} s")
     return "\n".join(lines)
 

@@ -31,8 +31,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from html.parser import HTMLParser
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urljoin
 
 from vae_dist.errors import DataError, first_line
 from vae_dist.files import fsync_dir
@@ -131,6 +132,11 @@ class Remote:
         raise DataError(f"{self.describe(name)}: received {received} bytes with sha256 {digest[:16]}, "
                         f"expected {expected}, twice (a transfer cut short, or the object at the source differs "
                         f"from the manifest: pack or index it again)")
+
+    def list(self, suffix: str = ".tar") -> list[tuple[str, int | None]]:
+        """The folder's own members whose names end in `suffix`, sorted: [(name, bytes or None
+        where the listing does not say)]. `vae-dist index URL` finds the tars so."""
+        raise NotImplementedError
 
     def delete(self, name: str) -> None:
         """Member `name` removed (gone already is fine): pack takes an old manifest.json away first."""
@@ -314,6 +320,37 @@ class HTTPRemote(Remote):
     def _head(self, name: str) -> None:
         self._request(name, "HEAD").close()
 
+    def list(self, suffix: str = ".tar") -> list[tuple[str, int | None]]:
+        """HTTP has no standard listing: the links of the server's HTML index of the folder (an
+        autoindex: Python's http.server, nginx's `autoindex on`) that name a member of it. Sizes
+        are not said (autoindex pages round them)."""
+        try:
+            page = self.read("")
+        except _Missing:
+            raise DataError(f"{self.url}: the server has no listing of this folder (HTTP 404): name the tars in "
+                            f"WebDataset's brace notation instead, e.g. '{self.url}{{00000..00009}}.tar'") from None
+        links = _Links()
+        links.feed(page.decode("utf-8", errors="replace"))
+        names = set()
+        for href in links.hrefs:
+            url = urljoin(self.url, href.split("#")[0].split("?")[0])
+            name = unquote(url[len(self.url):]) if url.startswith(self.url) else ""
+            if name.endswith(suffix) and "/" not in name:
+                names.add(name)
+        return [(name, None) for name in sorted(names)]
+
+
+class _Links(HTMLParser):
+    """The href of every <a> of an HTML page."""
+
+    def __init__(self):
+        super().__init__()
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "a":
+            self.hrefs += [value for key, value in attrs if key == "href" and value]
+
 
 # -- S3 ------------------------------------------------------------------------------------
 
@@ -372,6 +409,20 @@ class S3Remote(Remote):
 
     def _head(self, name: str) -> None:
         self._client().head_object(Bucket=self.bucket, Key=self._key(name))
+
+    def list(self, suffix: str = ".tar") -> list[tuple[str, int | None]]:
+        """The prefix's own objects (not those under a deeper '/') ending in `suffix`, a page of
+        up to 1000 at a time, each page retried as any read."""
+        found, token = [], None
+        while True:
+            extra = {"ContinuationToken": token} if token else {}
+            page, _ = self._retrying("", lambda extra=extra: self._client().list_objects_v2(
+                Bucket=self.bucket, Prefix=self.prefix, Delimiter="/", **extra))
+            found += [(item["Key"][len(self.prefix):], int(item["Size"])) for item in page.get("Contents", [])
+                      if item["Key"].endswith(suffix)]
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return sorted(found)
 
     def delete(self, name: str) -> None:
         self._retrying(name, lambda: self._client().delete_object(Bucket=self.bucket, Key=self._key(name)))

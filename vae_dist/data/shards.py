@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from vae_dist.data.fetch import FetchOptions, TarFetch, fetch_all, tar_url
-from vae_dist.data.remote import is_url
+from vae_dist.data.remote import folder_url, is_url
 from vae_dist.errors import DataError
 from vae_dist.files import sha256_file, write_atomic
 
@@ -292,7 +292,7 @@ def _check_shape(manifest) -> None:
     # a set `vae-dist index` described: images of any size, and maybe tars in another folder
     _field(manifest, "resize", "resize", lambda v: isinstance(v, bool), "true or false", required=False)
     _field(manifest, "shard_base", "shard_base", lambda v: isinstance(v, str) and v != "",
-           "the folder of the tars (a path, absolute or relative to the manifest's folder)", required=False)
+           "the folder of the tars (a path, absolute or relative to the manifest's folder, or a URL)", required=False)
     splits = _field(manifest, "splits", "splits", lambda v: isinstance(v, dict), "an object of split -> its shards")
     for split, info in splits.items():
         name = f"splits.{split}"
@@ -498,8 +498,19 @@ class ShardSet:
 
 
 def tar_dir(root: str | Path, manifest: dict) -> Path:
-    """The folder of a set's tars: its own, or `shard_base` (absolute, or relative to `root`)."""
+    """The folder of a set's tars: its own, or `shard_base` (absolute, or relative to `root`).
+    A shard_base that is a URL (`vae-dist index URL --out DIR`) is no local folder: one line,
+    where a caller would read it as one (tar_url says it)."""
+    base = base_url(manifest)
+    if base is not None:
+        raise DataError(f"the tars of {root} are at {base} (its {MANIFEST}'s shard_base), not in a local folder")
     return Path(root) / manifest.get("shard_base", ".")
+
+
+def base_url(manifest: dict) -> str | None:
+    """The URL of an indexed set's tars where its shard_base is one (http(s):// or s3://), else None."""
+    base = manifest.get("shard_base")
+    return folder_url(base) if is_url(base) else None
 
 
 def is_indexed(manifest: dict) -> bool:

@@ -8,17 +8,22 @@ measured cost: the README, data.verify.
 A set `vae-dist index` described (tars another tool wrote) is checked for what that promises:
 each `.idx` line names a sample of its tar (in tar order, a subset where the val split took a
 fraction) with an image member, its components where the tar holds them; the side file of
-labels whole; the tars' other members are not ours to judge.
+labels whole; the tars' other members are not ours to judge. Where such a set's tars are at a
+URL (its shard_base), each is downloaded into a temporary folder, checked and deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 from vae_dist.data.shards import (
     EXTENSIONS,
+    base_url,
     image_ext,
     is_indexed,
     is_safe_key,
@@ -36,17 +41,65 @@ def verify(shard_dir: str | Path, manifest: dict | None = None) -> list[str]:
     shard_dir = Path(shard_dir)
     manifest = load_manifest(shard_dir) if manifest is None else manifest
     problems = []
-    tars = tar_dir(shard_dir, manifest)
+    url = base_url(manifest)
+    tars = _UrlTars(url) if url is not None else _LocalTars(tar_dir(shard_dir, manifest))
     scanned: dict[str, tuple] = {}  # an indexed tar read once for its train and its val .idx
-    for split, info in manifest.get("splits", {}).items():
-        total = 0
-        for shard in info.get("shards", []):
-            problems += (_verify_indexed_shard(shard_dir, tars, shard, scanned) if is_indexed(manifest)
-                         else _verify_shard(shard_dir, shard))
-            total += shard.get("count", 0)
-        if total != info.get("count"):
-            problems.append(f"{split}: shard counts add up to {total}, manifest says {info.get('count')}")
+    try:
+        for split, info in manifest.get("splits", {}).items():
+            total = 0
+            for shard in info.get("shards", []):
+                problems += (_verify_indexed_shard(shard_dir, tars, shard, scanned) if is_indexed(manifest)
+                             else _verify_shard(shard_dir, shard))
+                total += shard.get("count", 0)
+            if total != info.get("count"):
+                problems.append(f"{split}: shard counts add up to {total}, manifest says {info.get('count')}")
+    finally:
+        tars.close()
     return problems
+
+
+class _LocalTars:
+    """An indexed set's tars in a local folder: `fetch(name)` gives the tar's path, or None."""
+
+    def __init__(self, folder: Path):
+        self.where = folder
+
+    @contextlib.contextmanager
+    def fetch(self, name: str):
+        path = self.where / name
+        yield path if path.is_file() else None
+
+    def close(self) -> None:
+        pass
+
+
+class _UrlTars:
+    """An indexed set's tars at a URL: `fetch(name)` downloads one into a temporary folder (None
+    where the server lacks it), deleted when checked; a link that fails is one line."""
+
+    def __init__(self, url: str):
+        from vae_dist.data.remote import open_remote
+
+        self.remote, self.where = open_remote(url), url
+        self.work = Path(tempfile.mkdtemp(prefix="vae-dist-verify-"))
+
+    @contextlib.contextmanager
+    def fetch(self, name: str):
+        from vae_dist.data.remote import _Missing
+
+        local = self.work / name
+        try:
+            try:
+                self.remote.download(name, local)  # checked against the manifest by _scan, as a local tar
+            except _Missing:
+                yield None
+                return
+            yield local
+        finally:
+            local.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
 
 
 def _verify_shard(shard_dir: Path, shard: dict) -> list[str]:
@@ -92,12 +145,12 @@ def _verify_shard(shard_dir: Path, shard: dict) -> list[str]:
     return problems
 
 
-def _verify_indexed_shard(shard_dir: Path, tars: Path, shard: dict, scanned: dict) -> list[str]:
-    tar_path = tars / shard["file"]
-    if not tar_path.is_file():
-        return [f"{shard['file']}: missing (in {tars})"]
+def _verify_indexed_shard(shard_dir: Path, tars, shard: dict, scanned: dict) -> list[str]:
     if shard["file"] not in scanned:
-        scanned[shard["file"]] = _scan(tar_path, shard)
+        with tars.fetch(shard["file"]) as tar_path:
+            if tar_path is None:
+                return [f"{shard['file']}: missing (in {tars.where})"]
+            scanned[shard["file"]] = _scan(tar_path, shard)
     samples, problems = scanned[shard["file"]]
     problems = list(problems)  # the tar's own problems, said for each of its .idx files
     idx_path = shard_dir / shard["index"]
