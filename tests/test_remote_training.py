@@ -112,8 +112,9 @@ def test_the_server_gone_mid_epoch_is_one_line_and_a_resume_once_it_is_back_ends
 def test_two_processes_stream_from_s3_and_resume_mid_epoch_as_from_the_local_copy(shards, s3, tmp_path, loader):
     # issue 45: 2-process training from the S3 server, resumed mid-epoch, bit-identical to the local copy's
     url = s3.put_folder(shards, "set")
-    # 200 images / 2 ranks / 16 = 6 steps an epoch: stopped at 9, mid-epoch 2; schedules that do not
-    # depend on the run's length, so the two-part run and the unbroken one take the same steps
+    # 200 images / 2 ranks / 16 = 6 steps an epoch: stopped at 9, mid-epoch 2 (evaluated, which draws
+    # no training noise); a KL schedule that does not depend on the run's length, so the two-part run
+    # and the unbroken one take the same steps
     args = ["train", *COMMON, *STREAM, f"--data.loader={loader}", "--loss.kl_schedule=constant",
             f"--data.shard_cache={tmp_path / 'cache'}"]
     run, unbroken = tmp_path / "run", tmp_path / "unbroken"

@@ -8,6 +8,7 @@ maximum-likelihood shared σ on the training images seen since the last evaluati
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -18,6 +19,8 @@ from vae_dist.metrics import unsynced_recon
 from vae_dist.model import VAE
 from vae_dist.step import TrainStep
 from vae_dist.train_state import TrainState
+
+EVAL_SEED = 20241205  # the val pass's own noise stream (Evaluator._own_noise)
 
 
 class Evaluator:
@@ -55,18 +58,18 @@ class Evaluator:
             state.sigma_recon, state.sigma_steps = -window_recon, -window_good
         return state.sigma  # no train step since the last evaluation: the sigma it used
 
-    @torch.no_grad()
-    def evaluate(self, state: TrainState) -> dict | None:
-        """The val row of `state.step`, logged; None where that step was evaluated already (a
-        resume at an evaluated step) or the val split is empty."""
-        if state.last_eval_step == state.step:
-            return None
-        state.last_eval_step = state.step
-        model = self.model  # eager and unwrapped: ranks may run different batch counts here
-        model.eval()
-        sigma = self.sigma(state)
-        # recon (objective), kl, sq_err(decode(mu)), log p(x|z) discretized under sigma, images
-        sums = torch.zeros(5, device=self.device, dtype=torch.float64)
+    @contextlib.contextmanager
+    def _own_noise(self):
+        """The val pass draws its reparameterization noise from a stream of its own, the same at every
+        evaluation: the training noise (saved in checkpoints) is untouched, so how often a run
+        evaluates, or a final evaluation before a checkpoint, changes nothing of its training, and
+        a resumed run continues as the unbroken one would."""
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(EVAL_SEED)
+            yield
+
+    def _val_pass(self, model, sigma, sums) -> None:
         for x, _ in self.val_loader.epoch(0):  # train.eval_images caps it (the loader's count)
             x = unit_float(x)
             with self.accelerator.autocast():
@@ -80,6 +83,21 @@ class Evaluator:
                 log_px.double(), sums.new_full((), n),  # a fill kernel: no blocking host-to-device copy
             ])
             self.progress()
+
+    @torch.no_grad()
+    def evaluate(self, state: TrainState) -> dict | None:
+        """The val row of `state.step`, logged; None where that step was evaluated already (a
+        resume at an evaluated step) or the val split is empty."""
+        if state.last_eval_step == state.step:
+            return None
+        state.last_eval_step = state.step
+        model = self.model  # eager and unwrapped: ranks may run different batch counts here
+        model.eval()
+        sigma = self.sigma(state)
+        # recon (objective), kl, sq_err(decode(mu)), log p(x|z) discretized under sigma, images
+        sums = torch.zeros(5, device=self.device, dtype=torch.float64)
+        with self._own_noise():
+            self._val_pass(model, sigma, sums)
         model.train()
         sums = self.accelerator.reduce(sums, reduction="sum")  # collective: all ranks
         recon, kl, sq_err, log_px, count = sums.tolist()  # SYNC
