@@ -64,8 +64,8 @@ class _BatchStream:
         ids = self._ids[rows]
         if self.feed is not None:  # DALI copied the batches before this one: their tars may go
             self.index.release(self.feed.done_before(self.batch))
-            for t, path in self.feed.shards_of(ids):
-                self.index.open([t], path_of=lambda _, path=path: path)
+            for t in dict.fromkeys(self.index.tar[ids].tolist()):  # each opened as soon as it is here
+                self.index.open([t], path_of=self.feed.path)
         self.batch += 1
         self.fed.append(ids)
         # labels and flags as one dense (n, 1) array each; the JPEGs as views into the tars

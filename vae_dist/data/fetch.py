@@ -127,15 +127,16 @@ def require_local(path: str | Path, what: str) -> Path:
 class StreamFeed:
     """A streaming loader's shards at a URL: fetched ahead of its batches on a Prefetcher's
     threads, and let go once the stream is past them. Per epoch `start(ids, batch_size, skip)`
-    with the rank's sample ids in order; then `shards_of(b, ids)` before batch b is read (the
-    tars it needs, fetched; waits only where the link is behind) and `done_before(b)` (the
-    tars no batch from b on reads: to unmap, so the cache may evict them)."""
+    with the rank's sample ids in order; then, before batch b is read, `path(t)` for each tar it
+    needs that is not open yet (fetched; waits only where the link is behind), and
+    `done_before(b)`: the tars no batch from b on reads, to unmap, so the cache may evict them."""
 
     def __init__(self, fetch: TarFetch, depth: int, shard_of):
         self.fetch, self.shard_of = fetch, shard_of
         self.prefetcher = fetch.prefetcher(depth)
         self._last_use: dict[int, int] = {}
         self._released: set[int] = set()
+        self._seen: set[int] = set()
 
     def start(self, ids, batch_size: int, skip: int = 0) -> None:
         shards = self.shard_of[ids[skip * batch_size:]]
@@ -144,10 +145,20 @@ class StreamFeed:
         shards_seen, from_end = np.unique(shards[::-1], return_index=True)
         last_batch = skip + (len(shards) - 1 - from_end) // batch_size  # the batch that reads each one last
         self._last_use, self._released = dict(zip(shards_seen.tolist(), last_batch.tolist())), set()
+        self._seen: set[int] = set()
 
-    def shards_of(self, ids) -> list[tuple[int, str]]:
-        """(shard id, local path) of each tar the batch `ids` reads, in order of first use."""
-        return [(t, self.fetch.get(self.prefetcher, t)) for t in dict.fromkeys(self.shard_of[ids].tolist())]
+    def path(self, t: int) -> str:
+        """The local path of tar t, waiting only where the link is behind. The caller opens (maps)
+        it at once: from the next `path` on, the prefetcher may let it go, and another process
+        on the node evict it (an open file stays readable)."""
+        return self.fetch.get(self.prefetcher, t)
+
+    def advance(self, ids) -> None:
+        """Moves the prefetch window to the batch `ids` (a loader whose workers open the tars)."""
+        for t in dict.fromkeys(self.shard_of[ids].tolist()):
+            if t not in self._seen:
+                self._seen.add(t)
+                self.path(t)
 
     def done_before(self, batch: int) -> list[int]:
         done = [t for t, last in self._last_use.items() if last < batch and t not in self._released]

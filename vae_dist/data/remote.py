@@ -508,6 +508,16 @@ class S3Remote(Remote):
 _S3_LOCK = threading.Lock()
 
 
+def _new_lock_in_child() -> None:
+    """A fork copies a lock as it is: one a prefetch thread held at that moment (making its
+    clients) would stay held in a forked DataLoader worker, which then waits on it for ever."""
+    global _S3_LOCK
+    _S3_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
 def _new_clients(remote: S3Remote):
     try:
         import boto3

@@ -17,6 +17,7 @@ the threads stay up to `depth` shards ahead, and what waits there is counted (`s
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -122,7 +123,7 @@ class ShardCache:
         if _touch(local):
             self._count(hits=1)
             return str(local), None
-        with _Lock(self._lock_path(local), fcntl.LOCK_EX):
+        with self._fetch_lock(local):
             if _touch(local):  # another process fetched it while this one waited
                 self._count(hits=1)
                 return str(local), None
@@ -134,6 +135,26 @@ class ShardCache:
                 self._count(arriving=-(size or 0))
         self._count(fetches=1, bytes=got["bytes"], seconds=got["seconds"], retries=got["retries"])
         return str(local), got
+
+    @contextlib.contextmanager
+    def _fetch_lock(self, local: Path):
+        """The exclusive lock to fetch `local`, taken without waiting on holders: a process whose
+        prefetcher holds the shard (shared) may itself wait on this one in a collective, so a
+        shared lock means the shard is here (holds are taken on shards that are) and this
+        returns at once; an exclusive one (another process fetching it) is waited out."""
+        while True:
+            try:
+                fd = _Lock(self._lock_path(local), fcntl.LOCK_EX | fcntl.LOCK_NB).acquire()
+                break
+            except BlockingIOError:
+                if local.exists():
+                    yield
+                    return
+                time.sleep(0.02)
+        try:
+            yield
+        finally:
+            _release(fd)
 
     def hold(self, name: str, sha256: str) -> Hold | None:
         """A shared lock on the cached shard (no process evicts it until released), or None
