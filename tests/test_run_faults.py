@@ -156,7 +156,12 @@ def test_a_resume_on_other_shards_is_refused_naming_both_unless_asked_for(shards
     assert f"holds other data ({theirs['digest']}): resuming on them anyway (train.resume_other_data=true)" in r.stdout
     assert f"data_digest={theirs['digest']}" in r.stdout and "resume_other_data: true" in (run / "config.yaml").read_text()
     saved = json.loads((run / "checkpoints" / "step_0000008" / "trainer_state.json").read_text())["data"]
-    assert saved == theirs  # from here on the run is one on the other shards
+    assert saved == {**theirs, "order": "global"}  # from here on the run is one on the other shards
+
+    # issue 45: the same shards in another train order (data.shuffle) would not continue the epoch either
+    r = _train(other, run, "--train.checkpoint_every=4", "--train.max_steps=12", "--data.shuffle=shards")
+    _one_line(r, f"checkpoint {run / 'checkpoints' / 'step_0000008'} was trained in the global order; this run's "
+                 f"data.shuffle resolves to shards/16: a resume would not continue the same sample order")
 
 
 # issue 43, case 9: a resume with another process count or batch says what changed

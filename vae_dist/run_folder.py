@@ -289,8 +289,11 @@ def _refuse_other_data(path: Path, data: dict | None, other_data_ok: bool, notes
     order while claiming to continue exactly: refused, naming both, unless the user asks for it
     (train.resume_other_data=true), which is said in the run's output and recorded in W&B."""
     saved = ckpt.read_trainer_state(path).get("data")
-    if data is None or not isinstance(saved, dict) or saved.get("digest") == data["digest"]:
+    if data is None or not isinstance(saved, dict):
         return  # a checkpoint of an older version records no data: nothing to compare
+    if saved.get("digest") == data["digest"]:
+        _refuse_other_order(path, saved, data, other_data_ok, notes)
+        return
     what = (f"checkpoint {path} was trained on the shards in {saved.get('shards')} (data {saved.get('digest')}); "
             f"data.shards={data['shards']} holds other data ({data['digest']})")
     if not other_data_ok:
@@ -298,6 +301,20 @@ def _refuse_other_data(path: Path, data: dict | None, other_data_ok: bool, notes
                         f"the checkpoint's shards, or set train.resume_other_data=true to resume on these anyway")
     notes.append(f"{what}: resuming on them anyway (train.resume_other_data=true); the sample order differs from "
                  f"here on")
+
+
+def _refuse_other_order(path: Path, saved: dict, data: dict, other_data_ok: bool, notes: list[str]) -> None:
+    """The same shards in another train order (data.shuffle, or its `auto` resolving otherwise: a set
+    at a URL against another data.shard_cache_gb) would not continue the epoch either: refused alike."""
+    if "order" not in saved or saved["order"] == data.get("order"):
+        return  # a checkpoint from before issue 45 records no order: the global one
+    what = (f"checkpoint {path} was trained in the {saved['order']} order; this run's data.shuffle resolves to "
+            f"{data.get('order')}")
+    if not other_data_ok:
+        raise UserError(f"{what}: a resume would not continue the same sample order; set data.shuffle (and "
+                        f"data.shuffle_block) as the checkpoint's run had them, or train.resume_other_data=true to "
+                        f"resume in this order anyway")
+    notes.append(f"{what}: resuming anyway (train.resume_other_data=true); the sample order differs from here on")
 
 
 def choose_start(run_dir: Path, resume: str, overwrite: bool, model: VAEConfig, data: dict | None = None,

@@ -65,7 +65,7 @@ class Trainer:
         self.run_dir = Path(cfg.train.out_dir)
         self.lock = lock or RunFolderLock(self.run_dir)  # rank 0's, held by `train`: it tells a lost folder
         self.shards = shards or ShardSet.open(cfg.data.shards, FetchOptions.of(cfg.data))  # the only read of manifest.json
-        self.data_identity = self.shards.identity()  # what each checkpoint records it was trained on
+        self.data_identity = data_identity(self.shards, cfg.data)  # what each checkpoint records it was trained on
         # a forward sees a micro-batch; an optimizer step takes grad_accum_steps of them per process
         self.micro_batch, self.accum_steps = per_process_batch(cfg.train, self.world), cfg.train.grad_accum_steps
         self.batch_size = self.micro_batch * self.accum_steps  # per process and optimizer step: the loaders' batch
@@ -294,6 +294,12 @@ class Trainer:
                 "static_graph": t.ddp_static_graph}
 
 
+def data_identity(shards: ShardSet, data_cfg) -> dict:
+    """The shards' identity and the train order read from them: a resume continues both."""
+    mode = train_shuffle(shards, data_cfg)[0]
+    return {**shards.identity(), "order": mode if mode == "global" else f"{mode}/{data_cfg.shuffle_block}"}
+
+
 def build_model(cfg: Config, device: torch.device, rank: int, channels_last: bool) -> VAE:
     """The same initial weights on every rank (DDP broadcasts them too), then a per-rank torch
     RNG stream for the reparameterization noise."""
@@ -329,7 +335,7 @@ def train(cfg: Config) -> int:
     def claim_folder():
         lock.acquire()
         start = choose_start(run_dir, cfg.train.resume, cfg.train.overwrite, model=vae_config(cfg.model),
-                             data=shards.identity(), other_data_ok=cfg.train.resume_other_data)
+                             data=data_identity(shards, cfg.data), other_data_ok=cfg.train.resume_other_data)
         record_slurm_job(run_dir)
         return start
 
