@@ -70,7 +70,7 @@ def test_the_readme_examples_write_where_git_ignores():
     """issue 44, item 10: a fresh clone's `git status` stays clean after every README command: what
     each writes (pack's OUT, --out/--json/--plot, train.out_dir) or is told to keep in the checkout
     (Tiny ImageNet as downloaded) is ignored by git. Placeholders (OUT, DIR) and paths outside the
-    checkout (/shared/...) are not files of the clone."""
+    checkout (/shared/...) and URLs (s3://...) are not files of the clone."""
     readme = (ROOT / "README.md").read_text()
     outputs = [out for words in _readme_commands() for out in _outputs(words)]
     outputs += re.findall(r"--(?:json|out|plot)[ =](\S+)", readme)  # in the prose, too
@@ -79,7 +79,8 @@ def test_the_readme_examples_write_where_git_ignores():
     # the launch scripts' default outputs, as the README names them (bench.sh, gpu_check.sh --smoke)
     outputs += [re.sub(r"[A-Z]+", "x", out) for out in re.findall(r"\b(runs/(?:bench|gpu-check)/[A-Z][A-Z-]*)/", readme)]
     outputs = sorted({o.strip("`") for o in outputs
-                      if o and not o.startswith(("/", "$")) and not re.match(r"^[A-Z_]+\b", o) and "{" not in o})
+                      if o and not o.startswith(("/", "$")) and not re.match(r"^[A-Z_]+\b", o) and "{" not in o
+                      and "://" not in o})  # a URL is no file of the clone
     for expected in ("runs/demo/eval.json", "shards-128", "shards-64/", "runs/photos", "runs/demo/samples",
                      "runs/bench/x", "runs/gpu-check/x-x-x"):
         assert expected in outputs, outputs  # the parse found the examples
