@@ -276,6 +276,32 @@ def test_cache_two_processes_fetch_a_shard_once(http_server, tmp_path):
     assert http_server.requests["a.tar"] == 1
 
 
+def test_a_fetch_waiting_on_a_shard_returns_once_its_fetcher_holds_it(http_server, tmp_path):
+    # issue 45: a DataLoader worker reaching a shard its loader's prefetcher is fetching waits, then
+    # reads it; the prefetcher's shared hold, taken as its fetch ends, does not keep the worker waiting
+    # (flock may grant the hold before the waiting exclusive lock: `bench data --shards URL` over a
+    # throttled link deadlocked so, the loader holding the shard until the worker's batch came)
+    import fcntl
+    import threading
+
+    item = _serve(http_server.root, "a.tar", size=3000)
+    cache = ShardCache(open_remote(http_server.url, backoff=0.01), tmp_path / "cache", 1 << 20)
+    local = cache.local_path(item[0], item[2])
+    fd = os.open(cache._lock_path(local), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the prefetcher, fetching
+    got = []
+    worker = threading.Thread(target=lambda: got.append(cache.fetch(*item)), daemon=True)
+    worker.start()
+    time.sleep(0.2)
+    assert not got  # it waits while the shard is on its way
+    local.write_bytes((http_server.root / "a.tar").read_bytes())  # arrived
+    fcntl.flock(fd, fcntl.LOCK_SH)  # the fetcher's hold, at once (a conversion: never unlocked between)
+    worker.join(timeout=5)
+    assert got == [(str(local), None)], "the fetch still waits for the holder's shared lock"
+    assert http_server.requests.get("a.tar", 0) == 0 and cache.stats()["hits"] == 1
+    os.close(fd)
+
+
 def _wait_for(condition, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

@@ -122,8 +122,8 @@ class ShardCache:
         if _touch(local):
             self._count(hits=1)
             return str(local), None
-        with _Lock(self._lock_path(local), fcntl.LOCK_EX):
-            if _touch(local):  # another process fetched it while this one waited
+        with _Lock(self._lock_path(local), fcntl.LOCK_EX, poll=lambda: _touch(local)) as lock:
+            if lock.fd is None or _touch(local):  # another process fetched it while this one waited
                 self._count(hits=1)
                 return str(local), None
             self._count(arriving=size or 0)
@@ -213,10 +213,17 @@ def _touch(path: Path) -> bool:
 
 class _Lock:
     """flock on a lock file of its own. Two opens are two locks, also in one process: two
-    threads of a process exclude each other as two processes do."""
+    threads of a process exclude each other as two processes do.
 
-    def __init__(self, path: Path, mode: int):
-        self.path, self.mode = path, mode
+    `poll`: wait by polling, not blocking, and stop waiting (fd None) once poll() is true. A fetch
+    waits so for the shard's exclusive lock: the process that fetched it first takes a shared hold
+    on it at once, and flock may grant that hold before the waiting exclusive lock, which would then
+    wait for as long as the hold lasts (a DataLoader worker reaching a shard its loader's prefetcher
+    was fetching: the loader holds the shard until the worker's batch comes, the worker waits for
+    the loader: a deadlock)."""
+
+    def __init__(self, path: Path, mode: int, poll=None):
+        self.path, self.mode, self.poll = path, mode, poll
 
     def acquire(self) -> int:
         try:
@@ -232,11 +239,26 @@ class _Lock:
         return fd
 
     def __enter__(self):
-        self.fd = self.acquire()
-        return self
+        if self.poll is None:
+            self.fd = self.acquire()
+            return self
+        mode, self.mode = self.mode, self.mode | fcntl.LOCK_NB
+        try:
+            while True:
+                try:
+                    self.fd = self.acquire()
+                    return self
+                except BlockingIOError:
+                    if self.poll():
+                        self.fd = None
+                        return self
+                    time.sleep(0.01)
+        finally:
+            self.mode = mode
 
     def __exit__(self, *exc):
-        _release(self.fd)
+        if self.fd is not None:
+            _release(self.fd)
 
 
 # The lock descriptors this process has open. A flock belongs to the open file, which a fork
