@@ -302,6 +302,29 @@ def test_a_fetch_waiting_on_a_shard_returns_once_its_fetcher_holds_it(http_serve
     os.close(fd)
 
 
+def test_a_batch_spanning_more_shards_than_the_cache_holds_gets_each_while_it_is_there(http_server, tmp_path):
+    # issue 45: a streaming loader's batch reads a block of shards; each is handed over while it is on
+    # disk and held, so the loader opens it before the fetch of the next one may evict it (DALI failed
+    # with "No such file" for a tar it had been given, `bench data --shards URL`, block 16, depth 4)
+    import numpy as np
+
+    from vae_dist.data.fetch import StreamFeed, TarFetch
+    from vae_dist.data.partition import shard_of
+
+    items = [_serve(http_server.root, f"s{k}.tar", size=2000) for k in range(4)]
+    cache = ShardCache(open_remote(http_server.url, backoff=0.01), tmp_path / "cache", 2 * 2000)  # 2 of 4
+    fetch = TarFetch(cache, [{"file": n, "bytes": b, "sha256": h} for n, b, h in items])
+    feed = StreamFeed(fetch, 1, shard_of([2, 2, 2, 2]))
+    ids = np.array([0, 2, 4, 6, 1, 3, 5, 7])  # one batch: all four shards
+    feed.start(ids, batch_size=8)
+    opened = []
+    for t, path in feed.shards_of(ids):
+        with open(path, "rb") as f:  # as the loader maps it
+            opened.append((t, hashlib.sha256(f.read()).hexdigest()))
+    assert opened == [(t, items[t][2]) for t in range(4)]
+    feed.close()
+
+
 def _wait_for(condition, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

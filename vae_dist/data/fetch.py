@@ -127,7 +127,7 @@ def require_local(path: str | Path, what: str) -> Path:
 class StreamFeed:
     """A streaming loader's shards at a URL: fetched ahead of its batches on a Prefetcher's
     threads, and let go once the stream is past them. Per epoch `start(ids, batch_size, skip)`
-    with the rank's sample ids in order; then `shards_of(b, ids)` before batch b is read (the
+    with the rank's sample ids in order; then `shards_of(ids)` before batch b is read (the
     tars it needs, fetched; waits only where the link is behind) and `done_before(b)` (the
     tars no batch from b on reads: to unmap, so the cache may evict them)."""
 
@@ -145,9 +145,14 @@ class StreamFeed:
         last_batch = skip + (len(shards) - 1 - from_end) // batch_size  # the batch that reads each one last
         self._last_use, self._released = dict(zip(shards_seen.tolist(), last_batch.tolist())), set()
 
-    def shards_of(self, ids) -> list[tuple[int, str]]:
-        """(shard id, local path) of each tar the batch `ids` reads, in order of first use."""
-        return [(t, self.fetch.get(self.prefetcher, t)) for t in dict.fromkeys(self.shard_of[ids].tolist())]
+    def shards_of(self, ids):
+        """(shard id, local path) of each tar the batch `ids` reads, in order of first use, one at a
+        time: the consumer opens (maps) each before it asks for the next. Getting the next lets the
+        cache evict the one before (it is behind the stream then), which is safe only once open: a
+        batch spanning a block of shards would otherwise lose its first ones to the fetches of its
+        last ones (DALI: "No such file" for a tar it had been given)."""
+        for t in dict.fromkeys(self.shard_of[ids].tolist()):
+            yield t, self.fetch.get(self.prefetcher, t)
 
     def done_before(self, batch: int) -> list[int]:
         done = [t for t, last in self._last_use.items() if last < batch and t not in self._released]

@@ -234,7 +234,8 @@ class WebDatasetLoader:
             if isinstance(batch, Refused):
                 raise DataError(batch.message)
             if feed is not None:  # the workers fetch what they reach; this moves the prefetch window on
-                feed.shards_of(batches[b])
+                for _ in feed.shards_of(batches[b]):  # (a generator: each shard got in turn)
+                    pass
             images, labels = batch
             yield images.to(self.device, non_blocking=True), labels.long().to(self.device, non_blocking=True)
 
