@@ -325,6 +325,39 @@ def test_a_batch_spanning_more_shards_than_the_cache_holds_gets_each_while_it_is
     feed.close()
 
 
+def test_a_process_forked_while_locks_come_and_go_inherits_none(tmp_path):
+    # issue 45: a DataLoader worker forked while a prefetch thread opens or closes a shard's lock file
+    # kept that open file, and with it the lock, for its whole life: the loader then waited on it for
+    # ever (`bench data --shards URL`, webdataset). Forks race a thread taking and dropping locks.
+    import fcntl
+    import threading
+
+    from vae_dist.data.shard_cache import _Lock
+
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            with _Lock(tmp_path / "a.lock", fcntl.LOCK_EX):
+                pass
+
+    thread = threading.Thread(target=churn, daemon=True)
+    thread.start()
+    leaked = 0
+    try:
+        for _ in range(100):
+            pid = os.fork()
+            if pid == 0:  # the child: does it have the lock file open?
+                held = any(os.path.realpath(f"/proc/self/fd/{fd}").endswith("a.lock") for fd in os.listdir("/proc/self/fd"))
+                os._exit(1 if held else 0)
+            _, status = os.waitpid(pid, 0)
+            leaked += os.waitstatus_to_exitcode(status) != 0
+    finally:
+        stop.set()
+        thread.join()
+    assert leaked == 0, f"{leaked} of 100 forked processes kept a lock file open"
+
+
 def _wait_for(condition, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

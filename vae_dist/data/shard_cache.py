@@ -226,11 +226,12 @@ class _Lock:
         self.path, self.mode, self.poll = path, mode, poll
 
     def acquire(self) -> int:
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise DataError(f"cannot write {self.path}: {e.strerror or e}") from None
-        _LOCK_FDS.add(fd)
+        with _FORK_GUARD:  # no fork between the open and the record of it
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise DataError(f"cannot write {self.path}: {e.strerror or e}") from None
+            _LOCK_FDS.add(fd)
         try:
             fcntl.flock(fd, self.mode)
         except BaseException:
@@ -264,13 +265,16 @@ class _Lock:
 # The lock descriptors this process has open. A flock belongs to the open file, which a fork
 # shares: a DataLoader worker forked while a prefetch thread holds a shard's lock would hold it
 # too, for its whole life, and this process would wait on its own lock. The child closes its
-# copies at once (never LOCK_UN, which would release the parent's lock).
+# copies at once (never LOCK_UN, which would release the parent's lock). A fork waits while a
+# thread opens or closes one (_FORK_GUARD), so none is open and not yet (or no longer) recorded.
 _LOCK_FDS: set[int] = set()
+_FORK_GUARD = threading.Lock()
 
 
 def _release(fd: int) -> None:
-    _LOCK_FDS.discard(fd)
-    os.close(fd)
+    with _FORK_GUARD:
+        _LOCK_FDS.discard(fd)
+        os.close(fd)
 
 
 def _close_inherited_locks() -> None:
@@ -280,9 +284,11 @@ def _close_inherited_locks() -> None:
         except OSError:
             pass
     _LOCK_FDS.clear()
+    _FORK_GUARD.release()  # held across the fork by the forking thread (this one, in the child)
 
 
-os.register_at_fork(after_in_child=_close_inherited_locks)
+os.register_at_fork(before=_FORK_GUARD.acquire, after_in_parent=_FORK_GUARD.release,
+                    after_in_child=_close_inherited_locks)
 
 
 class Prefetcher:
