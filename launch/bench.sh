@@ -3,7 +3,7 @@
 # or into $OUT when set (OUT=docs/bench/LABEL: the results to commit).
 #   bash launch/bench.sh [LABEL] [options, e.g. --tiny --steps 5 --shards DIR --images DIR]
 # Each benchmark gets the options it takes: step measures synthetic batches and takes none of
-# the data options (--shards, --images, --threads, --batch-size); `vae-dist bench KIND --help`.
+# the data options (--shards, --images, --threads, --batch-size, --prefetch); `vae-dist bench KIND --help`.
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 label=${1:-$(hostname)}; shift || true
 out=${OUT:-runs/bench/$label}
@@ -13,8 +13,8 @@ step_args=(); skip_value=0
 for a in "$@"; do
   if [ "$skip_value" = 1 ]; then skip_value=0; continue; fi
   case "$a" in
-    --shards=*|--images=*|--threads=*|--batch-size=*) ;;
-    --shards|--images|--threads|--batch-size) skip_value=1 ;;
+    --shards=*|--images=*|--threads=*|--batch-size=*|--prefetch=*) ;;
+    --shards|--images|--threads|--batch-size|--prefetch) skip_value=1 ;;
     *) step_args+=("$a") ;;
   esac
 done

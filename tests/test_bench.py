@@ -2,6 +2,8 @@
 
 import json
 import re
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -135,11 +137,11 @@ def test_bench_comm_splits_the_ddp_step_into_compute_and_all_reduce(tmp_path):
 
 # what each benchmark reads: its own options, and those every benchmark shares
 SHARED = {"--steps", "--warmup", "--repeats", "--json", "--plot", "--tiny", "-h"}
-OWN = {"data": {"--shards", "--images", "--batch-size", "--threads"},
+OWN = {"data": {"--shards", "--images", "--batch-size", "--threads", "--prefetch"},
        "step": {"--batch-sizes", "--rows", "--image-size", "--dtypes", "--compile", "--compile-mode", "--channels-last",
                 "--profile"},
        "e2e": {"--shards", "--images", "--batch-size", "--batch-sizes", "--compile-mode", "--variants", "--config",
-               "--threads"},
+               "--threads", "--prefetch"},
        "comm": {"--batch-size", "--world", "--threads"}}
 
 
@@ -217,3 +219,50 @@ def test_the_options_every_benchmark_takes_may_come_before_the_kind():
     assert kind_first(["bench", "--help"]) == ["bench", "--help"] and kind_first(["train", "--x"]) == ["train", "--x"]
     r = run_cli("bench", "--shards", "S", "step")  # an option that kind does not take: named
     assert r.returncode == 2 and "unrecognized arguments: --shards S" in r.stderr, r.stderr
+
+
+def test_bench_data_beside_a_url_gives_each_loader_a_local_and_a_streaming_row(shards, http_server, tmp_path):
+    # issue 45 (5, measured): `bench data --shards URL` fetches the set whole once (a row: the link's
+    # rate), then measures each streaming loader from that local copy and streaming from the URL
+    # through a cold cache below the set's size: the link's MB/s, the prefetch depth, the wait on the
+    # link and the MB/s each row needs, in the JSON and in the table
+    import shutil
+
+    shutil.copytree(shards, http_server.root / "set")
+    url, out = http_server.url + "set/", tmp_path / "data.json"
+    copies = set(Path(tempfile.gettempdir()).glob("vae-dist-bench-remote-*"))  # another run's, if one runs
+    r = run_cli("bench", "data", "--tiny", "--shards", url, "--threads", "1", "--repeats", "1", "--steps", "3",
+                "--prefetch", "2", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["shards"] == url and report["prefetch"] == 2
+    set_bytes = sum(p.stat().st_size for p in shards.glob("*.tar"))
+    assert report["set_mb"] == pytest.approx(set_bytes / 1e6)
+    rows = {row["name"]: row for row in report["results"]}
+    fetched = rows["fetch whole set (URL -> local folder)"]
+    assert fetched["fetched_mb"] == pytest.approx(set_bytes / 1e6) and fetched["link_mb_s"] > 0
+    assert fetched["img_per_s"] > 0 and fetched["images"] == 260
+    per_image = sum(p.stat().st_size for p in shards.glob("train-*.tar")) / 200
+    assert report["bytes_per_image"] == pytest.approx(per_image)
+    for loader, present in (("dali-cpu", HAVE_DALI), ("webdataset+torchvision (PyTorch)", HAVE_WEBDATASET)):
+        local, streamed = rows[f"{loader}: local copy"], rows[f"{loader}: URL, streaming"]
+        assert ("img_per_s" in local) == ("img_per_s" in streamed) == present, (local, streamed)
+        if not present:
+            continue
+        assert local["link_mb_s"] is None and local["link_wait_s"] is None and local["shuffle"] == "shards"
+        assert streamed["shuffle"] == "shards" and streamed["shard_cache_gb"] * 1e9 < set_bytes  # it streams
+        assert streamed["link_mb_s"] > 0 and streamed["prefetch_depth"] == 2 and streamed["fetched_mb"] > 0
+        assert streamed["link_wait_s"] >= 0 and streamed["link_waits"] >= 0
+        for row in (local, streamed):
+            assert row["needed_mb_s"] == pytest.approx(per_image * row["img_per_s"] / 1e6)
+    assert re.search(r"fetch whole set: [\d.]+ MB in [\d.]+ s = [\d.]+ MB/s", r.stdout), r.stdout
+    if HAVE_DALI:
+        assert re.search(r"dali-cpu: URL, streaming .* link [\d.,]+ MB/s, prefetch 2, waited [\d.]+ s on it; "
+                         r"needs [\d.,]+ MB/s", r.stdout), r.stdout
+        assert re.search(r"dali-cpu: local copy .* local disk; needs [\d.,]+ MB/s", r.stdout), r.stdout
+    assert http_server.requests["set/manifest.json"] >= 1
+    assert set(Path(tempfile.gettempdir()).glob("vae-dist-bench-remote-*")) <= copies, "the local copy stays behind"
+    # a URL with no set there: one line naming it, before anything is measured
+    r = run_cli("bench", "data", "--tiny", "--shards", http_server.url + "nowhere/")
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"vae-dist: error: no manifest.json at {http_server.url}nowhere/ "), r.stderr

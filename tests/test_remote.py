@@ -276,6 +276,88 @@ def test_cache_two_processes_fetch_a_shard_once(http_server, tmp_path):
     assert http_server.requests["a.tar"] == 1
 
 
+def test_a_fetch_waiting_on_a_shard_returns_once_its_fetcher_holds_it(http_server, tmp_path):
+    # issue 45: a DataLoader worker reaching a shard its loader's prefetcher is fetching waits, then
+    # reads it; the prefetcher's shared hold, taken as its fetch ends, does not keep the worker waiting
+    # (flock may grant the hold before the waiting exclusive lock: `bench data --shards URL` over a
+    # throttled link deadlocked so, the loader holding the shard until the worker's batch came)
+    import fcntl
+    import threading
+
+    item = _serve(http_server.root, "a.tar", size=3000)
+    cache = ShardCache(open_remote(http_server.url, backoff=0.01), tmp_path / "cache", 1 << 20)
+    local = cache.local_path(item[0], item[2])
+    fd = os.open(cache._lock_path(local), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the prefetcher, fetching
+    got = []
+    worker = threading.Thread(target=lambda: got.append(cache.fetch(*item)), daemon=True)
+    worker.start()
+    time.sleep(0.2)
+    assert not got  # it waits while the shard is on its way
+    local.write_bytes((http_server.root / "a.tar").read_bytes())  # arrived
+    fcntl.flock(fd, fcntl.LOCK_SH)  # the fetcher's hold, at once (a conversion: never unlocked between)
+    worker.join(timeout=5)
+    assert got == [(str(local), None)], "the fetch still waits for the holder's shared lock"
+    assert http_server.requests.get("a.tar", 0) == 0 and cache.stats()["hits"] == 1
+    os.close(fd)
+
+
+def test_a_batch_spanning_more_shards_than_the_cache_holds_gets_each_while_it_is_there(http_server, tmp_path):
+    # issue 45: a streaming loader's batch reads a block of shards; each is handed over while it is on
+    # disk and held, so the loader opens it before the fetch of the next one may evict it (DALI failed
+    # with "No such file" for a tar it had been given, `bench data --shards URL`, block 16, depth 4)
+    import numpy as np
+
+    from vae_dist.data.fetch import StreamFeed, TarFetch
+    from vae_dist.data.partition import shard_of
+
+    items = [_serve(http_server.root, f"s{k}.tar", size=2000) for k in range(4)]
+    cache = ShardCache(open_remote(http_server.url, backoff=0.01), tmp_path / "cache", 2 * 2000)  # 2 of 4
+    fetch = TarFetch(cache, [{"file": n, "bytes": b, "sha256": h} for n, b, h in items])
+    feed = StreamFeed(fetch, 1, shard_of([2, 2, 2, 2]))
+    ids = np.array([0, 2, 4, 6, 1, 3, 5, 7])  # one batch: all four shards
+    feed.start(ids, batch_size=8)
+    opened = []
+    for t in dict.fromkeys(feed.shard_of[ids].tolist()):
+        with open(feed.path(t), "rb") as f:  # as the loader maps it, before it asks for the next
+            opened.append((t, hashlib.sha256(f.read()).hexdigest()))
+    assert opened == [(t, items[t][2]) for t in range(4)]
+    feed.close()
+
+
+def test_a_process_forked_while_locks_come_and_go_inherits_none(tmp_path):
+    # issue 45: a DataLoader worker forked while a prefetch thread opens or closes a shard's lock file
+    # kept that open file, and with it the lock, for its whole life: the loader then waited on it for
+    # ever (`bench data --shards URL`, webdataset). Forks race a thread taking and dropping locks.
+    import fcntl
+    import threading
+
+    from vae_dist.data.shard_cache import _Lock
+
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            with _Lock(tmp_path / "a.lock", fcntl.LOCK_EX):
+                pass
+
+    thread = threading.Thread(target=churn, daemon=True)
+    thread.start()
+    leaked = 0
+    try:
+        for _ in range(100):
+            pid = os.fork()
+            if pid == 0:  # the child: does it have the lock file open?
+                held = any(os.path.realpath(f"/proc/self/fd/{fd}").endswith("a.lock") for fd in os.listdir("/proc/self/fd"))
+                os._exit(1 if held else 0)
+            _, status = os.waitpid(pid, 0)
+            leaked += os.waitstatus_to_exitcode(status) != 0
+    finally:
+        stop.set()
+        thread.join()
+    assert leaked == 0, f"{leaked} of 100 forked processes kept a lock file open"
+
+
 def _wait_for(condition, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

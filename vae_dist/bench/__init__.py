@@ -43,15 +43,20 @@ def add_bench_args(parser, formatter_class=None) -> None:
         p = sub.add_parser(kind, help=summary, description=f"vae-dist bench {kind}: {summary}.",
                            formatter_class=formatter_class or parser.formatter_class)
         _add_kind_args(p, kind)
-        for name in ("shards", "images", "profile", "config", "world"):  # what the shared code reads, unset
+        for name in ("shards", "images", "profile", "config", "world", "prefetch"):  # what the shared code reads, unset
             p.set_defaults(**{name: None})
 
 
 def _add_kind_args(p, kind: str) -> None:
     on = kind  # which kind these options are for
     if on in ("data", "e2e"):
-        p.add_argument("--shards", metavar="DIR", help="shard folder (default: the sample set, made in a temp "
-                       "folder and removed at the end)")
+        p.add_argument("--shards", metavar="DIR|URL", help="shard folder, or an http(s):// or s3:// URL of one: "
+                       "then the set is fetched whole once into a temp folder (a row: the link's rate) and each "
+                       "streaming row is measured from that local copy and streaming from the URL (default: the "
+                       "sample set, made in a temp folder and removed at the end)")
+        p.add_argument("--prefetch", type=int, default=None, metavar="N",
+                       help="--shards URL: shards fetched ahead of use by a streaming row (default: "
+                            f"{_default_prefetch()}, data.shard_prefetch's)")
         p.add_argument("--images", metavar="DIR", help="extracted Tiny ImageNet root for the seed's ImageFolder "
                        "baseline (default: the sample set's source images when --shards is not given)")
     if on in ("data", "e2e", "comm"):
@@ -108,8 +113,16 @@ def _add_kind_args(p, kind: str) -> None:
     p.add_argument("--tiny", action="store_true", help="a tiny model and data set, for tests")
 
 
+def _default_prefetch() -> int:
+    from vae_dist.config import DataConfig  # no torch: --help reads it
+
+    return DataConfig.shard_prefetch
+
+
 def run_bench(args) -> int:
     from vae_dist.bench.common import sample_shards
+    from vae_dist.bench.remote import open_remote_bench, remote_url
+    from vae_dist.errors import UserError
     from vae_dist.files import output_dir, output_file
 
     # before minutes of measuring: an output that cannot be written (a read-only folder) ends it now
@@ -119,31 +132,41 @@ def run_bench(args) -> int:
     if args.profile:
         output_dir(args.profile, "bench --profile folder")
     shards, images_root, extra = args.shards, args.images, {}
-    made = None
-    if args.what in ("data", "e2e") and shards is None:
+    made = remote = None
+    if args.what in ("data", "e2e") and remote_url(shards):
+        if args.prefetch is not None and args.prefetch < 1:
+            raise UserError(f"--prefetch must be at least 1 (got {args.prefetch})")
+        remote = open_remote_bench(shards, args.prefetch or _default_prefetch())
+        extra = {"url": shards, "set_mb": remote.set_bytes / 1e6, "bytes_per_image": remote.bytes_per_image,
+                 "prefetch": remote.depth}
+        shards = remote.local
+    elif args.what in ("data", "e2e") and shards is None:
         shards, made_root = sample_shards(args.tiny)
         images_root = images_root or made_root
         made = Path(shards).parent
         print(f"bench {args.what}: the sample set in {made} (removed at the end; --shards DIR measures your own)",
               flush=True)
     try:
-        return _run(args, shards, images_root, extra)
+        return _run(args, shards, images_root, extra, remote)
     finally:
         if made:
             shutil.rmtree(made, ignore_errors=True)
+        if remote:
+            remote.close()
 
 
-def _run(args, shards, images_root, extra) -> int:
+def _run(args, shards, images_root, extra, remote=None) -> int:
     from vae_dist.bench.common import write_partial, write_report
 
+    shown = remote.url if remote else shards  # what the JSON says was measured: the URL, not its temp copy
     if args.what == "data":
         from vae_dist.bench.data import bench_data
 
-        results = bench_data(args, shards, images_root)
+        results = bench_data(args, shards, images_root, remote)
     elif args.what == "step":
         from vae_dist.bench.step import bench_step
 
-        results = bench_step(args, on_row=lambda rows: write_partial(args.what, shards, rows, args.json))
+        results = bench_step(args, on_row=lambda rows: write_partial(args.what, shown, rows, args.json))
         extra = {"image_size": args.image_size}  # the table's title says it too
     elif args.what == "comm":
         from vae_dist.bench.comm import bench_comm
@@ -152,7 +175,7 @@ def _run(args, shards, images_root, extra) -> int:
     else:
         from vae_dist.bench.e2e import bench_e2e
 
-        results = bench_e2e(args, shards, images_root,
-                            on_row=lambda rows: write_partial(args.what, shards, rows, args.json))
-    write_report(args.what, shards, results, args.json, args.plot, extra)
+        results = bench_e2e(args, shards, images_root, remote=remote,
+                            on_row=lambda rows: write_partial(args.what, shown, rows, args.json))
+    write_report(args.what, shown, results, args.json, args.plot, extra)
     return 0

@@ -122,13 +122,16 @@ def title(what: str, extra: dict | None = None) -> str:
 
 def print_table(what: str, results: list[dict], extra: dict | None = None) -> None:
     print(f"\n{title(what, extra)}")
-    print(f"{'configuration':<48} {'img/s':>12} {'batch':>6} {'steps':>6}  notes")
+    w = max([48] + [len(r["name"]) for r in results])
+    print(f"{'configuration':<{w}} {'img/s':>12} {'batch':>6} {'steps':>6}  notes")
     for r in results:
         if "unavailable" in r:
             why = r["unavailable"] if r["unavailable"].startswith("failed") else f"unavailable: {r['unavailable']}"
-            print(f"{r['name']:<48} {'-':>12} {'':>6} {'':>6}  {why}")
+            print(f"{r['name']:<{w}} {'-':>12} {'':>6} {'':>6}  {why}")
             continue
         notes = []
+        if "prefetch_depth" in r and "batch_size" in r:  # a loader beside a URL (bench/remote.py): its link, its need
+            notes.append(link_note(r))
         if "data_wait" in r:
             notes.append(f"data wait {r['data_wait']:.0%}")
         if "build_s" in r:
@@ -149,7 +152,22 @@ def print_table(what: str, results: list[dict], extra: dict | None = None) -> No
             notes.append(r["note"])
         if "profile" in r:
             notes.append(f"bound by {r['profile']['bound_by']}")
-        print(f"{r['name']:<48} {r['img_per_s']:>12,.1f} {r['batch_size']:>6} {r['steps']:>6}  {', '.join(notes)}")
+        print(f"{r['name']:<{w}} {r['img_per_s']:>12,.1f} {r.get('batch_size', ''):>6} {r.get('steps', ''):>6}  "
+              f"{', '.join(notes)}")
+
+
+def link_note(r: dict) -> str:
+    """A row's link columns as words: the link's MB/s, the prefetch depth, the wait on the link,
+    and the MB/s a link must carry at the row's speed."""
+    if r.get("link_mb_s") is None:
+        said = "local disk"
+    else:
+        said = f"link {r['link_mb_s']:,.1f} MB/s, prefetch {r['prefetch_depth']}"
+        if r.get("link_wait_s") is not None:
+            said += f", waited {r['link_wait_s']:.2f} s on it"
+    if r.get("needed_mb_s") is not None:
+        said += f"; needs {r['needed_mb_s']:,.2f} MB/s"
+    return said
 
 
 def plot(results: list[dict], title: str, path: str) -> None:

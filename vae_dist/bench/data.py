@@ -2,7 +2,9 @@
 
 DALI mixed (GPU decode), DALI CPU, the PyTorch WebDataset loader, the decoded-split cache
 (built once, timed apart, then served from memory) and the seed's ImageFolder + PIL +
-DataLoader, side by side in one run.
+DataLoader, side by side in one run. With --shards URL (bench/remote.py): the set fetched whole
+once (a row: the link's rate), then each streaming loader from that local copy and streaming
+from the URL, side by side; the other rows read the local copy.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ from pathlib import Path
 import torch
 
 from vae_dist.bench.common import memory, row_or_reason, sync, timed
+from vae_dist.bench.remote import link_fields, needed
 
 
-def bench_data(args, shards: str, images_root: str | None) -> list[dict]:
+def bench_data(args, shards: str, images_root: str | None, remote=None) -> list[dict]:
+    """`remote`: a bench.remote.RemoteBench where --shards is a URL (`shards` is then its local copy)."""
     from vae_dist.config import DataConfig
     from vae_dist.data import dali
+    from vae_dist.data.fetch import FetchOptions
     from vae_dist.data.loaders import CachedLoader, build_loader, decode_split
     from vae_dist.data.shards import ShardSet
     from vae_dist.data.torch_loaders import image_folder_loader
@@ -29,7 +34,7 @@ def bench_data(args, shards: str, images_root: str | None) -> list[dict]:
     steps = args.steps or (4 if args.tiny else 50)
     warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
     shard_set = ShardSet.open(shards)
-    results = []
+    results = [remote.fetch_row] if remote else []
     cpu = torch.device("cpu")
     gpu = torch.device("cuda", 0) if torch.cuda.is_available() else None
 
@@ -42,7 +47,13 @@ def bench_data(args, shards: str, images_root: str | None) -> list[dict]:
         ("dali-cpu", "dali", "cpu", cpu),
         ("webdataset+torchvision (PyTorch)", "webdataset", "cpu", cpu),
     ]
-    for name, loader, decode, device in configs:
+    # beside a URL: each streaming loader from the local copy, then streaming from the URL, both in
+    # data.shuffle=shards order (the URL's, as its set is larger than the cache): the link differs alone
+    sources = [("", None)] if remote is None else [(": local copy", None), (": URL, streaming", remote)]
+    for (name, loader, decode, device), (where, link) in itertools.product(configs, sources):
+        if link is not None and decode.endswith("-plain"):
+            continue  # a pixel matter, not a link one: measured from the local copy only
+        name += where
         if device is None:
             results.append({"name": name, "unavailable": "no CUDA GPU"})
             continue
@@ -50,13 +61,25 @@ def bench_data(args, shards: str, images_root: str | None) -> list[dict]:
             results.append({"name": name, "unavailable": "NVIDIA DALI not installed"})
             continue
 
-        def measure(name=name, loader=loader, decode=decode, device=device):
+        def measure(name=name, loader=loader, decode=decode, device=device, link=link):
             cfg = DataConfig(shards=shards, loader=loader, decode=decode.split("-")[0], num_threads=threads,
                              fancy_upsampling=not decode.endswith("-plain"))
-            ld = build_loader(shard_set, cfg, "train", bs, rank=0, world=1, device=device, train=True, seed=0)
+            rows_set = shard_set
+            if remote is not None:
+                cfg.shuffle = "shards"
+            if link is not None:  # a cold cache below the set's size: it streams
+                cfg.shards, cfg.shard_prefetch, cfg.shard_cache = link.url, link.depth, link.cold_cache()
+                cfg.shard_cache_gb = link.stream_budget_gb(threads, cfg.shuffle_block)
+                rows_set = ShardSet.open(link.url, FetchOptions.of(cfg))
+            ld = build_loader(rows_set, cfg, "train", bs, rank=0, world=1, device=device, train=True, seed=0)
             try:
-                return measure_stream(name, stream(ld.epoch), bs, steps, warmup, args.repeats, device,
-                                      threads=threads)
+                row = measure_stream(name, stream(ld.epoch), bs, steps, warmup, args.repeats, device,
+                                     link=ld.fetch_stats, threads=threads)
+                if remote is not None:
+                    row.update(shuffle=cfg.shuffle, **({"shard_cache_gb": cfg.shard_cache_gb} if link else {}))
+                    if link is None:
+                        row.update(link_fields(None, None, None))
+                return row
             finally:
                 ld.close()
 
@@ -85,12 +108,17 @@ def bench_data(args, shards: str, images_root: str | None) -> list[dict]:
         results.append(row_or_reason("seed: ImageFolder+PIL DataLoader", measure_seed))
     else:
         results.append({"name": "seed: ImageFolder+PIL DataLoader", "unavailable": "pass --images (extracted root)"})
+    if remote is not None:  # the MB/s a link must carry to feed each row at its speed
+        results = [needed(r, remote.bytes_per_image) for r in results]
     return results
 
 
-def measure_stream(name, it, bs, steps, warmup, repeats, device, **extra) -> dict:
+def measure_stream(name, it, bs, steps, warmup, repeats, device, link=None, **extra) -> dict:
+    """`link`: the loader's fetch_stats (a loader streaming from a URL gives its prefetcher's
+    stats, any other None): the row then carries the link's columns (bench/remote.py)."""
     for _ in range(warmup):
         next(it)
+    before = link() if link else None
 
     def window():
         sync(device)
@@ -103,5 +131,9 @@ def measure_stream(name, it, bs, steps, warmup, repeats, device, **extra) -> dic
         return n, time.perf_counter() - t0
 
     median, rates = timed(window, repeats)
-    return {"name": name, "img_per_s": median, "batch_size": bs, "steps": steps, "repeats": rates,
-            **memory(device), **extra}
+    after = link() if link else None
+    row = {"name": name, "img_per_s": median, "batch_size": bs, "steps": steps, "repeats": rates,
+           **memory(device), **extra}
+    if after is not None:
+        row.update(link_fields(before, after, None))
+    return row

@@ -1,6 +1,8 @@
 """`vae-dist bench e2e`: the real Trainer.train_step fed from the shards (the fraction of
 time waiting on data), next to the seed's own loop (ImageFolder loader, eager, fp32, batch
-64) in the same run, and the GPU cache where there is a GPU.
+64) in the same run, and the GPU cache where there is a GPU. With --shards URL (bench/remote.py):
+the `fast` variant twice, from the set's local copy and streaming from the URL through a cold
+shard cache below the set's size; the other variants read the local copy.
 """
 
 from __future__ import annotations
@@ -16,17 +18,19 @@ from pathlib import Path
 import torch
 
 from vae_dist.bench.common import model_cfg, row_or_reason, sync, timed
+from vae_dist.bench.remote import link_fields, needed
 from vae_dist.errors import UserError
 from vae_dist.metrics import Stopwatch
 
 VARIANTS = ("seed", "fast", "cache", "graph")
 
 
-def bench_e2e(args, shards: str, images_root: str | None, on_row=None) -> list[dict]:
+def bench_e2e(args, shards: str, images_root: str | None, on_row=None, remote=None) -> list[dict]:
     """Rows for each batch size (--batch-sizes, else --batch-size), each variant in the order
     given: seed (the coursework's loop), fast (the Trainer streaming from the shards), cache
     (the Trainer on the decoded split in GPU memory, RAM on a CPU), graph (cache + the whole
-    step as one CUDA graph). `on_row(results)` follows every row."""
+    step as one CUDA graph). `on_row(results)` follows every row. `remote`: a
+    bench.remote.RemoteBench where --shards is a URL (`shards` is then its local copy)."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     on_gpu = device.type == "cuda"
     preset = _preset_batch(args.config) if getattr(args, "config", None) else None  # a config file's batch
@@ -38,9 +42,16 @@ def bench_e2e(args, shards: str, images_root: str | None, on_row=None) -> list[d
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise UserError(f"unknown e2e variant '{unknown[0]}' (choose from {', '.join(VARIANTS)})")
-    results = []
+    results = [remote.fetch_row] if remote else []
     for bs in sizes:
         for variant in variants:
+            if variant == "fast" and remote is not None:  # from the local copy, then streaming from the URL
+                for link in (None, remote):
+                    results.append(row_or_reason("fast", lambda bs=bs, link=link: _e2e_trainer(
+                        args, shards, "fast", bs, steps, warmup, device, remote=remote, link=link)))
+                    if on_row:
+                        on_row(results)
+                continue
             if variant == "seed":
                 if not (images_root and Path(images_root, "train").is_dir()):
                     results.append({"name": "seed", "unavailable": "pass --images (extracted root)"})
@@ -52,6 +63,8 @@ def bench_e2e(args, shards: str, images_root: str | None, on_row=None) -> list[d
                                                                                             warmup, device)))
             if on_row:
                 on_row(results)
+    if remote is not None:  # the MB/s a link must carry to feed each row at its speed
+        results = [needed(r, remote.bytes_per_image) for r in results]
     return results
 
 
@@ -75,8 +88,10 @@ def _e2e_seed(args, images_root, bs, steps, warmup, device) -> dict:
     return _measure_training("seed: ImageFolder, eager fp32", it, step, bs, steps, warmup, args.repeats, device)
 
 
-def _e2e_trainer(args, shards, variant, bs, steps, warmup, device) -> dict:
-    """The real Trainer (Accelerate, DALI, compile, channels_last, bf16 on GPU)."""
+def _e2e_trainer(args, shards, variant, bs, steps, warmup, device, remote=None, link=None) -> dict:
+    """The real Trainer (Accelerate, DALI, compile, channels_last, bf16 on GPU). Beside a URL
+    (`remote`), in data.shuffle=shards order; `link` (the remote): streaming from the URL through
+    a cold shard cache below the set's size, else from the local copy `shards`."""
     from accelerate.state import AcceleratorState
 
     from vae_dist.config import build_config
@@ -94,6 +109,7 @@ def _e2e_trainer(args, shards, variant, bs, steps, warmup, device) -> dict:
         f"--data.num_threads={threads}", "--log.wandb_mode=disabled", "--model.compile=true",
         f"--model.compile_mode={args.compile_mode}", "--model.channels_last=true",
         f"--data.cache={cache if variant != 'fast' else 'none'}", f"--train.cuda_graph={str(variant == 'graph').lower()}", *arch,
+        *(_beside_url(remote, link, threads) if remote is not None else []),
     ])
     trainer = Trainer(cfg)
     loader = trainer.train_loader
@@ -103,17 +119,38 @@ def _e2e_trainer(args, shards, variant, bs, steps, warmup, device) -> dict:
     kind = {"fast": "fast", "cache": f"fast+{cache}-cache", "graph": f"graph+{cache}-cache"}[variant]
     step = "compiled, whole-step CUDA graph" if variant == "graph" else "compiled"
     name = f"{kind}: {info['loader']}, {step}, channels_last, {precision}" + (f" [{Path(config).name}]" if config else "")
+    where = {}
+    if remote is not None:
+        name += ": URL, streaming" if link is not None else ": local copy"
+        where = {"shuffle": cfg.data.shuffle, **({"shard_cache_gb": cfg.data.shard_cache_gb} if link is not None else
+                                                 link_fields(None, None, None))}
+    fetch_stats = getattr(loader, "fetch_stats", None)
     try:
         return _measure_training(name, it, trainer.train_step, bs, steps, warmup, args.repeats, device,
-                                 loader=info["loader"], precision=precision, data=info["data"])
+                                 link=fetch_stats if link is not None else None,
+                                 loader=info["loader"], precision=precision, data=info["data"], **where)
     finally:
         trainer.close_loaders()
         shutil.rmtree(out, ignore_errors=True)
 
 
-def _measure_training(name, it, train_step, bs, steps, warmup, repeats, device, **extra) -> dict:
+def _beside_url(remote, link, threads: int) -> list[str]:
+    """The overrides of a Trainer row beside a URL: the URL's order on both rows; on the streaming
+    row, the URL through a cold shard cache below the set's size, `--prefetch` shards ahead."""
+    from vae_dist.config import DataConfig
+
+    if link is None:
+        return ["--data.shuffle=shards"]
+    budget = link.stream_budget_gb(threads, DataConfig.shuffle_block)
+    return ["--data.shuffle=shards", f"--data.shards={link.url}", f"--data.shard_cache={link.cold_cache()}",
+            f"--data.shard_cache_gb={budget}", f"--data.shard_prefetch={link.depth}"]
+
+
+def _measure_training(name, it, train_step, bs, steps, warmup, repeats, device, link=None, **extra) -> dict:
+    """`link`: the loader's fetch_stats where it streams from a URL: the row carries the link's columns."""
     for _ in range(warmup):
         train_step(next(it)[0])
+    before = link() if link else None
     waits = []
 
     def window():
@@ -129,8 +166,9 @@ def _measure_training(name, it, train_step, bs, steps, warmup, repeats, device, 
         return bs * steps, seconds
 
     median, rates = timed(window, repeats)
+    after = link() if link else None
     return {"name": name, "img_per_s": median, "batch_size": bs, "steps": steps, "repeats": rates,
-            "data_wait": statistics.median(waits), **extra}
+            "data_wait": statistics.median(waits), **extra, **(link_fields(before, after, None) if after else {})}
 
 
 def _seed_step_fn(model, optimizer, device):

@@ -17,7 +17,6 @@ the threads stay up to `depth` shards ahead, and what waits there is counted (`s
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import os
@@ -123,8 +122,8 @@ class ShardCache:
         if _touch(local):
             self._count(hits=1)
             return str(local), None
-        with self._fetch_lock(local):
-            if _touch(local):  # another process fetched it while this one waited
+        with _Lock(self._lock_path(local), fcntl.LOCK_EX, poll=lambda: _touch(local)) as lock:
+            if lock.fd is None or _touch(local):  # another process fetched it while this one waited
                 self._count(hits=1)
                 return str(local), None
             self._count(arriving=size or 0)
@@ -135,26 +134,6 @@ class ShardCache:
                 self._count(arriving=-(size or 0))
         self._count(fetches=1, bytes=got["bytes"], seconds=got["seconds"], retries=got["retries"])
         return str(local), got
-
-    @contextlib.contextmanager
-    def _fetch_lock(self, local: Path):
-        """The exclusive lock to fetch `local`, taken without waiting on holders: a process whose
-        prefetcher holds the shard (shared) may itself wait on this one in a collective, so a
-        shared lock means the shard is here (holds are taken on shards that are) and this
-        returns at once; an exclusive one (another process fetching it) is waited out."""
-        while True:
-            try:
-                fd = _Lock(self._lock_path(local), fcntl.LOCK_EX | fcntl.LOCK_NB).acquire()
-                break
-            except BlockingIOError:
-                if local.exists():
-                    yield
-                    return
-                time.sleep(0.02)
-        try:
-            yield
-        finally:
-            _release(fd)
 
     def hold(self, name: str, sha256: str) -> Hold | None:
         """A shared lock on the cached shard (no process evicts it until released), or None
@@ -234,17 +213,25 @@ def _touch(path: Path) -> bool:
 
 class _Lock:
     """flock on a lock file of its own. Two opens are two locks, also in one process: two
-    threads of a process exclude each other as two processes do."""
+    threads of a process exclude each other as two processes do.
 
-    def __init__(self, path: Path, mode: int):
-        self.path, self.mode = path, mode
+    `poll`: wait by polling, not blocking, and stop waiting (fd None) once poll() is true. A fetch
+    waits so for the shard's exclusive lock: the process that fetched it first takes a shared hold
+    on it at once, and flock may grant that hold before the waiting exclusive lock, which would then
+    wait for as long as the hold lasts (a DataLoader worker reaching a shard its loader's prefetcher
+    was fetching: the loader holds the shard until the worker's batch comes, the worker waits for
+    the loader: a deadlock)."""
+
+    def __init__(self, path: Path, mode: int, poll=None):
+        self.path, self.mode, self.poll = path, mode, poll
 
     def acquire(self) -> int:
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise DataError(f"cannot write {self.path}: {e.strerror or e}") from None
-        _LOCK_FDS.add(fd)
+        with _FORK_GUARD:  # no fork between the open and the record of it
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise DataError(f"cannot write {self.path}: {e.strerror or e}") from None
+            _LOCK_FDS.add(fd)
         try:
             fcntl.flock(fd, self.mode)
         except BaseException:
@@ -253,23 +240,41 @@ class _Lock:
         return fd
 
     def __enter__(self):
-        self.fd = self.acquire()
-        return self
+        if self.poll is None:
+            self.fd = self.acquire()
+            return self
+        mode, self.mode = self.mode, self.mode | fcntl.LOCK_NB
+        try:
+            while True:
+                try:
+                    self.fd = self.acquire()
+                    return self
+                except BlockingIOError:
+                    if self.poll():
+                        self.fd = None
+                        return self
+                    time.sleep(0.01)
+        finally:
+            self.mode = mode
 
     def __exit__(self, *exc):
-        _release(self.fd)
+        if self.fd is not None:
+            _release(self.fd)
 
 
 # The lock descriptors this process has open. A flock belongs to the open file, which a fork
 # shares: a DataLoader worker forked while a prefetch thread holds a shard's lock would hold it
 # too, for its whole life, and this process would wait on its own lock. The child closes its
-# copies at once (never LOCK_UN, which would release the parent's lock).
+# copies at once (never LOCK_UN, which would release the parent's lock). A fork waits while a
+# thread opens or closes one (_FORK_GUARD), so none is open and not yet (or no longer) recorded.
 _LOCK_FDS: set[int] = set()
+_FORK_GUARD = threading.Lock()
 
 
 def _release(fd: int) -> None:
-    _LOCK_FDS.discard(fd)
-    os.close(fd)
+    with _FORK_GUARD:
+        _LOCK_FDS.discard(fd)
+        os.close(fd)
 
 
 def _close_inherited_locks() -> None:
@@ -279,9 +284,11 @@ def _close_inherited_locks() -> None:
         except OSError:
             pass
     _LOCK_FDS.clear()
+    _FORK_GUARD.release()  # held across the fork by the forking thread (this one, in the child)
 
 
-os.register_at_fork(after_in_child=_close_inherited_locks)
+os.register_at_fork(before=_FORK_GUARD.acquire, after_in_parent=_FORK_GUARD.release,
+                    after_in_child=_close_inherited_locks)
 
 
 class Prefetcher:
