@@ -412,3 +412,17 @@ def test_default_cache_folder_is_per_user_and_per_url(monkeypatch, tmp_path):
     folder = default_folder("s3://b/set")
     assert folder.parent == tmp_path / "vae-dist" / "shards" and folder == default_folder("s3://b/set/")
     assert default_folder("s3://b/other/") != folder
+
+
+def test_eviction_touches_only_the_caches_own_files(http_server, tmp_path):
+    # issue 45 (review): data.shard_cache may name a folder that holds the user's files: never evicted
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "thesis.pdf").write_bytes(b"x" * 5000)
+    items = [_serve(http_server.root, f"s{k}.tar", size=2000) for k in range(3)]
+    cache = ShardCache(open_remote(http_server.url, backoff=0.01), folder, 2500)
+    for item in items:
+        cache.path(*item)
+    assert (folder / "thesis.pdf").read_bytes() == b"x" * 5000
+    assert sorted(p.name.split("-", 1)[1] for p in folder.iterdir() if p.name[0] != "." and p.suffix == ".tar") \
+        == ["s2.tar"]  # the budget holds one shard: the older two went, the user's file stayed

@@ -153,13 +153,23 @@ def test_pack_to_s3_uploads_the_manifest_last_and_trains_from_there(sample_root,
     monkeypatch.setattr(S3Remote, "delete", lambda self, name: (writes.append(("delete", name)), delete(self, name)))
     url = s3.url("packed")
     _ok(run_cli("pack", str(sample_root), url, "--shard-size=64", "--workers=1", f"--staging={tmp_path}"))
-    assert writes[0] == ("delete", "manifest.json") and writes[-1] == ("put", "manifest.json")
+    probe = [w for w in writes if ".vae-dist-pack-probe-" in w[1]]  # the write check before packing
+    assert [op for op, _ in probe] == ["put", "delete"] and writes[:2] == probe
+    assert writes[2] == ("delete", "manifest.json") and writes[-1] == ("put", "manifest.json")
     keys = {o["Key"] for o in s3.client.list_objects_v2(Bucket=s3.name)["Contents"]}
     assert {"packed/manifest.json", "packed/train-000000.tar", "packed/train-000000.idx", "packed/val-000000.tar"} <= keys
     assert list(tmp_path.iterdir()) == []  # the local staging folder is gone
     r = _ok(run_cli("train", *COMMON, f"--data.shards={url}", f"--train.out_dir={tmp_path / 'run'}",
                     f"--data.shard_cache={tmp_path / 'cache'}", "--train.max_steps=2"))
     assert "fetched 5 shards" in r.stderr
+    # refused before any packing: a prefix holding another tool's set, an http(s) server
+    s3.put("theirs/manifest.json", b'{"format": "vae-dist-index/1"}')
+    for target, words in ((s3.url("theirs"), "is not one `vae-dist pack` wrote"),
+                          ("https://127.0.0.1:9/set/", "an http(s) server is not written to")):
+        r = run_cli("pack", str(sample_root), target, "--workers=1")
+        assert r.returncode != 0 and "Traceback" not in r.stderr and words in r.stderr.strip().splitlines()[-1]
+        assert "packed" not in r.stdout
+    assert s3.client.get_object(Bucket=s3.name, Key="theirs/manifest.json")["Body"].read().startswith(b'{"format"')
 
 
 def test_an_img2dataset_set_is_indexed_and_trained_on_by_url(http_server, s3, tmp_path):

@@ -58,6 +58,8 @@ class _BatchStream:
 
     def __next__(self):
         if self.batch >= self.steps:
+            if self.feed is not None:  # the old epoch's last tars, before its plan is forgotten
+                self.index.release(self.feed.done_before(self.steps + 1))
             self.epoch, self.batch = self.epoch + 1, 0
             self._start_epoch(self.epoch, 0)
         rows = slice(self.batch * self.batch_size, (self.batch + 1) * self.batch_size)
@@ -178,6 +180,7 @@ class DaliLoader:
                 pipe._shutdown()
         if self._feed is not None:
             self._feed.close()
+            self.index.release(range(len(self.index.tar_paths)))  # mapped again from the cache as needed
         self._it = self._position = self._feed = None
 
     def fetch_stats(self) -> dict | None:

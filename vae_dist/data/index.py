@@ -117,8 +117,11 @@ def scan_tar(path: str | Path) -> TarScan:
 
 
 def index_line(sample: Sample) -> str:
-    """The sample's `.idx` line, as DALI's wds2idx writes it: `ext offset size name` per component."""
-    return " ".join(f"{ext} {offset} {size} {name}" for ext, (offset, size, name) in sample.parts.items())
+    """The sample's `.idx` line, as DALI's wds2idx writes it: `ext offset size name` per component;
+    never a `label` one: that name means pack's 4-byte int32 to the loaders, and a foreign set's
+    labels come from --label (a side file) or are -1."""
+    return " ".join(f"{ext} {offset} {size} {name}" for ext, (offset, size, name) in sample.parts.items()
+                    if ext != "label")
 
 
 # -- labels --------------------------------------------------------------------------------
@@ -389,7 +392,7 @@ def _usable(sample: Sample, skipped: Counter) -> bool:
     if image_ext(sample.parts) is None:
         skipped["with no image member"] += 1
         return False
-    if any(c.isspace() for c in sample.key):  # an .idx line's fields are split on whitespace
+    if any(c.isspace() for _, _, name in sample.parts.values() for c in name):  # .idx fields split on whitespace
         skipped["with whitespace in the key (an .idx line cannot carry it)"] += 1
         return False
     return True

@@ -87,6 +87,9 @@ def build_loader(shards: ShardSet, data_cfg, split: str, batch_size: int, *, ran
     threads = data_cfg.num_threads if data_cfg.num_threads is not None else default_threads()
     order = {"shuffle": train_shuffle(shards, data_cfg)[0], "shuffle_block": data_cfg.shuffle_block}
     fetch = remote_tars(shards, files)
+    # in shards order a block's tars are read together: the first batch of a block opens them all
+    ahead = max(shards.fetch_options.prefetch, data_cfg.shuffle_block if order["shuffle"] == "shards" else 0) \
+        if fetch else 0
     if kind == "dali":
         gpu_id = device.index if device.index is not None else 0
         loader = dali.DaliLoader(
@@ -95,14 +98,14 @@ def build_loader(shards: ShardSet, data_cfg, split: str, batch_size: int, *, ran
             num_threads=threads, prefetch=data_cfg.prefetch, seed=seed, flip=data_cfg.flip,
             image_size=shards.image_size, hw_decoder_load=data_cfg.hw_decoder_load, limit=limit,
             fancy_upsampling=data_cfg.fancy_upsampling, label_paths=files.labels, resize=shards.resize, **order,
-            fetch=fetch, fetch_ahead=shards.fetch_options.prefetch if fetch else 0,
+            fetch=fetch, fetch_ahead=ahead,
         )
         return _OnDevice(loader, device)
     return WebDatasetLoader(files.tars, files.counts, batch_size, rank=rank, world=world, train=train,
                             num_workers=threads, seed=seed, flip=data_cfg.flip,
                             buffer=data_cfg.shuffle_buffer, device=device, limit=limit, idxs=files.idxs,
                             label_paths=files.labels, image_size=shards.image_size, resize=shards.resize, **order,
-                            fetch=fetch, fetch_ahead=shards.fetch_options.prefetch if fetch else 0)
+                            fetch=fetch, fetch_ahead=ahead)
 
 
 class _OnDevice:
@@ -122,7 +125,7 @@ class _OnDevice:
         self.loader.close()
 
     def fetch_stats(self) -> dict | None:
-        return self.loader.fetch_stats()
+        return getattr(self.loader, "fetch_stats", lambda: None)()
 
 
 class CachedLoader:

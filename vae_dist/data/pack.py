@@ -406,21 +406,49 @@ def summary(manifest: dict) -> str:
 def pack_to_url(src_path: str | Path, url: str, opts: PackOptions | None = None, staging: str | None = None,
                 retries: int = 5) -> dict:
     """`vae-dist pack SRC s3://bucket/prefix/`: packs into a local folder (under `staging`, else
-    $TMPDIR), then uploads it. The bucket is asked first, so refused credentials or a wrong
-    endpoint are one line before the hours a pack can take, not after."""
+    $TMPDIR), then uploads it. Before the hours a pack can take, the prefix is checked: an
+    s3:// one (an http(s) server is not written to), holding no set but one pack wrote (an
+    index's or another tool's manifest.json is not replaced), and taking a write (read-only or
+    refused credentials, a missing bucket: one line now)."""
     import tempfile
 
-    from vae_dist.data.remote import open_remote
+    from vae_dist.data.remote import S3Remote, open_remote
 
     remote = open_remote(url, retries=retries)
-    remote.exists(MANIFEST)  # reachable, and the credentials are accepted
-    local = Path(tempfile.mkdtemp(prefix="vae-dist-pack-", dir=staging))
+    if not isinstance(remote, S3Remote):
+        raise DataError(f"cannot pack to {url}: an http(s) server is not written to; pack to a local folder and "
+                        f"copy it there, or pack to an s3:// URL")
+    check_upload_target(remote)
+    staging_dir = output_dir(staging, "pack --staging folder") if staging else None
+    local = Path(tempfile.mkdtemp(prefix="vae-dist-pack-", dir=staging_dir))
     try:
         manifest = pack(src_path, local, opts)
         upload_set(local, remote, manifest)
     finally:
         shutil.rmtree(local, ignore_errors=True)
     return manifest
+
+
+def check_upload_target(remote) -> None:
+    """The prefix holds no manifest.json but one pack wrote, and takes a write (a probe object,
+    removed at once)."""
+    import tempfile
+
+    if remote.exists(MANIFEST):
+        try:
+            old = json.loads(remote.read(MANIFEST))
+        except ValueError:
+            old = None
+        if not isinstance(old, dict) or not str(old.get("format", "")).startswith(FORMAT.split("/")[0] + "/"):
+            raise DataError(f"{remote.url}{MANIFEST} is not one `vae-dist pack` wrote (an index's, or another "
+                            f"tool's): pack to another prefix; nothing was written")
+    probe = f".vae-dist-pack-probe-{time.time_ns()}"
+    with tempfile.NamedTemporaryFile() as empty:
+        try:
+            remote.upload(Path(empty.name), probe)
+        except DataError as e:
+            raise DataError(f"cannot write into {remote.url}: {e}") from None
+    remote.delete(probe)
 
 
 def upload_set(folder: Path, remote, manifest: dict) -> None:

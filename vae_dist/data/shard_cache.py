@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from vae_dist.errors import DataError
 from vae_dist.files import output_dir
 
 _LOCKS = ".locks"
+_CACHED = re.compile(r"^[0-9a-f]{16}-")  # a cached file's name: its sha256's first 16 hex digits, a dash, its name
 
 
 def user_cache_dir() -> Path:
@@ -156,13 +158,15 @@ class ShardCache:
         shards = []
         with os.scandir(self.folder) as entries:
             for entry in entries:
-                if entry.name.startswith(".") or entry.name.endswith(".partial") or not entry.is_file():
+                # only the cache's own files (<sha256[:16]>-NAME): the folder may be one a user named
+                if not _CACHED.match(entry.name) or entry.name.endswith(".partial") or not entry.is_file():
                     continue
                 try:
                     info = entry.stat()
                 except FileNotFoundError:  # another process evicted it just now
                     continue
                 shards.append((info.st_mtime, info.st_size, entry.name))
+        self._after_fork()
         with self._counts:
             total = sum(size for _, size, _ in shards) + room + self._arriving
         deleted = 0
@@ -187,12 +191,21 @@ class ShardCache:
         self._count(evicted=deleted)
         return deleted
 
+    def _after_fork(self) -> None:
+        """A copy forked into a DataLoader worker (not pickled) counts afresh, with a lock of its own:
+        the parent's may have been held by one of its threads at the fork."""
+        if getattr(self, "_pid", None) != os.getpid():
+            self._pid, self._counts, self._arriving = os.getpid(), threading.Lock(), 0
+            self._stats = dict.fromkeys(self._stats, 0)
+
     def stats(self) -> dict:
         """What this process's copy did: fetches, bytes, seconds (summed over fetches), retries, hits, evicted."""
+        self._after_fork()
         with self._counts:
             return dict(self._stats)
 
     def _count(self, arriving: int = 0, **amounts) -> None:
+        self._after_fork()
         with self._counts:
             self._arriving += arriving
             for key, amount in amounts.items():
@@ -449,7 +462,10 @@ class Prefetcher:
                 if hold is not None:
                     with self._cond:
                         old = self._holds.pop(name, None)
-                        self._holds[name] = hold
+                        if self._closed:  # closed while this fetch ran: nothing may keep holding it
+                            old, hold = hold, None
+                        else:
+                            self._holds[name] = hold
                     if old is not None:
                         old.close()
                     return path

@@ -383,7 +383,9 @@ class ShardSet:
 
     def shard_bytes(self) -> int:
         """The bytes of every tar of every split: what a shard cache must hold to keep them all."""
-        return sum(s["bytes"] for info in self.manifest.get("splits", {}).values() for s in info.get("shards", []))
+        tars = {(s["file"], s["sha256"]): s["bytes"] for info in self.manifest.get("splits", {}).values()
+                for s in info.get("shards", [])}  # an indexed set's val fraction lists a tar in both splits
+        return sum(tars.values())
 
     def fits_shard_cache(self) -> bool:
         return not self.is_remote or self.shard_bytes() <= self.fetch_options.cache_bytes
@@ -448,6 +450,8 @@ class ShardSet:
         tars, idxs, labels = [], [], []
         for t, shard in enumerate(info["shards"]):
             idx = self._small_file(shard["index"], shard.get("index_sha256"))
+            if not idx.is_file():
+                raise DataError(f"missing shard index {idx.name} in {self.root}")
             if fetch is not None:  # checked on arrival, against the manifest's size and sha256
                 tar = Path(fetch.local_path(t))
             else:
