@@ -109,7 +109,7 @@ def _e2e_trainer(args, shards, variant, bs, steps, warmup, device, remote=None, 
         f"--data.num_threads={threads}", "--log.wandb_mode=disabled", "--model.compile=true",
         f"--model.compile_mode={args.compile_mode}", "--model.channels_last=true",
         f"--data.cache={cache if variant != 'fast' else 'none'}", f"--train.cuda_graph={str(variant == 'graph').lower()}", *arch,
-        *(_beside_url(remote, link, threads) if remote is not None else []),
+        *(_beside_url(remote, link, threads, config) if remote is not None else []),
     ])
     trainer = Trainer(cfg)
     loader = trainer.train_loader
@@ -134,14 +134,14 @@ def _e2e_trainer(args, shards, variant, bs, steps, warmup, device, remote=None, 
         shutil.rmtree(out, ignore_errors=True)
 
 
-def _beside_url(remote, link, threads: int) -> list[str]:
+def _beside_url(remote, link, threads: int, config: str | None) -> list[str]:
     """The overrides of a Trainer row beside a URL: the URL's order on both rows; on the streaming
     row, the URL through a cold shard cache below the set's size, `--prefetch` shards ahead."""
-    from vae_dist.config import DataConfig
+    from vae_dist.config import build_config
 
     if link is None:
         return ["--data.shuffle=shards"]
-    budget = link.stream_budget_gb(threads, DataConfig.shuffle_block)
+    budget = link.stream_budget_gb(threads, build_config(config).data.shuffle_block)  # the --config file's block
     return ["--data.shuffle=shards", f"--data.shards={link.url}", f"--data.shard_cache={link.cold_cache()}",
             f"--data.shard_cache_gb={budget}", f"--data.shard_prefetch={link.depth}"]
 
