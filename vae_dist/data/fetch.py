@@ -19,13 +19,12 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from vae_dist.data.remote import Remote, is_url, open_remote
+from vae_dist.data.remote import Remote, folder_url, is_url, open_remote
 from vae_dist.data.shard_cache import Prefetcher, ShardCache, default_folder
-from vae_dist.errors import DataError, counted
+from vae_dist.errors import counted
 
 
 @dataclass(frozen=True)
@@ -54,12 +53,19 @@ class FetchOptions:
         return ShardCache(remote, self.cache or default_folder(remote.url), self.cache_bytes)
 
 
+def base_url(manifest: dict) -> str | None:
+    """The URL of an indexed set's tars where its shard_base is one (http(s):// or s3://), else None."""
+    base = manifest.get("shard_base")
+    return folder_url(base) if is_url(base) else None
+
+
 def tar_url(root: str, manifest: dict) -> str | None:
     """The URL of a set's tars, or None where they are local: `shard_base` where it is a URL,
     else the set's own URL (with a relative `shard_base` under it)."""
+    url = base_url(manifest)
+    if url is not None:
+        return url
     base = manifest.get("shard_base")
-    if base is not None and is_url(base):
-        return base
     if is_url(root):
         return root.rstrip("/") + "/" + (base.strip("/") + "/" if base and base.strip("/.") else "")
     return None
@@ -117,11 +123,6 @@ def fetch_all(fetches: list[TarFetch], depth: int, say=None) -> dict:
 def stderr_line(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
-
-def require_local(path: str | Path, what: str) -> Path:
-    if is_url(str(path)):
-        raise DataError(f"{what} reads a local shard folder, not a URL ({path})")
-    return Path(path)
 
 
 class StreamFeed:

@@ -20,7 +20,6 @@ sees a manifest naming files not yet there. An http(s) source cannot be written:
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import shutil
 import sys
@@ -151,23 +150,18 @@ def _check_beside(remote: Remote) -> dict | None:
     """Before writing beside the tars: a manifest.json there must be one index wrote (a packed
     set's is not replaced), and the prefix must take a write (credentials that only read are one
     line now). Returns the old manifest (its index files that the new one lacks are removed)."""
-    old = None
     if remote.exists(MANIFEST):
-        try:
-            old = json.loads(remote.read(MANIFEST))
-        except ValueError:
-            old = None
+        old = remote.read_json(MANIFEST)
         if not isinstance(old, dict) or not is_indexed(old):
             raise UserError(f"{remote.url}{MANIFEST} is not one `vae-dist index` wrote (a packed set's, or another "
                             f"tool's): index into a local folder with --out DIR")
-    probe = f".vae-dist-index-probe-{time.time_ns()}"
-    with tempfile.NamedTemporaryFile() as empty:
-        try:
-            remote.upload(Path(empty.name), probe)
-        except DataError as e:
-            raise UserError(f"cannot write into {remote.url} ({e}): give --out DIR, a local folder for the "
-                            f"index (its manifest.json then says where the tars are)") from None
-    remote.delete(probe)
+    else:
+        old = None
+    try:
+        remote.probe_write("index")
+    except DataError as e:
+        raise UserError(f"cannot write into {remote.url} ({e}): give --out DIR, a local folder for the "
+                        f"index (its manifest.json then says where the tars are)") from None
     return old
 
 

@@ -432,23 +432,15 @@ def pack_to_url(src_path: str | Path, url: str, opts: PackOptions | None = None,
 def check_upload_target(remote) -> None:
     """The prefix holds no manifest.json but one pack wrote, and takes a write (a probe object,
     removed at once)."""
-    import tempfile
-
     if remote.exists(MANIFEST):
-        try:
-            old = json.loads(remote.read(MANIFEST))
-        except ValueError:
-            old = None
+        old = remote.read_json(MANIFEST)
         if not isinstance(old, dict) or not str(old.get("format", "")).startswith(FORMAT.split("/")[0] + "/"):
             raise DataError(f"{remote.url}{MANIFEST} is not one `vae-dist pack` wrote (an index's, or another "
                             f"tool's): pack to another prefix; nothing was written")
-    probe = f".vae-dist-pack-probe-{time.time_ns()}"
-    with tempfile.NamedTemporaryFile() as empty:
-        try:
-            remote.upload(Path(empty.name), probe)
-        except DataError as e:
-            raise DataError(f"cannot write into {remote.url}: {e}") from None
-    remote.delete(probe)
+    try:
+        remote.probe_write("pack")
+    except DataError as e:
+        raise DataError(f"cannot write into {remote.url}: {e}") from None
 
 
 def upload_set(folder: Path, remote, manifest: dict) -> None:

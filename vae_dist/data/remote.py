@@ -23,10 +23,12 @@ client, lazily, in their own process.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import socket
 import ssl
+import tempfile
 import threading
 import time
 import urllib.error
@@ -137,6 +139,23 @@ class Remote:
         """The folder's own members whose names end in `suffix`, sorted: [(name, bytes or None
         where the listing does not say)]. `vae-dist index URL` finds the tars so."""
         raise NotImplementedError
+
+    def read_json(self, name: str):
+        """Member `name` parsed as JSON, None where it does not parse: what a writer (pack, index
+        beside the tars) checks of a manifest.json there before it replaces it."""
+        try:
+            return json.loads(self.read(name))
+        except ValueError:
+            return None
+
+    def probe_write(self, tag: str) -> None:
+        """Writes and removes an empty member (`.vae-dist-TAG-probe-NS`): a prefix that takes no
+        write (read-only or refused credentials, a missing bucket) is the upload's one-line
+        DataError now, before the work that would write there."""
+        probe = f".vae-dist-{tag}-probe-{time.time_ns()}"
+        with tempfile.NamedTemporaryFile() as empty:
+            self.upload(Path(empty.name), probe)
+        self.delete(probe)
 
     def delete(self, name: str) -> None:
         """Member `name` removed (gone already is fine): pack takes an old manifest.json away first."""

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vae_dist.data.fetch import FetchOptions, TarFetch, fetch_all, tar_url
-from vae_dist.data.remote import folder_url, is_url
+from vae_dist.data.fetch import FetchOptions, TarFetch, base_url, fetch_all, tar_url
+from vae_dist.data.remote import is_url
 from vae_dist.errors import DataError
 from vae_dist.files import sha256_file, write_atomic
 
@@ -509,12 +509,6 @@ def tar_dir(root: str | Path, manifest: dict) -> Path:
     if base is not None:
         raise DataError(f"the tars of {root} are at {base} (its {MANIFEST}'s shard_base), not in a local folder")
     return Path(root) / manifest.get("shard_base", ".")
-
-
-def base_url(manifest: dict) -> str | None:
-    """The URL of an indexed set's tars where its shard_base is one (http(s):// or s3://), else None."""
-    base = manifest.get("shard_base")
-    return folder_url(base) if is_url(base) else None
 
 
 def is_indexed(manifest: dict) -> bool:

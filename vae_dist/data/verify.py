@@ -21,9 +21,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from vae_dist.data.fetch import base_url
 from vae_dist.data.shards import (
     EXTENSIONS,
-    base_url,
     image_ext,
     is_indexed,
     is_safe_key,
