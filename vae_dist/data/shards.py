@@ -347,10 +347,11 @@ class ShardSet:
     fetch_options: FetchOptions | None = None
     _files: dict[str, SplitFiles] = field(default_factory=dict, compare=False, repr=False)
     _caches: dict = field(default_factory=dict, compare=False, repr=False)  # this process's ShardCaches, by URL
+    _fetched: dict = field(default_factory=dict, compare=False, repr=False)  # fetch_everything's stats, once done
 
     def __getstate__(self):
         # what another rank gets: the manifest's facts; it checks and caches files itself
-        return {**self.__dict__, "_files": {}, "_caches": {}}
+        return {**self.__dict__, "_files": {}, "_caches": {}, "_fetched": {}}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -394,11 +395,11 @@ class ShardSet:
         """Where the tars are at a URL and all fit the shard cache: every one of `splits` into
         it now (once per process; a later call, or another rank on the node, finds them there).
         Returns the link's stats, or None where nothing was to fetch."""
-        if not self.is_remote or "fetched" in self._caches:
+        if not self.is_remote or self._fetched:
             return None
         fetches = [self.files(s).fetch for s in splits if self.count(s)]
         stats = fetch_all(fetches, self.fetch_options.prefetch, say=say)
-        self._caches["fetched"] = stats
+        self._fetched.update(stats, done=True)
         return stats
 
     def _cache(self, url: str):
