@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from vae_dist.data.fetch import FetchOptions
+from vae_dist.data.fetch import WHOLE_SET_AHEAD, FetchOptions
 from vae_dist.data.remote import is_url
 from vae_dist.data.shards import MANIFEST, ShardSet
 
@@ -94,9 +94,9 @@ def _local_copy(url: str, folder: Path, depth: int, say) -> RemoteBench:
     mb, seconds = stats["bytes"] / 1e6, stats["seconds"]
     row = {"name": "fetch whole set (URL -> local folder)", "img_per_s": images / seconds if seconds else 0.0,
            "images": images, "fetched_mb": mb, "seconds": seconds, "link_mb_s": stats["link_mb_s"],
-           "prefetch_depth": max(depth, 8), "link_wait_s": None, "needed_mb_s": None,
+           "prefetch_depth": max(depth, WHOLE_SET_AHEAD), "link_wait_s": None, "needed_mb_s": None,
            "note": f"fetch whole set: {mb:.1f} MB in {seconds:.2f} s = {mb / seconds if seconds else 0:.1f} MB/s, "
-                   f"{max(depth, 8)} shards ahead (img/s: images fetched a second)"}
+                   f"{max(depth, WHOLE_SET_AHEAD)} shards ahead (img/s: images fetched a second)"}
     return RemoteBench(url=url, local=str(local), folder=folder, depth=depth, set_bytes=remote.shard_bytes(),
                        bytes_per_image=sum(s["bytes"] for s in train) / max(1, train_count),
                        largest_shard=max(s["bytes"] for s in every), fetch_row=row)

@@ -101,6 +101,9 @@ class TarFetch:
         return prefetcher.get(self.items[t][0])
 
 
+WHOLE_SET_AHEAD = 8  # shards in flight at least when a set is fetched whole (fetch_all)
+
+
 def fetch_all(fetches: list[TarFetch], depth: int, say=None) -> dict:
     """Every tar of `fetches` into the cache (those there already cost a touch), on background
     threads; returns the link's stats. `say`: where the progress line goes (stderr)."""
@@ -108,7 +111,7 @@ def fetch_all(fetches: list[TarFetch], depth: int, say=None) -> dict:
     if not items:
         return {"bytes": 0, "fetch_seconds": 0.0, "link_mb_s": 0.0, "fetches": 0}
     start = time.monotonic()
-    with items[0][0].prefetcher(max(depth, 8)) as prefetcher:
+    with items[0][0].prefetcher(max(depth, WHOLE_SET_AHEAD)) as prefetcher:
         prefetcher.plan([f.items[t] for f, t in items])
         for f, t in items:
             prefetcher.get(f.items[t][0])
