@@ -137,11 +137,10 @@ def _verify_shard(shard_dir: Path, shard: dict) -> list[str]:
         missing = set(EXTENSIONS) - exts
         if missing:
             problems.append(f"{shard['file']}: sample {key} lacks {', '.join(sorted(missing))}")
-    idx_path = shard_dir / shard["index"]
-    if not idx_path.is_file():
-        problems.append(f"{shard['index']}: missing")
-    else:
-        problems += _verify_index(idx_path, shard, members)
+    lines, index_problems = _read_index(shard_dir, shard)
+    problems += index_problems
+    if lines is not None:
+        problems += _verify_index(lines, shard, members)
     return problems
 
 
@@ -152,17 +151,10 @@ def _verify_indexed_shard(shard_dir: Path, tars, shard: dict, scanned: dict) -> 
                 return [f"{shard['file']}: missing (in {tars.where})"]
             scanned[shard["file"]] = _scan(tar_path, shard)
     samples, problems = scanned[shard["file"]]
-    problems = list(problems)  # the tar's own problems, said for each of its .idx files
-    idx_path = shard_dir / shard["index"]
-    if not idx_path.is_file():
-        return problems + [f"{shard['index']}: missing"]
-    data = idx_path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != shard.get("index_sha256", hashlib.sha256(data).hexdigest()):
-        problems.append(f"{shard['index']}: sha256 mismatch (edited or damaged)")
-    lines = data.decode(errors="replace").splitlines()
-    header = lines[0].split() if lines else []
-    if header != ["v1.2", str(shard["count"])] or len(lines) - 1 != shard["count"]:
-        problems.append(f"{shard['index']}: does not index {shard['count']} samples")
+    lines, index_problems = _read_index(shard_dir, shard)
+    problems = problems + index_problems  # the tar's own problems, said for each of its .idx files
+    if lines is None:
+        return problems
     order = {key: n for n, key in enumerate(samples)}
     last, seen = -1, set()
     for n, line in enumerate(lines[1:], start=2):
@@ -219,14 +211,8 @@ def _indexed_line_differs(line: str, samples: dict, order: dict, last: int, seen
 def _verify_labels(shard_dir: Path, shard: dict) -> list[str]:
     if "labels" not in shard:
         return []
-    path = shard_dir / shard["labels"]
-    if not path.is_file():
-        return [f"{shard['labels']}: missing"]
-    data = path.read_bytes()
-    problems = []
-    if hashlib.sha256(data).hexdigest() != shard["labels_sha256"]:
-        problems.append(f"{shard['labels']}: sha256 mismatch (edited or damaged)")
-    if len(data) != 4 * shard["count"]:
+    data, problems = _read_listed(shard_dir, shard, "labels")
+    if data is not None and len(data) != 4 * shard["count"]:
         problems.append(f"{shard['labels']}: {len(data)} bytes, {shard['count']} labels of 4 bytes are "
                         f"{4 * shard['count']}")
     return problems
@@ -237,19 +223,38 @@ def _kind(member: tarfile.TarInfo) -> str:
         member.type, f"special member (type {member.type!r})")
 
 
-def _verify_index(idx_path: Path, shard: dict, members: list[tarfile.TarInfo]) -> list[str]:
-    """The `.idx` against the manifest (its digest, its count) and line by line against the tar's
-    members: each line names the tar's next sample and gives each component's data offset and
-    size as the tar holds them (what DALI and the cache read by)."""
-    problems = []
-    data = idx_path.read_bytes()
-    if "index_sha256" in shard and hashlib.sha256(data).hexdigest() != shard["index_sha256"]:
-        problems.append(f"{shard['index']}: sha256 mismatch (edited or damaged)")
+def _read_listed(shard_dir: Path, shard: dict, key: str) -> tuple[bytes | None, list[str]]:
+    """(the bytes, the problems) of a shard's small file the manifest lists under `key` ("index":
+    its `.idx`, "labels": its side file of labels), checked against the digest recorded beside it
+    (`KEY_sha256`, where the manifest has one); None where the file is missing."""
+    path = shard_dir / shard[key]
+    if not path.is_file():
+        return None, [f"{shard[key]}: missing"]
+    data = path.read_bytes()
+    digest = shard.get(f"{key}_sha256")
+    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+        return data, [f"{shard[key]}: sha256 mismatch (edited or damaged)"]
+    return data, []
+
+
+def _read_index(shard_dir: Path, shard: dict) -> tuple[list[str] | None, list[str]]:
+    """(the `.idx` lines, header first, the problems): the file against the manifest, its digest
+    (packs since issue 43, every index) and its header's count; None where it is missing."""
+    data, problems = _read_listed(shard_dir, shard, "index")
+    if data is None:
+        return None, problems
     lines = data.decode(errors="replace").splitlines()
     header = lines[0].split() if lines else []
-    if len(header) != 2 or header[0] != "v1.2" or header[1] != str(shard["count"]) \
-            or len(lines) - 1 != shard["count"]:
+    if header != ["v1.2", str(shard["count"])] or len(lines) - 1 != shard["count"]:
         problems.append(f"{shard['index']}: does not index {shard['count']} samples")
+    return lines, problems
+
+
+def _verify_index(lines: list[str], shard: dict, members: list[tarfile.TarInfo]) -> list[str]:
+    """A packed shard's `.idx` lines against the tar's members: each line names the tar's next
+    sample and gives each component's data offset and size as the tar holds them (what DALI and
+    the cache read by)."""
+    problems = []
     bad = [n for n, line in enumerate(lines[1:], start=2) if not _idx_line_ok(line)]
     if bad:
         problems.append(f"{shard['index']}: {len(bad)} lines do not parse as 'ext offset size name' "
