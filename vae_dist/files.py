@@ -72,7 +72,7 @@ def output_dir(path: str | Path, what: str) -> Path:
     except OSError as e:
         raise UserError(f"cannot make {what} {path}: {e.strerror or e}") from None
     try:
-        _probe_writable(path)
+        probe_writable(path)
     except OSError as e:
         raise UserError(f"cannot write into {what} {path}: {e.strerror or e}") from None
     return path
@@ -90,7 +90,7 @@ def output_file(path: str | Path, what: str) -> Path:
         if path.parent.exists() and not path.parent.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         path.parent.mkdir(parents=True, exist_ok=True)
-        _probe_writable(path.parent)
+        probe_writable(path.parent)
         if path.exists() and not os.access(path, os.W_OK):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
     except OSError as e:
@@ -108,7 +108,7 @@ def writing(path: str | Path, what: str):
         raise UserError(f"cannot write {what} {path}: {e.strerror or e}") from None
 
 
-def _probe_writable(folder: Path) -> None:
+def probe_writable(folder: Path) -> None:
     """Creates and removes a file in `folder`: raises the OSError a write there would. A real
     write, since permission bits do not tell (root writes past them; a read-only mount, a
     network file system's own rules, a full inode table refuse all the same)."""

@@ -48,7 +48,7 @@ from vae_dist.data.shards import (
     write_json_atomic,
 )
 from vae_dist.errors import DataError, UserError, counted
-from vae_dist.files import write_atomic
+from vae_dist.files import output_dir, probe_writable, write_atomic
 
 DEFAULT_VAL_FRACTION = 0.05
 _LABEL_MEMBERS = ("cls", "json")  # the members whose text a label may come from (small: read whole)
@@ -94,8 +94,8 @@ class _HashingReader:
 def scan_tar(path: str | Path) -> TarScan:
     """One local tar's samples (their members grouped by key, as wds2idx groups consecutive
     members), the label members' bytes, its size and sha256, read in one streaming pass.
-    Raises tarfile.TarError / OSError / EOFError for a damaged tar. (The lead's URL sources
-    download a tar, then call this on the local copy.)"""
+    Raises tarfile.TarError / OSError / EOFError for a damaged tar. (A tar at a URL is
+    downloaded first, and this reads the local copy: index_url.)"""
     samples: list[Sample] = []
     with open(path, "rb") as raw:
         reader = _HashingReader(raw)
@@ -229,27 +229,17 @@ def list_tars(src: Path) -> list[Path]:
     return tars
 
 
-def _writable(folder: Path) -> bool:
-    probe = folder / f".vae-dist-index-probe-{os.getpid()}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-        return True
-    except OSError:
-        return False
-
-
 def check_out(src: Path | None, out: Path | None) -> Path:
     """The folder the index goes to: `out`, else the source's own (which must be writable); a
     manifest.json there that `pack` wrote is not replaced."""
     if out is None:
-        if not _writable(src):
+        try:
+            probe_writable(src)
+        except OSError:
             raise UserError(f"cannot write into {src} (read-only?): give --out DIR, a folder for the index "
-                            f"(its manifest.json then says where the tars are)")
+                            f"(its manifest.json then says where the tars are)") from None
         target = src
     else:
-        from vae_dist.files import output_dir
-
         target = output_dir(out, "index output folder")
     manifest = target / MANIFEST
     if manifest.is_file():
@@ -261,36 +251,6 @@ def check_out(src: Path | None, out: Path | None) -> Path:
             raise UserError(f"{manifest} is not one `vae-dist index` wrote (a packed set's, or another tool's): "
                             f"index into another folder with --out DIR")
     return target
-
-
-class _Progress:
-    """One line per tar on a terminal-less run every `every` seconds; a tqdm bar on a terminal."""
-
-    def __init__(self, total: int, every: float = 30.0):
-        self.total, self.every, self.done, self.samples, self.bytes = total, every, 0, 0, 0
-        self.t0 = self.last = time.perf_counter()
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=f"index {counted(total, 'tar')}", unit="tar", dynamic_ncols=True)
-
-    def update(self, scan: TarScan | None) -> None:
-        self.done += 1
-        if scan is not None:
-            self.samples, self.bytes = self.samples + len(scan.samples), self.bytes + scan.bytes
-        if self.bar is not None:
-            self.bar.update(1)
-            return
-        now = time.perf_counter()
-        if now - self.last >= self.every and self.done < self.total:
-            self.last = now
-            print(f"index: {self.done}/{self.total} tars, {self.samples} samples, "
-                  f"{self.bytes / 1e6 / (now - self.t0):.0f} MB/s", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def index_shards(src: str | Path, out: str | Path | None = None, opts: IndexOptions | None = None, *,
@@ -319,6 +279,7 @@ def scan_all(names: list[str], scan_one, jobs: int = 1) -> tuple[list[TarScan], 
     """(scan_one(name) of each tar that reads, in `names`' order; {"file", "reason"} of each that
     does not: a damaged tar is skipped, said on stderr and recorded, not the end of the run).
     `jobs` > 1: that many on threads at once (a URL's tars: fetched while others are scanned)."""
+    from vae_dist.data.pack import Progress
 
     def attempt(name: str) -> TarScan | str:
         try:
@@ -326,22 +287,24 @@ def scan_all(names: list[str], scan_one, jobs: int = 1) -> tuple[list[TarScan], 
         except (tarfile.TarError, OSError, EOFError) as e:
             return f"unreadable tar ({str(e) or type(e).__name__})"
 
+    def read(seconds: float) -> str:  # what the progress line adds: the tars' samples and rate so far
+        return (f"{sum(len(s.samples) for s in scans)} samples, "
+                f"{sum(s.bytes for s in scans) / 1e6 / max(seconds, 1e-9):.0f} MB/s")
+
     scans, damaged = [], []
-    progress = _Progress(len(names))
     pool = ThreadPoolExecutor(jobs) if jobs > 1 else None
-    try:
-        for name, scan in zip(names, pool.map(attempt, names) if pool else map(attempt, names)):
-            if isinstance(scan, str):
-                damaged.append({"file": name, "reason": scan})
-                print(f"index: skipped {name}: {scan}", file=sys.stderr, flush=True)
-                progress.update(None)
-            else:
-                scans.append(scan)
-                progress.update(scan)
-    finally:
-        if pool is not None:  # a failure (one line) stops the tars not yet begun; those under way end
-            pool.shutdown(wait=True, cancel_futures=True)
-        progress.close()
+    with Progress(len(names), f"index {counted(len(names), 'tar')}", unit="tar", note=read) as progress:
+        try:
+            for name, scan in zip(names, pool.map(attempt, names) if pool else map(attempt, names)):
+                if isinstance(scan, str):
+                    damaged.append({"file": name, "reason": scan})
+                    print(f"index: skipped {name}: {scan}", file=sys.stderr, flush=True)
+                else:
+                    scans.append(scan)
+                progress.update()
+        finally:
+            if pool is not None:  # a failure (one line) stops the tars not yet begun; those under way end
+                pool.shutdown(wait=True, cancel_futures=True)
     return scans, damaged
 
 
@@ -434,14 +397,21 @@ def _remove_stale(target: Path, manifest: dict) -> None:
         return
     if not is_indexed(old):
         return
-    for name in _index_files(old) - _index_files(manifest):
-        if isinstance(name, str) and "/" not in name and name.endswith((".idx", ".labels")):
-            (target / name).unlink(missing_ok=True)
+    for name in stale_index_files(old, manifest):
+        (target / name).unlink(missing_ok=True)
 
 
-def _index_files(manifest: dict) -> set:
-    return {shard.get(key) for info in manifest.get("splits", {}).values() for shard in info.get("shards", [])
-            for key in ("index", "labels")} - {None}
+def index_files(manifest: dict) -> set[str]:
+    """The `.idx` and label files an index's manifest names."""
+    return {shard[key] for info in manifest.get("splits", {}).values() for shard in info.get("shards", [])
+            for key in ("index", "labels") if isinstance(shard.get(key), str)}
+
+
+def stale_index_files(old: dict, new: dict) -> list[str]:
+    """The index files of the `old` manifest that the `new` one does not name, to remove: only
+    what an index writes (a `.idx` or `.labels` file of the folder itself), whatever the old lists."""
+    return sorted(name for name in index_files(old) - index_files(new)
+                  if "/" not in name and name.endswith((".idx", ".labels")))
 
 
 def summary(manifest: dict) -> str:

@@ -27,7 +27,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from vae_dist.data.index import IndexOptions, check_options, check_out, scan_all, scan_tar, write_index
+from vae_dist.data.index import (
+    IndexOptions,
+    check_options,
+    check_out,
+    index_files,
+    scan_all,
+    scan_tar,
+    stale_index_files,
+    write_index,
+)
 from vae_dist.data.remote import MANIFEST, Remote, S3Remote, _Missing, folder_url, open_remote
 from vae_dist.data.shards import is_indexed
 from vae_dist.errors import DataError, UserError, counted
@@ -169,19 +178,13 @@ def _upload_index(folder: Path, remote: Remote, manifest: dict, old: dict | None
     """The index written in `folder` to the tars' prefix: the old manifest.json first taken away,
     the .idx and label files, the old index's files this one does not name removed, manifest.json
     last. A reader so sees the old index whole, none, or the new one whole."""
-    files = _index_files(manifest)
+    files = index_files(manifest)
     remote.delete(MANIFEST)
     for n, name in enumerate(sorted(files), start=1):
         remote.upload(folder / name, name)
         if n % 100 == 0 or n == len(files):
             print(f"index: uploaded {n}/{counted(len(files), 'index file')} to {remote.url}", file=sys.stderr,
                   flush=True)
-    for name in sorted(_index_files(old or {}) - files):
-        if "/" not in name and name.endswith((".idx", ".labels")):
-            remote.delete(name)
+    for name in stale_index_files(old or {}, manifest):
+        remote.delete(name)
     remote.upload(folder / MANIFEST, MANIFEST)
-
-
-def _index_files(manifest: dict) -> set[str]:
-    return {shard[key] for info in manifest.get("splits", {}).values() for shard in info.get("shards", [])
-            for key in ("index", "labels") if isinstance(shard.get(key), str)}

@@ -313,16 +313,18 @@ def _pack_listing(src: FileTree, listing, src_path, staging: Path, opts: PackOpt
 
 
 class Progress:
-    """Packing's progress: on a terminal a tqdm bar (count, img/s, ETA); elsewhere (a log file,
-    a SLURM job) one line every `every` seconds, so a long pack still says where it is."""
+    """A long pass's progress (pack's images, index's tars): on a terminal a tqdm bar (count,
+    rate, ETA); elsewhere (a log file, a SLURM job) one line every `every` seconds, so a long run
+    still says where it is. `note(seconds)`: more words for that line (index: samples, MB/s)."""
 
-    def __init__(self, total: int, desc: str, every: float = 30.0):
+    def __init__(self, total: int, desc: str, every: float = 30.0, unit: str = "img", note=None):
         self.total, self.desc, self.every, self.done = total, desc, every, 0
+        self.unit, self.note = unit, note
         self.t0 = self.last = time.perf_counter()
         self.bar = None
         if sys.stderr.isatty():  # imported here: a log (the GPU check, a SLURM job) needs no tqdm
             from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -335,8 +337,10 @@ class Progress:
             rate = self.done / (now - self.t0)
             left = round((self.total - self.done) / rate)
             eta = f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}" if left >= 3600 else f"{left // 60:02d}:{left % 60:02d}"
-            print(f"{self.desc}: {self.done}/{self.total} ({self.done / self.total:.0%}), {rate:.0f} img/s, "
-                  f"ETA {eta}", file=sys.stderr, flush=True)
+            shown = f"{rate:.1f}" if rate < 10 else f"{rate:.0f}"  # index's tars may come slower than one a second
+            note = f", {self.note(now - self.t0)}" if self.note else ""
+            print(f"{self.desc}: {self.done}/{self.total} ({self.done / self.total:.0%}), {shown} {self.unit}/s, "
+                  f"ETA {eta}{note}", file=sys.stderr, flush=True)
 
     def __enter__(self) -> Progress:
         return self
