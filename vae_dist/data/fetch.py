@@ -127,7 +127,6 @@ def stderr_line(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-
 class StreamFeed:
     """A streaming loader's shards at a URL: fetched ahead of its batches on a Prefetcher's
     threads, and let go once the stream is past them. Per epoch `start(ids, batch_size, skip)`

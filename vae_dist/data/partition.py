@@ -140,4 +140,3 @@ def rank_shards(epoch: int, counts, rank: int, world: int, seed: int, *, shuffle
     ids, _ = epoch_order(epoch, int(sum(counts)), rank, world, True, seed, False, shuffle=shuffle, counts=counts,
                          block=block)
     return shards_in_use(ids[start:stop], counts)
-

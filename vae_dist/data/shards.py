@@ -363,7 +363,6 @@ class ShardSet:
         root = str(root)
         fetch = fetch or FetchOptions()
         manifest = load_manifest(root, fetch.remote(root) if is_url(root) else None)
-        where = f"{root.rstrip('/')}/{MANIFEST}" if is_url(root) else Path(root) / MANIFEST
         try:
             words = manifest.get("words", {})
             return cls(root=root, manifest=manifest, image_size=int(manifest["image_size"]),
@@ -372,7 +371,7 @@ class ShardSet:
                        resize=bool(manifest.get("resize", False)),
                        fetch_options=fetch if is_url(root) or tar_url(root, manifest) else None)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise DataError(f"corrupt {where}: no valid {e} (pack the shards again)") from None
+            raise DataError(f"corrupt {manifest_location(root)}: no valid {e} (pack the shards again)") from None
 
     def count(self, split: str) -> int:
         return self.counts.get(split, 0)
@@ -413,7 +412,7 @@ class ShardSet:
         if not is_url(self.root):
             return Path(self.root) / name
         if sha256 is None:
-            raise DataError(f"{self.root.rstrip('/')}/{MANIFEST} records no sha256 of {name}, which reading it from "
+            raise DataError(f"{manifest_location(self.root)} records no sha256 of {name}, which reading it from "
                             f"a URL needs: pack the set again (packs since issue 43 record it)")
         return Path(self._cache(self.root).path(name, None, sha256))
 
@@ -445,7 +444,7 @@ class ShardSet:
     def _check(self, split: str) -> SplitFiles:
         info = self.manifest.get("splits", {}).get(split)
         if info is None or not info.get("shards"):
-            raise DataError(f"split '{split}' is not in {self._manifest_path()}")
+            raise DataError(f"split '{split}' is not in {manifest_location(self.root)}")
         url = tar_url(self.root, self.manifest) if self.fetch_options is not None else None
         fetch = TarFetch(self._cache(url), info["shards"]) if url else None
         tars, idxs, labels = [], [], []
@@ -467,12 +466,9 @@ class ShardSet:
             idxs.append(str(idx))
         counts = tuple(s["count"] for s in info["shards"])
         if sum(counts) != info["count"]:
-            raise DataError(f"corrupt {self._manifest_path()}: the {split} shards' counts add up to {sum(counts)}, "
+            raise DataError(f"corrupt {manifest_location(self.root)}: the {split} shards' counts add up to {sum(counts)}, "
                             f"splits.{split}.count says {info['count']} (pack the shards again)")
         return SplitFiles(tuple(tars), tuple(idxs), counts, info["count"], tuple(labels), fetch)
-
-    def _manifest_path(self) -> str:
-        return f"{self.root.rstrip('/')}/{MANIFEST}" if is_url(self.root) else str(Path(self.root) / MANIFEST)
 
     def _check_labels(self, shard: dict) -> str | None:
         """An indexed shard's side file of labels, checked whole (4 bytes a sample: cheap)."""
@@ -500,6 +496,11 @@ class ShardSet:
             raise DataError(f"shard {shard['file']} holds {listed} samples ({idx} lists them), {MANIFEST} says "
                             f"{shard['count']}: the shards and their manifest disagree; `vae-dist verify {self.root}` "
                             f"checks every shard, and packing again replaces them")
+
+
+def manifest_location(root: str) -> str:
+    """Where a set's manifest.json is, a folder's or a URL's, for the messages."""
+    return f"{root.rstrip('/')}/{MANIFEST}" if is_url(root) else str(Path(root) / MANIFEST)
 
 
 def tar_dir(root: str | Path, manifest: dict) -> Path:
