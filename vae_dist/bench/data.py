@@ -9,6 +9,7 @@ from the URL, side by side; the other rows read the local copy.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import time
@@ -68,8 +69,7 @@ def bench_data(args, shards: str, images_root: str | None, remote=None) -> list[
             if remote is not None:
                 cfg.shuffle = "shards"
             if link is not None:  # a cold cache below the set's size: it streams
-                cfg.shards, cfg.shard_prefetch, cfg.shard_cache = link.url, link.depth, link.cold_cache()
-                cfg.shard_cache_gb = link.stream_budget_gb(threads, cfg.shuffle_block)
+                cfg = dataclasses.replace(cfg, **link.stream_settings(threads, cfg.shuffle_block))
                 rows_set = ShardSet.open(link.url, FetchOptions.of(cfg))
             ld = build_loader(rows_set, cfg, "train", bs, rank=0, world=1, device=device, train=True, seed=0)
             try:
@@ -78,7 +78,7 @@ def bench_data(args, shards: str, images_root: str | None, remote=None) -> list[
                 if remote is not None:
                     row.update(shuffle=cfg.shuffle, **({"shard_cache_gb": cfg.shard_cache_gb} if link else {}))
                     if link is None:
-                        row.update(link_fields(None, None, None))
+                        row.update(link_fields(None, None))
                 return row
             finally:
                 ld.close()
@@ -135,5 +135,5 @@ def measure_stream(name, it, bs, steps, warmup, repeats, device, link=None, **ex
     row = {"name": name, "img_per_s": median, "batch_size": bs, "steps": steps, "repeats": rates,
            **memory(device), **extra}
     if after is not None:
-        row.update(link_fields(before, after, None))
+        row.update(link_fields(before, after))
     return row

@@ -123,7 +123,7 @@ def _e2e_trainer(args, shards, variant, bs, steps, warmup, device, remote=None, 
     if remote is not None:
         name += ": URL, streaming" if link is not None else ": local copy"
         where = {"shuffle": cfg.data.shuffle, **({"shard_cache_gb": cfg.data.shard_cache_gb} if link is not None else
-                                                 link_fields(None, None, None))}
+                                                 link_fields(None, None))}
     fetch_stats = getattr(loader, "fetch_stats", None)
     try:
         return _measure_training(name, it, trainer.train_step, bs, steps, warmup, args.repeats, device,
@@ -141,9 +141,8 @@ def _beside_url(remote, link, threads: int, config: str | None) -> list[str]:
 
     if link is None:
         return ["--data.shuffle=shards"]
-    budget = link.stream_budget_gb(threads, build_config(config).data.shuffle_block)  # the --config file's block
-    return ["--data.shuffle=shards", f"--data.shards={link.url}", f"--data.shard_cache={link.cold_cache()}",
-            f"--data.shard_cache_gb={budget}", f"--data.shard_prefetch={link.depth}"]
+    block = build_config(config).data.shuffle_block  # the --config file's
+    return ["--data.shuffle=shards", *(f"--data.{key}={value}" for key, value in link.stream_settings(threads, block).items())]
 
 
 def _measure_training(name, it, train_step, bs, steps, warmup, repeats, device, link=None, **extra) -> dict:
@@ -168,7 +167,7 @@ def _measure_training(name, it, train_step, bs, steps, warmup, repeats, device, 
     median, rates = timed(window, repeats)
     after = link() if link else None
     return {"name": name, "img_per_s": median, "batch_size": bs, "steps": steps, "repeats": rates,
-            "data_wait": statistics.median(waits), **extra, **(link_fields(before, after, None) if after else {})}
+            "data_wait": statistics.median(waits), **extra, **(link_fields(before, after) if after else {})}
 
 
 def _seed_step_fn(model, optimizer, device):

@@ -41,18 +41,17 @@ class RemoteBench:
     fetch_row: dict  # "fetch whole set: N MB in S s = X MB/s"
     _rows: int = 0
 
-    def stream_budget_gb(self, threads: int, block: int) -> float:
-        """A shard cache below the set's size (so it streams), big enough for what one loader holds
-        at once: a block of shards shuffled together, the shards fetched ahead, one per worker."""
+    def stream_settings(self, threads: int, block: int) -> dict:
+        """The data.* settings of a row streaming from the URL: a new, empty (cold) shard cache
+        folder, `depth` shards fetched ahead, and a budget below the set's size (so it streams),
+        big enough for what one loader holds at once: a block of shards shuffled together, the
+        shards fetched ahead, one per worker."""
         need = (block + self.depth + threads + 2) * self.largest_shard
-        return min(need, self.set_bytes - 1) / 1e9
-
-    def cold_cache(self) -> str:
-        """A new empty shard cache folder for one streaming row."""
         self._rows += 1
-        path = self.folder / f"cache-{self._rows}"
-        path.mkdir()
-        return str(path)
+        cache = self.folder / f"cache-{self._rows}"
+        cache.mkdir()
+        return {"shards": self.url, "shard_cache": str(cache), "shard_cache_gb": min(need, self.set_bytes - 1) / 1e9,
+                "shard_prefetch": self.depth}
 
     def close(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -111,11 +110,11 @@ def _place(src: str, dest: Path) -> None:
         shutil.copyfile(src, dest)
 
 
-def link_fields(before: dict | None, after: dict | None, depth: int | None) -> dict:
+def link_fields(before: dict | None, after: dict | None) -> dict:
     """A row's link columns from its prefetcher's stats at the start and the end of the timed
     windows (None, None: a row from local disk, no link)."""
     if after is None:
-        return {"link_mb_s": None, "prefetch_depth": depth, "link_wait_s": None}
+        return {"link_mb_s": None, "prefetch_depth": None, "link_wait_s": None}
     before = before or {"wait_seconds": 0.0, "waits": 0, "bytes": 0}
     return {"link_mb_s": after["link_mb_s"], "prefetch_depth": after["depth"],
             "link_wait_s": after["wait_seconds"] - before["wait_seconds"], "link_waits": after["waits"] - before["waits"],
