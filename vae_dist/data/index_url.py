@@ -175,16 +175,14 @@ def _check_beside(remote: Remote) -> dict | None:
 
 
 def _upload_index(folder: Path, remote: Remote, manifest: dict, old: dict | None) -> None:
-    """The index written in `folder` to the tars' prefix: the old manifest.json first taken away,
-    the .idx and label files, the old index's files this one does not name removed, manifest.json
-    last. A reader so sees the old index whole, none, or the new one whole."""
-    files = index_files(manifest)
-    remote.delete(MANIFEST)
-    for n, name in enumerate(sorted(files), start=1):
-        remote.upload(folder / name, name)
+    """The index written in `folder` to the tars' prefix (Remote.publish: the old manifest.json
+    first taken away, the .idx and label files, the old index's files this one does not name
+    removed, manifest.json last). A reader so sees the old index whole, none, or the new one whole."""
+    files = sorted(index_files(manifest))
+
+    def uploaded(n: int, _name: str) -> None:
         if n % 100 == 0 or n == len(files):
             print(f"index: uploaded {n}/{counted(len(files), 'index file')} to {remote.url}", file=sys.stderr,
                   flush=True)
-    for name in stale_index_files(old or {}, manifest):
-        remote.delete(name)
-    remote.upload(folder / MANIFEST, MANIFEST)
+
+    remote.publish(folder, files, stale=stale_index_files(old or {}, manifest), on_upload=uploaded)

@@ -448,19 +448,18 @@ def check_upload_target(remote) -> None:
 
 
 def upload_set(folder: Path, remote, manifest: dict) -> None:
-    """Uploads a packed folder: an old manifest.json at the URL goes first, then every shard and
-    index (multipart, retried: the Remote's), the new manifest.json last. A reader of the URL so
-    sees the old set whole, no set (one line: no manifest.json there), or the new set whole;
-    never a manifest naming shards not yet there. Progress: one line a shard on stderr."""
+    """Uploads a packed folder: every shard and index (multipart, retried: the Remote's), the new
+    manifest.json last (Remote.publish). Progress: one line a file on stderr."""
     files = [name for info in manifest["splits"].values() for shard in info["shards"]
              for name in (shard["file"], shard["index"])]
     total = sum((folder / name).stat().st_size for name in files)
-    remote.delete(MANIFEST)
     sent, t0 = 0, time.perf_counter()
-    for n, name in enumerate(files, start=1):
-        remote.upload(folder / name, name)
+
+    def uploaded(n: int, name: str) -> None:
+        nonlocal sent
         sent += (folder / name).stat().st_size
         rate = sent / max(time.perf_counter() - t0, 1e-9) / 1e6
         print(f"uploaded {n}/{len(files)} files, {_size(sent)} of {_size(total)} ({rate:.1f} MB/s) to {remote.url}",
               file=sys.stderr, flush=True)
-    remote.upload(folder / MANIFEST, MANIFEST)
+
+    remote.publish(folder, files, on_upload=uploaded)

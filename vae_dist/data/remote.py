@@ -157,8 +157,23 @@ class Remote:
             self.upload(Path(empty.name), probe)
         self.delete(probe)
 
+    def publish(self, folder: Path, names, *, stale=(), on_upload=None) -> None:
+        """A set written in the local `folder` (pack's, or an index's) to this prefix, so that a
+        reader sees the old set whole, no set (one line: no manifest.json there), or the new set
+        whole, never a manifest naming files not yet there: the old manifest.json is taken away
+        first, then `names` are uploaded (`on_upload(n, name)` after the n-th), the old set's
+        `stale` files removed, and the new manifest.json uploaded last."""
+        self.delete(MANIFEST)
+        for n, name in enumerate(names, start=1):
+            self.upload(folder / name, name)
+            if on_upload is not None:
+                on_upload(n, name)
+        for name in stale:
+            self.delete(name)
+        self.upload(folder / MANIFEST, MANIFEST)
+
     def delete(self, name: str) -> None:
-        """Member `name` removed (gone already is fine): pack takes an old manifest.json away first."""
+        """Member `name` removed (gone already is fine): `publish` takes an old manifest.json away first."""
         raise DataError(f"cannot write to an http(s) URL ({self.describe(name)}): upload to s3://, "
                         "or copy the folder to the server by its own means")
 
