@@ -148,14 +148,14 @@ class DaliLoader:
             from vae_dist.data.partition import shard_of
 
             self._feed = StreamFeed(self.fetch, self.fetch_ahead, shard_of(self.shard_counts))
+        order = functools.partial(epoch_order, count=self.count, rank=self.rank, world=self.world, train=self.train,
+                                  seed=self.seed, flip=self.flip, shuffle=self.shuffle, counts=self.shard_counts,
+                                  block=self.shuffle_block)
+        stream = _BatchStream(self.index, order, self.batch_size, self.steps_per_epoch, epoch, batch, self._fed,
+                              self._feed)
         pipe = shard_pipeline(
-            _BatchStream(self.index, functools.partial(epoch_order, count=self.count, rank=self.rank,
-                                                       world=self.world, train=self.train, seed=self.seed,
-                                                       flip=self.flip, shuffle=self.shuffle,
-                                                       counts=self.shard_counts, block=self.shuffle_block),
-                         self.batch_size, self.steps_per_epoch, epoch, batch, self._fed, self._feed), decode,
-            self.image_size,
-            self.hw_decoder_load, self.fancy_upsampling, self.resize, batch_size=self.batch_size, num_threads=self.num_threads,
+            stream, decode, self.image_size, self.hw_decoder_load, self.fancy_upsampling, self.resize,
+            batch_size=self.batch_size, num_threads=self.num_threads,
             device_id=self.gpu_id,  # None: a CPU-only pipeline
             prefetch_queue_depth=self.prefetch, seed=rank_seed(self.seed, epoch, self.rank),
         )

@@ -174,13 +174,15 @@ class Remote:
 
     def delete(self, name: str) -> None:
         """Member `name` removed (gone already is fine): `publish` takes an old manifest.json away first."""
-        raise DataError(f"cannot write to an http(s) URL ({self.describe(name)}): upload to s3://, "
-                        "or copy the folder to the server by its own means")
+        raise self._read_only(name)
 
     def upload(self, src: Path, name: str) -> None:
         """Local file `src` to member `name`."""
-        raise DataError(f"cannot write to an http(s) URL ({self.describe(name)}): upload to s3://, "
-                        "or copy the folder to the server by its own means")
+        raise self._read_only(name)
+
+    def _read_only(self, name: str) -> DataError:
+        return DataError(f"cannot write to an http(s) URL ({self.describe(name)}): upload to s3://, "
+                         "or copy the folder to the server by its own means")
 
     # -- retries and messages -------------------------------------------------------------
 
