@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -227,6 +228,16 @@ def test_verify_catches_truncated_and_missing_shards(shards, tmp_path):
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"^corrupt .*manifest.json: no valid 'image_size' \(pack the shards again\)$"):
         ShardSet.open(bad)
+
+
+def test_a_missing_tar_or_idx_is_one_line_at_the_loaders_start(shards, tmp_path):
+    """The loaders' start-up check (ShardSet.files) names the file a shard lacks: its .idx, or its tar."""
+    for missing, what in (("train-000001.idx", "shard index"), ("train-000001.tar", "shard")):
+        bad = tmp_path / missing
+        shutil.copytree(shards, bad)
+        (bad / missing).unlink()
+        with pytest.raises(DataError, match=f"^missing {what} {re.escape(missing)} in {re.escape(str(bad))}$"):
+            ShardSet.open(bad).files("train")
 
 
 def test_bad_sources_give_one_line_errors(tmp_path):

@@ -456,8 +456,8 @@ class ShardSet:
                 tar = Path(fetch.local_path(t))
             else:
                 tar = self.tar_dir / shard["file"]
-                if not tar.is_file() or not idx.is_file():
-                    raise DataError(f"missing shard {tar.name if not tar.is_file() else idx.name} in {self.root}")
+                if not tar.is_file():
+                    raise DataError(f"missing shard {tar.name} in {self.root}")
                 if tar.stat().st_size != shard["bytes"]:
                     raise DataError(f"corrupt shard {tar}: {tar.stat().st_size} bytes, manifest says {shard['bytes']}")
             self._check_index(idx, shard)
