@@ -30,6 +30,7 @@ from vae_dist.errors import DataError
 from vae_dist.files import output_dir
 
 _LOCKS = ".locks"
+_STATS = ("fetches", "bytes", "seconds", "retries", "hits", "evicted")  # what ShardCache.stats counts
 _CACHED = re.compile(r"^[0-9a-f]{16}-")  # a cached file's name: its sha256's first 16 hex digits, a dash, its name
 
 
@@ -96,20 +97,16 @@ class ShardCache:
         self.remote, self.budget_bytes = remote, int(budget_bytes)
         self.folder = output_dir(folder, "the shard cache folder")
         (self.folder / _LOCKS).mkdir(exist_ok=True)
-        self._counts = threading.Lock()
-        self._stats = {"fetches": 0, "bytes": 0, "seconds": 0.0, "retries": 0, "hits": 0, "evicted": 0}
-        self._arriving = 0  # bytes of this copy's fetches under way: evictions make room for them all
+        self._start_counts()
 
     def __getstate__(self):
         state = dict(self.__dict__)
         del state["_counts"]  # a lock does not cross processes; each copy counts its own
-        state["_stats"] = dict.fromkeys(self._stats, 0)
-        state["_arriving"] = 0
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._counts = threading.Lock()
+        self._start_counts()
 
     def local_path(self, name: str, sha256: str) -> Path:
         return self.folder / f"{sha256[:16]}-{_flat(name)}"
@@ -175,7 +172,7 @@ class ShardCache:
                 break
             if local_name.split("-", 1)[-1] in keep:
                 continue
-            lock = _Lock(self.folder / _LOCKS / (local_name + ".lock"), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock = _Lock(self._lock_path(self.folder / local_name), fcntl.LOCK_EX | fcntl.LOCK_NB)
             try:
                 fd = lock.acquire()
             except BlockingIOError:  # being fetched, or held by a consumer
@@ -191,12 +188,18 @@ class ShardCache:
         self._count(evicted=deleted)
         return deleted
 
+    def _start_counts(self) -> None:
+        """This process's copy counts from zero, under a lock of its own: the one made here, one
+        unpickled in another process, one forked into a DataLoader worker (whose parent's lock may
+        have been held by one of its threads at the fork)."""
+        self._pid, self._counts = os.getpid(), threading.Lock()
+        self._stats = dict.fromkeys(_STATS, 0)
+        self._arriving = 0  # bytes of this copy's fetches under way: evictions make room for them all
+
     def _after_fork(self) -> None:
-        """A copy forked into a DataLoader worker (not pickled) counts afresh, with a lock of its own:
-        the parent's may have been held by one of its threads at the fork."""
-        if getattr(self, "_pid", None) != os.getpid():
-            self._pid, self._counts, self._arriving = os.getpid(), threading.Lock(), 0
-            self._stats = dict.fromkeys(self._stats, 0)
+        """A copy forked into a DataLoader worker (not pickled) counts afresh."""
+        if self._pid != os.getpid():
+            self._start_counts()
 
     def stats(self) -> dict:
         """What this process's copy did: fetches, bytes, seconds (summed over fetches), retries, hits, evicted."""
