@@ -204,6 +204,8 @@ def test_remote_and_cache_pickle_after_use(s3, tmp_path):
     copy = pickle.loads(pickle.dumps(cache))
     assert copy.remote.read(name) == (tmp_path / name).read_bytes()
     assert copy.path(name, size, sha) == cache.path(name, size, sha)
+    # each copy counts its own: the copy found the shard there, the original fetched it
+    assert (copy.stats()["fetches"], copy.stats()["hits"]) == (0, 1) and cache.stats()["fetches"] == 1
 
 
 def test_cache_is_content_addressed_and_fetches_once(http_server, tmp_path):
