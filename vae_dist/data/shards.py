@@ -353,9 +353,6 @@ class ShardSet:
         # what another rank gets: the manifest's facts; it checks and caches files itself
         return {**self.__dict__, "_files": {}, "_caches": {}, "_fetched": {}}
 
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-
     @classmethod
     def open(cls, root: str | Path, fetch: FetchOptions | None = None) -> ShardSet:
         """The shard set at `root`, a folder or an http(s):// or s3:// URL; `fetch`: how shards at
