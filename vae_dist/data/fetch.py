@@ -148,7 +148,7 @@ class StreamFeed:
         shards_seen, from_end = np.unique(shards[::-1], return_index=True)
         last_batch = skip + (len(shards) - 1 - from_end) // batch_size  # the batch that reads each one last
         self._last_use, self._released = dict(zip(shards_seen.tolist(), last_batch.tolist())), set()
-        self._seen: set[int] = set()
+        self._seen = set()
 
     def path(self, t: int) -> str:
         """The local path of tar t, waiting only where the link is behind. The caller opens (maps)

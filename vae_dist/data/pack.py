@@ -405,7 +405,6 @@ def summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-
 # -- OUT at a URL: pack here, then upload ------------------------------------------------------
 def pack_to_url(src_path: str | Path, url: str, opts: PackOptions | None = None, staging: str | None = None,
                 retries: int = 5) -> dict:
