@@ -65,9 +65,10 @@ def resolve_shuffle(setting: str, data_bytes: int, cache_bytes: int | None, remo
                       f"GiB): each rank reads its own blocks of shards per epoch")
 
 
-def _first_ids(counts) -> np.ndarray:
-    """Each shard's first sample id: samples are numbered shard after shard, in the manifest's order."""
-    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+def starts(sizes) -> np.ndarray:
+    """Where each of consecutive runs of `sizes` starts: [0, s0, s0+s1, ...]. Of samples per shard:
+    each shard's first sample id (samples are numbered shard after shard, in the manifest's order)."""
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
 
 
 def shard_of(counts) -> np.ndarray:
@@ -84,7 +85,7 @@ def _shard_order_ids(epoch: int, counts, rank: int, world: int, seed: int, block
     per epoch."""
     counts = np.asarray(counts, dtype=np.int64)
     shards = np.random.default_rng(epoch_seed(seed, epoch)).permutation(len(counts))
-    stream = np.concatenate([np.arange(f, f + c) for f, c in zip(_first_ids(counts)[shards], counts[shards])]
+    stream = np.concatenate([np.arange(f, f + c) for f, c in zip(starts(counts)[shards], counts[shards])]
                             or [np.zeros(0, dtype=np.int64)])
     ids = stream[slice(*rank_sample_range(len(stream), rank, world))]
     shard = shard_of(counts)[ids]

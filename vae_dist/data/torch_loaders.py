@@ -18,7 +18,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vae_dist.data.partition import epoch_order, epoch_seed, rank_seed, shard_of, shards_in_use, steps_per_epoch
+from vae_dist.data.partition import (
+    epoch_order,
+    epoch_seed,
+    rank_seed,
+    shard_of,
+    shards_in_use,
+    starts,
+    steps_per_epoch,
+)
 from vae_dist.data.shards import (
     damaged_sample,
     decode_any,
@@ -30,11 +38,6 @@ from vae_dist.data.shards import (
     read_labels,
 )
 from vae_dist.errors import DataError
-
-
-def _starts(sizes) -> np.ndarray:
-    """Where each of consecutive blocks of `sizes` starts: [0, s0, s0+s1, ...]."""
-    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
 
 
 def epoch_plan(counts: list[int], batch_size: int, steps: int, epoch: int, rank: int, world: int, train: bool,
@@ -60,10 +63,10 @@ def epoch_plan(counts: list[int], batch_size: int, steps: int, epoch: int, rank:
     elif train:
         random.Random(epoch_seed(seed, epoch)).shuffle(shards)
         ids, flips = ids[:steps * batch_size], flips[:steps * batch_size]
-        first = _starts(counts)  # each shard's first sample id
+        first = starts(counts)  # each shard's first sample id
         shard = shard_of(counts)[ids]
         read_at = np.empty(len(counts), dtype=np.int64)  # where each shard starts in this epoch's stream
-        read_at[shards] = _starts(np.asarray(counts)[shards])
+        read_at[shards] = starts(np.asarray(counts)[shards])
         order = np.argsort(read_at[shard] + ids - first[shard], kind="stable")
         rng = np.random.default_rng(rank_seed(seed, epoch, rank))
         for lo in range(0, len(order), window):
@@ -112,7 +115,7 @@ class _ShardBatches(IterableDataset):
         slot_of = {int(i): (b, k) for b in mine for k, i in enumerate(self.batches[b])}  # sample id -> batch, place
         pending = {b: [None] * len(self.batches[b]) for b in mine}
         missing = {b: len(self.batches[b]) for b in mine}
-        first = _starts(self.counts).tolist()
+        first = starts(self.counts).tolist()
         # only the shards this worker's batches lie in (a resumed epoch, a rank's blocks of shards)
         needed = set(shard_of(self.counts)[np.concatenate([self.batches[b] for b in mine])].tolist())
         shard_at = {self.paths[s]: s for s in self.shard_order if s in needed}
