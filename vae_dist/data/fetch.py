@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vae_dist.config import DataConfig
 from vae_dist.data.remote import Remote, folder_url, is_url, open_remote
 from vae_dist.data.shard_cache import Prefetcher, ShardCache, default_folder
 from vae_dist.errors import counted
@@ -31,10 +32,10 @@ from vae_dist.errors import counted
 class FetchOptions:
     """data.shard_cache, shard_cache_gb, shard_prefetch, fetch_retries (the defaults: DataConfig's)."""
 
-    cache: str | None = None
-    cache_gb: float = 50.0
-    prefetch: int = 4
-    retries: int = 5
+    cache: str | None = DataConfig.shard_cache
+    cache_gb: float = DataConfig.shard_cache_gb
+    prefetch: int = DataConfig.shard_prefetch
+    retries: int = DataConfig.fetch_retries
     backoff: float = 0.5  # the first wait between tries (doubled each time); tests shorten it
 
     @classmethod
