@@ -573,11 +573,10 @@ class ShardIndex:
         self._label_members: dict[int, tuple[list[int], list[int]]] = {}  # a tar not mapped yet: its labels to read
         tars, offsets, sizes, labels, exts = [], [], [], [], []
         for t, idx in enumerate(self.idx_paths):
-            if fetch is None:
-                self._map(t)
-            tar_bytes = len(self.maps[t]) if fetch is None else fetch.items[t][1]  # the manifest's, checked on arrival
+            # a tar at a URL may not be here yet: the manifest's size, which its arrival is checked against
+            tar_bytes = os.path.getsize(self.tar_paths[t]) if fetch is None else fetch.items[t][1]
             lines = Path(idx).read_text().splitlines()[1:]
-            pending = ([], [])
+            members = ([], [])  # the rows whose label a `.label` member holds, and its offset in the tar
             for n_line, line in enumerate(lines, start=2):
                 try:
                     parts = parse_index_line(line)
@@ -593,25 +592,24 @@ class ShardIndex:
                 offsets.append(at)
                 sizes.append(size)
                 exts.append(IMAGE_EXTS.index(ext))
-                if "label" in parts and fetch is None:
-                    label_at, label_size = parts["label"]
-                    labels.append(decode_label(self.maps[t][label_at:label_at + label_size]))
-                elif "label" in parts:  # read from the tar once it is here
-                    pending[0].append(len(labels))
-                    pending[1].append(parts["label"][0])
-                    labels.append(-1)
-                else:
-                    labels.append(None)  # from the side file, or -1
-            if pending[0]:
-                self._label_members[t] = pending
+                if "label" in parts:  # read from the tar when it is mapped (_map)
+                    members[0].append(len(labels))
+                    members[1].append(parts["label"][0])
+                labels.append(None)  # from the member, the side file, or -1
             if label_paths[t] is not None:  # an indexed shard's: one per line, -1 where no member held one
                 labels[len(labels) - len(lines):] = read_labels(label_paths[t], len(lines)).tolist()
+            elif members[0]:
+                self._label_members[t] = members
         labels = [-1 if label is None else label for label in labels]  # no label anywhere: -1
         self.tar, self.offset, self.end = np.array(tars), np.array(offsets), np.array(offsets) + np.array(sizes)
         self.labels = np.array(labels, dtype=np.int32)
         self.exts = np.array(exts, dtype=np.uint8)  # each sample's image extension, as IMAGE_EXTS[i]
+        if fetch is None:  # local tars: all mapped now (their labels read); a URL's when a batch first needs them
+            for t in range(n):
+                self._map(t)
 
     def _map(self, t: int, path: str | None = None) -> None:
+        """Maps tar t (from `path`, where it was fetched to) and reads its `.label` members."""
         with open(path or self.tar_paths[t], "rb") as f:
             self.maps[t] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self.arrays[t] = np.frombuffer(self.maps[t], dtype=np.uint8)
