@@ -202,8 +202,12 @@ class Remote:
             if n < self.retries:
                 # jitter: ranks that lost the server together do not come back in step
                 time.sleep(min(_MAX_SLEEP_S, self.backoff * 2 ** (n - 1)) * random.uniform(0.8, 1.2))
-        raise DataError(f"{self.describe(name)} unreachable after {self.retries} tries over "
-                        f"{_seconds(time.monotonic() - start)}: {cause}")
+        raise self._unreachable(name, start, cause)
+
+    def _unreachable(self, name: str, start: float, cause: str) -> DataError:
+        """The one line for a transient failure that lasted through every try (since `start`)."""
+        return DataError(f"{self.describe(name)} unreachable after {self.retries} tries over "
+                         f"{_seconds(time.monotonic() - start)}: {cause}")
 
     def _transient_cause(self, e: Exception) -> str | None:
         """Why `e` is worth another try, or None where it is not."""
@@ -481,9 +485,8 @@ class S3Remote(Remote):
             error = e.__cause__ or e.__context__ if type(e).__name__ == "S3UploadFailedError" else e
             error = error if isinstance(error, Exception) else e
             cause = self._transient_cause(error)
-            if cause is not None:
-                raise DataError(f"{self.describe(name)} unreachable after {self.retries} tries over "
-                                f"{_seconds(time.monotonic() - start)}: {cause}") from None
+            if cause is not None:  # boto3 tried `retries` times itself
+                raise self._unreachable(name, start, cause) from None
             raise self._permanent(name, error) from None
 
     def _transient_cause(self, e: Exception) -> str | None:
