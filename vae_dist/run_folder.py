@@ -285,36 +285,31 @@ def _refuse_other_architecture(path: Path, model: VAEConfig, explicit: bool) -> 
 
 
 def _refuse_other_data(path: Path, data: dict | None, other_data_ok: bool, notes: list[str]) -> None:
-    """A checkpoint resumed on other shards than it was trained on would go on with another sample
-    order while claiming to continue exactly: refused, naming both, unless the user asks for it
-    (train.resume_other_data=true), which is said in the run's output and recorded in W&B."""
+    """A checkpoint resumed on other shards than it was trained on, or on the same shards in another
+    train order (data.shuffle, or its `auto` resolving otherwise: a set at a URL against another
+    data.shard_cache_gb), would go on with another sample order while claiming to continue exactly:
+    refused, naming both, unless the user asks for it (train.resume_other_data=true), which is said
+    in the run's output and recorded in W&B."""
     saved = ckpt.read_trainer_state(path).get("data")
     if data is None or not isinstance(saved, dict):
         return  # a checkpoint of an older version records no data: nothing to compare
-    if saved.get("digest") == data["digest"]:
-        _refuse_other_order(path, saved, data, other_data_ok, notes)
+    if saved.get("digest") != data["digest"]:
+        what = (f"checkpoint {path} was trained on the shards in {saved.get('shards')} (data {saved.get('digest')}); "
+                f"data.shards={data['shards']} holds other data ({data['digest']})")
+        refused = ("a resume there would not continue the same sample order; point data.shards at the checkpoint's "
+                   "shards, or set train.resume_other_data=true to resume on these anyway")
+        anyway = "resuming on them anyway"
+    elif saved.get("order", data.get("order")) != data.get("order"):  # before issue 45 none recorded: the global one
+        what = (f"checkpoint {path} was trained in the {saved['order']} order; this run's data.shuffle resolves to "
+                f"{data.get('order')}")
+        refused = ("a resume would not continue the same sample order; set data.shuffle (and data.shuffle_block) as "
+                   "the checkpoint's run had them, or train.resume_other_data=true to resume in this order anyway")
+        anyway = "resuming anyway"
+    else:
         return
-    what = (f"checkpoint {path} was trained on the shards in {saved.get('shards')} (data {saved.get('digest')}); "
-            f"data.shards={data['shards']} holds other data ({data['digest']})")
     if not other_data_ok:
-        raise UserError(f"{what}: a resume there would not continue the same sample order; point data.shards at "
-                        f"the checkpoint's shards, or set train.resume_other_data=true to resume on these anyway")
-    notes.append(f"{what}: resuming on them anyway (train.resume_other_data=true); the sample order differs from "
-                 f"here on")
-
-
-def _refuse_other_order(path: Path, saved: dict, data: dict, other_data_ok: bool, notes: list[str]) -> None:
-    """The same shards in another train order (data.shuffle, or its `auto` resolving otherwise: a set
-    at a URL against another data.shard_cache_gb) would not continue the epoch either: refused alike."""
-    if "order" not in saved or saved["order"] == data.get("order"):
-        return  # a checkpoint from before issue 45 records no order: the global one
-    what = (f"checkpoint {path} was trained in the {saved['order']} order; this run's data.shuffle resolves to "
-            f"{data.get('order')}")
-    if not other_data_ok:
-        raise UserError(f"{what}: a resume would not continue the same sample order; set data.shuffle (and "
-                        f"data.shuffle_block) as the checkpoint's run had them, or train.resume_other_data=true to "
-                        f"resume in this order anyway")
-    notes.append(f"{what}: resuming anyway (train.resume_other_data=true); the sample order differs from here on")
+        raise UserError(f"{what}: {refused}")
+    notes.append(f"{what}: {anyway} (train.resume_other_data=true); the sample order differs from here on")
 
 
 def choose_start(run_dir: Path, resume: str, overwrite: bool, model: VAEConfig, data: dict | None = None,
