@@ -37,7 +37,7 @@ from vae_dist.data.index import (
     stale_index_files,
     write_index,
 )
-from vae_dist.data.remote import MANIFEST, Remote, S3Remote, _Missing, folder_url, open_remote
+from vae_dist.data.remote import MANIFEST, Remote, S3Remote, _Missing, folder_url, is_url, open_remote
 from vae_dist.data.shards import is_indexed
 from vae_dist.errors import DataError, UserError, counted
 
@@ -90,8 +90,6 @@ def split_source(url: str) -> tuple[str, list[str] | None]:
 
 def source_folder(shards: str) -> str:
     """Where the tars of `shards` (a folder, a folder URL or a brace pattern) are: for the messages."""
-    from vae_dist.data.remote import is_url
-
     return split_source(shards)[0] if is_url(shards) else shards
 
 
