@@ -121,7 +121,8 @@ def _default_prefetch() -> int:
 
 def run_bench(args) -> int:
     from vae_dist.bench.common import sample_shards
-    from vae_dist.bench.remote import open_remote_bench, remote_url
+    from vae_dist.bench.remote import open_remote_bench
+    from vae_dist.data.remote import is_url
     from vae_dist.errors import UserError
     from vae_dist.files import output_dir, output_file
 
@@ -133,7 +134,7 @@ def run_bench(args) -> int:
         output_dir(args.profile, "bench --profile folder")
     shards, images_root, extra = args.shards, args.images, {}
     made = remote = None
-    if args.what in ("data", "e2e") and remote_url(shards):
+    if args.what in ("data", "e2e") and is_url(shards):
         if args.prefetch is not None and args.prefetch < 1:
             raise UserError(f"--prefetch must be at least 1 (got {args.prefetch})")
         remote = open_remote_bench(shards, args.prefetch or _default_prefetch())

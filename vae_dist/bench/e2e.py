@@ -124,10 +124,9 @@ def _e2e_trainer(args, shards, variant, bs, steps, warmup, device, remote=None, 
         name += ": URL, streaming" if link is not None else ": local copy"
         where = {"shuffle": cfg.data.shuffle, **({"shard_cache_gb": cfg.data.shard_cache_gb} if link is not None else
                                                  link_fields(None, None))}
-    fetch_stats = getattr(loader, "fetch_stats", None)
     try:
         return _measure_training(name, it, trainer.train_step, bs, steps, warmup, args.repeats, device,
-                                 link=fetch_stats if link is not None else None,
+                                 link=loader.fetch_stats if link is not None else None,
                                  loader=info["loader"], precision=precision, data=info["data"], **where)
     finally:
         trainer.close_loaders()

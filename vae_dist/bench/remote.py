@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vae_dist.data.fetch import WHOLE_SET_AHEAD, FetchOptions
-from vae_dist.data.remote import is_url
 from vae_dist.data.shards import MANIFEST, ShardSet
 
 
@@ -126,7 +125,3 @@ def needed(row: dict, bytes_per_image: float | None) -> dict:
     if bytes_per_image and "img_per_s" in row and "needed_mb_s" not in row:
         row["needed_mb_s"] = bytes_per_image * row["img_per_s"] / 1e6
     return row
-
-
-def remote_url(shards: str | None) -> str | None:
-    return shards if shards is not None and is_url(shards) else None
