@@ -161,7 +161,7 @@ def previous_pack_files(out_dir: Path) -> set[str]:
     for record, files in ((MANIFEST, _manifest_files), (SWAP_RECORD, lambda doc: doc.get("files"))):
         try:
             doc = json.loads((out_dir / record).read_text())
-            if record == MANIFEST and not str(doc.get("format", "")).startswith(FORMAT.split("/")[0] + "/"):
+            if record == MANIFEST and not _written_by_pack(doc):
                 continue  # a manifest.json of something else (every pack writes its format): the user's
             listed = files(doc)
         except (OSError, ValueError, AttributeError, TypeError):
@@ -169,6 +169,11 @@ def previous_pack_files(out_dir: Path) -> set[str]:
         names.add(record)
         names.update(n for n in listed or [] if isinstance(n, str) and _SHARD_FILE.fullmatch(n))
     return names
+
+
+def _written_by_pack(manifest) -> bool:
+    """Whether a parsed manifest.json is one `vae-dist pack` wrote (its format, any version)."""
+    return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith(FORMAT.split("/")[0] + "/")
 
 
 def _manifest_files(manifest: dict) -> list:
@@ -437,7 +442,7 @@ def check_upload_target(remote) -> None:
     removed at once)."""
     if remote.exists(MANIFEST):
         old = remote.read_json(MANIFEST)
-        if not isinstance(old, dict) or not str(old.get("format", "")).startswith(FORMAT.split("/")[0] + "/"):
+        if not _written_by_pack(old):
             raise DataError(f"{remote.url}{MANIFEST} is not one `vae-dist pack` wrote (an index's, or another "
                             f"tool's): pack to another prefix; nothing was written")
     try:
