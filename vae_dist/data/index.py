@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vae_dist.data.pack import Progress
 from vae_dist.data.shards import (
     FORMAT_INDEXED,
     IMAGE_EXTS,
@@ -279,7 +280,6 @@ def scan_all(names: list[str], scan_one, jobs: int = 1) -> tuple[list[TarScan], 
     """(scan_one(name) of each tar that reads, in `names`' order; {"file", "reason"} of each that
     does not: a damaged tar is skipped, said on stderr and recorded, not the end of the run).
     `jobs` > 1: that many on threads at once (a URL's tars: fetched while others are scanned)."""
-    from vae_dist.data.pack import Progress
 
     def attempt(name: str) -> TarScan | str:
         try:
